@@ -1,0 +1,39 @@
+// Shared pieces of the locmoe tool's subcommands.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <map>
+#include <stdexcept>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+namespace locmoe::cli {
+
+/// A usage error the tool reports as one line on stderr with exit status 2.
+struct usage_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// Map a library argument name (locmoe::error::argument()) to the flag the user typed.
+using flag_names = std::map<std::string, std::string>;
+
+/// A value for JSON: null where it is not a finite, normal double (its log is written beside it).
+/// With log_value given, a value whose true size is below the smallest normal double (an underflow to 0 or
+/// a subnormal) is null too.
+inline nlohmann::ordered_json number_or_null(double value,
+                                             double log_value = -std::numeric_limits<double>::infinity()) {
+  if (!std::isfinite(value)) return nullptr;
+  if (value != 0.0 && std::abs(value) < std::numeric_limits<double>::min()) return nullptr;
+  if (log_value < 0.0 && std::isfinite(log_value) && log_value < std::log(std::numeric_limits<double>::min())) {
+    return nullptr;
+  }
+  return value;
+}
+
+/// Subcommands: each registers itself on the app and returns the function that runs it.
+void add_capacity_commands(CLI::App& app);
+
+}  // namespace locmoe::cli
