@@ -101,8 +101,8 @@ capacity_bound capacity_bound_unchecked(std::int64_t d, std::int64_t n, double d
   const double delta2 = delta * delta;
   const double z2 = delta2 * static_cast<double>(d) / (2.0 - delta2);
 
-  r.log_p_delta = log_ibetac_half(a, delta, pol);
   const double p = ibetac_half(a, delta, pol);
+  r.log_p_delta = log_ibetac_half(a, delta, p, pol);
   r.p_delta = p >= direct_floor ? p : from_log(r.log_p_delta);
   r.log_ec_min = -log_n - r.log_p_delta;
   r.ec_min = p >= direct_floor ? 1.0 / (static_cast<double>(n) * p) : from_log(r.log_ec_min);
@@ -116,6 +116,17 @@ capacity_bound capacity_bound_unchecked(std::int64_t d, std::int64_t n, double d
   r.ec_min_exp_bound = std::exp(z2) / static_cast<double>(n);
   if (!std::isfinite(r.ec_min_exp_bound)) r.ec_min_exp_bound = from_log(r.log_ec_min_exp_bound);
   return r;
+}
+
+/// The bound with its arguments checked; errors name `function`.
+template <class Policy>
+capacity_bound capacity_bound_checked(const char* function, std::int64_t d, std::int64_t n, double delta) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  double fallback = nan;
+  if (!check_bound_args<Policy>(function, d, n, delta, fallback)) {
+    return capacity_bound{d, n, delta, nan, nan, nan, nan, nan, nan, nan, nan};
+  }
+  return capacity_bound_unchecked<Policy>(d, n, delta);
 }
 
 /// The shortest decimal that round-trips to `value` (the number the caller wrote), as digits * 10^exponent.
@@ -157,7 +168,10 @@ template <class Policy = default_policy>
 double p_delta(std::int64_t d, double delta, const Policy& = Policy{}) {
   double fallback = std::numeric_limits<double>::quiet_NaN();
   if (!detail::check_bound_args<Policy>("locmoe::p_delta", d, 1, delta, fallback)) return fallback;
-  return detail::capacity_bound_unchecked<Policy>(d, 1, delta).p_delta;
+  typename Policy::boost_policy pol;
+  const double a = 0.5 * static_cast<double>(d - 1);
+  const double p = detail::ibetac_half(a, delta, pol);
+  return p >= detail::direct_floor ? p : detail::from_log(detail::log_ibetac_half(a, delta, p, pol));
 }
 
 /// log(p_delta), finite for every valid argument. Same preconditions as p_delta.
@@ -166,63 +180,59 @@ double log_p_delta(std::int64_t d, double delta, const Policy& = Policy{}) {
   double fallback = std::numeric_limits<double>::quiet_NaN();
   if (!detail::check_bound_args<Policy>("locmoe::log_p_delta", d, 1, delta, fallback)) return fallback;
   typename Policy::boost_policy pol;
-  return detail::log_ibetac_half(0.5 * static_cast<double>(d - 1), delta, pol);
+  const double a = 0.5 * static_cast<double>(d - 1);
+  return detail::log_ibetac_half(a, delta, detail::ibetac_half(a, delta, pol), pol);
 }
 
 /// Theorem 1 in full: p_delta, ec_min and its erfc and exp forms, each with its log.
 /// Preconditions: 2 <= d <= 2^53, n >= 1, 0 < delta < 1. Fallback (errno policy): all fields NaN.
 template <class Policy = default_policy>
 capacity_bound critical_capacity_bound(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  double fallback = nan;
-  if (!detail::check_bound_args<Policy>("locmoe::critical_capacity_bound", d, n, delta, fallback)) {
-    return capacity_bound{d, n, delta, nan, nan, nan, nan, nan, nan, nan, nan};
-  }
-  return detail::capacity_bound_unchecked<Policy>(d, n, delta);
+  return detail::capacity_bound_checked<Policy>("locmoe::critical_capacity_bound", d, n, delta);
 }
 
 /// ec_min = 1 / (n p_delta) (Theorem 1, eq. 9); +inf where it overflows a double.
 template <class Policy = default_policy>
-double ec_min(std::int64_t d, std::int64_t n, double delta, const Policy& pol = Policy{}) {
-  return critical_capacity_bound(d, n, delta, pol).ec_min;
+double ec_min(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {
+  return detail::capacity_bound_checked<Policy>("locmoe::ec_min", d, n, delta).ec_min;
 }
 
 /// log(ec_min) = -log(n) - log(p_delta), always finite.
 template <class Policy = default_policy>
-double log_ec_min(std::int64_t d, std::int64_t n, double delta, const Policy& pol = Policy{}) {
-  return critical_capacity_bound(d, n, delta, pol).log_ec_min;
+double log_ec_min(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {
+  return detail::capacity_bound_checked<Policy>("locmoe::log_ec_min", d, n, delta).log_ec_min;
 }
 
 /// ec_min_erfc = 1 / (n erfc(sqrt(delta^2 d / (2 - delta^2)))) (eq. 9, large-d form). An approximation of
 /// ec_min, not a bound of it (see the header comment).
 template <class Policy = default_policy>
-double ec_min_erfc(std::int64_t d, std::int64_t n, double delta, const Policy& pol = Policy{}) {
-  return critical_capacity_bound(d, n, delta, pol).ec_min_erfc;
+double ec_min_erfc(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {
+  return detail::capacity_bound_checked<Policy>("locmoe::ec_min_erfc", d, n, delta).ec_min_erfc;
 }
 
 /// log(ec_min_erfc) = -log(n) - log(erfc(z)), always finite.
 template <class Policy = default_policy>
-double log_ec_min_erfc(std::int64_t d, std::int64_t n, double delta, const Policy& pol = Policy{}) {
-  return critical_capacity_bound(d, n, delta, pol).log_ec_min_erfc;
+double log_ec_min_erfc(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {
+  return detail::capacity_bound_checked<Policy>("locmoe::log_ec_min_erfc", d, n, delta).log_ec_min_erfc;
 }
 
 /// ec_min_exp_bound = exp(delta^2 d / (2 - delta^2)) / n (eq. 9, final form); always < ec_min_erfc.
 template <class Policy = default_policy>
-double ec_min_exp_bound(std::int64_t d, std::int64_t n, double delta, const Policy& pol = Policy{}) {
-  return critical_capacity_bound(d, n, delta, pol).ec_min_exp_bound;
+double ec_min_exp_bound(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {
+  return detail::capacity_bound_checked<Policy>("locmoe::ec_min_exp_bound", d, n, delta).ec_min_exp_bound;
 }
 
 /// log(ec_min_exp_bound) = delta^2 d / (2 - delta^2) - log(n), always finite.
 template <class Policy = default_policy>
-double log_ec_min_exp_bound(std::int64_t d, std::int64_t n, double delta, const Policy& pol = Policy{}) {
-  return critical_capacity_bound(d, n, delta, pol).log_ec_min_exp_bound;
+double log_ec_min_exp_bound(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {
+  return detail::capacity_bound_checked<Policy>("locmoe::log_ec_min_exp_bound", d, n, delta).log_ec_min_exp_bound;
 }
 
 /// The smallest integer capacity that meets the bound: max(1, ceil(ec_min)).
 /// Fallback (errno policy): -1; an ec_min beyond 2^62 is reported as errc::overflow.
 template <class Policy = default_policy>
-std::int64_t critical_capacity(std::int64_t d, std::int64_t n, double delta, const Policy& pol = Policy{}) {
-  const double e = ec_min(d, n, delta, pol);
+std::int64_t critical_capacity(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {
+  const double e = detail::capacity_bound_checked<Policy>("locmoe::critical_capacity", d, n, delta).ec_min;
   if (std::isnan(e)) return -1;  // reported by ec_min already
   const double c = std::max(1.0, std::ceil(e));
   if (!(c <= 4611686018427387904.0)) {

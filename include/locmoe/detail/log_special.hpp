@@ -88,12 +88,11 @@ double ibetac_half(double a, double delta, const BoostPolicy& pol) {
   return boost::math::ibeta(a, 0.5, (1.0 - delta) * (1.0 + delta), pol);
 }
 
-/// log(p) for p as in ibetac_half, to full relative accuracy, also where p underflows a double.
+/// log(p) for p = ibetac_half(a, delta) (passed in, so that it is evaluated once), to full relative accuracy,
+/// also where p underflows a double.
 template <class BoostPolicy>
-double log_ibetac_half(double a, double delta, const BoostPolicy& pol) {
-  const double delta2 = delta * delta;
-  const double p = ibetac_half(a, delta, pol);
-  if (p > 0.5) return std::log1p(-boost::math::ibeta(0.5, a, delta2, pol));
+double log_ibetac_half(double a, double delta, double p, const BoostPolicy& pol) {
+  if (p > 0.5) return std::log1p(-boost::math::ibeta(0.5, a, delta * delta, pol));
   const double x = (1.0 - delta) * (1.0 + delta);
   if (p >= direct_floor || !(x < (a + 1.0) / (a + 2.5))) return std::log(p);
   // Underflow region: x^a (1-x)^{1/2} / (a B(a, 1/2)) / fraction, all in logs.
