@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -226,23 +227,53 @@ TEST_CASE("max_delta_for_capacity inverts ec_min") {
       if (delta < 0.9) CHECK(relative_error(locmoe::log_ec_min(d, n, delta), log_c) < 1e-9);
     }
   }
+  // n * capacity beyond double range: solved in log space (log ec_min = log n + log capacity).
+  const double delta = locmoe::max_delta_for_capacity(1000000, 10, 1e308);
+  CHECK(relative_error(locmoe::log_ec_min(1000000, 10, delta), std::log(1e308)) < 1e-9);
+  CHECK(delta == doctest::Approx(0.0375).epsilon(0.01));
 }
 
-TEST_CASE("min_capacity_factor meets ec_min, and the ceiling explains the slack below it") {
-  for (const std::int64_t tokens : {16, 1000, 16384, 1 << 20}) {
-    for (const double delta : {0.01, 0.03, 0.05}) {
+TEST_CASE("min_capacity_factor is the smallest factor whose classic capacity reaches ec_min") {
+  for (const std::int64_t tokens : {1, 16, 1000, 16384, 1 << 20}) {
+    for (const double delta : {0.01, 0.03, 0.05, 0.08}) {
       const std::int64_t ep = 4;
       const std::int64_t n = 16;
       const double e = locmoe::ec_min(5120, n, delta);
       const double cf = locmoe::min_capacity_factor(tokens, ep, n, e);
       CAPTURE(tokens);
       CAPTURE(delta);
+      CAPTURE(e);
       CHECK(static_cast<double>(locmoe::classic_capacity(tokens, cf, ep, n)) >= e);
-      const std::int64_t m = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(e)));
-      const double below = static_cast<double>(m - 1) * ep * n / static_cast<double>(tokens);
-      if (m > 1) CHECK(static_cast<double>(locmoe::classic_capacity(tokens, below, ep, n)) < e);
+      const double smaller = std::nextafter(cf, 0.0);
+      if (smaller > 0.0) CHECK(static_cast<double>(locmoe::classic_capacity(tokens, smaller, ep, n)) < e);
     }
   }
+  // (T, ep, n) = (16384, 16, 16): 64 tokens per expert at cf = 1; ec_min = 1.96 needs 2 slots, so any cf > 1/64.
+  CHECK(locmoe::min_capacity_factor(16384, 16, 16, 1.9648) == std::nextafter(0.015625, 1.0));
+  CHECK(locmoe::min_capacity_factor(16384, 16, 16, 0.5) == std::numeric_limits<double>::denorm_min());
+  CHECK_THROWS_AS(locmoe::min_capacity_factor(1, 1000000000, 1000000000, 1e300), locmoe::error);
+}
+
+TEST_CASE("extreme arguments keep full accuracy (high-precision values from mpmath)") {
+  // d beyond the golden table, where the DLMF fraction would cancel: Didonato-Morris keeps it exact.
+  CHECK(relative_error(locmoe::log_p_delta(std::int64_t{1} << 53, 4e-7), -724.43902341676607) < 1e-13);
+  CHECK(relative_error(locmoe::log_p_delta(1000000000000, 4e-5), -803.91529547239273) < 1e-13);
+  // delta so small that delta^2 underflows: the leading term 2 delta / B(1/2, (d-1)/2).
+  CHECK(relative_error(locmoe::log_p_delta(5120, 1e-160), -5.7083608158651779e-159) < 1e-13);
+  CHECK(locmoe::log_p_delta(5120, 1e-200) < 0.0);
+  // n = 1 and small z, where log(erfc(z)) ~ 0 and nothing else dominates the log.
+  CHECK(relative_error(locmoe::log_ec_min_erfc(2, 1, 1e-8), 1.1283791734617104e-8) < 1e-13);
+  CHECK(relative_error(locmoe::log_ec_min_erfc(100, 1, 1e-6), 7.9788774390556019e-6) < 1e-13);
+}
+
+TEST_CASE("errno_on_error: valid calls leave errno alone, also where values overflow") {
+  const locmoe::errno_on_error pol;
+  errno = 0;
+  CHECK(std::isinf(locmoe::ec_min(1000000, 16, 0.5, pol)));
+  CHECK(locmoe::p_delta(1000000, 0.5, pol) == 0.0);
+  CHECK(std::isfinite(locmoe::log_p_delta(1000000, 0.5, pol)));
+  CHECK(locmoe::max_delta_for_capacity(1000000, 10, 1e308, pol) > 0.0);
+  CHECK(errno == 0);
 }
 
 TEST_CASE("empirical_delta is the type-7 quantile of the cosines") {
@@ -293,4 +324,13 @@ TEST_CASE("routed_cosines against hand-computed GrAP weights") {
   CHECK_THROWS_AS(locmoe::routed_cosines(x, w, expert), locmoe::error);
   CHECK_THROWS_AS(locmoe::routed_cosines(x, Eigen::MatrixXd(2, 3), expert), locmoe::error);
   CHECK_THROWS_AS(locmoe::routed_cosines(x, w, Eigen::VectorXi(4)), locmoe::error);
+  // Rows whose squared norm overflows or underflows a double still have an angle.
+  Eigen::MatrixXd big(2, 4);
+  big << 1e200, 1e200, 0, 0, 1e-200, 0, 1e-200, 0;
+  Eigen::VectorXi both(2);
+  both << 0, 0;
+  const Eigen::VectorXd scaled = locmoe::routed_cosines(big, w, both);
+  REQUIRE(scaled.size() == 2);
+  CHECK(scaled[0] == doctest::Approx(1.0).epsilon(1e-15));
+  CHECK(scaled[1] == doctest::Approx(0.5).epsilon(1e-15));
 }

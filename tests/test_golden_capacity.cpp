@@ -112,10 +112,14 @@ TEST_CASE("peers/capacity.json: classic capacity agrees with exact arithmetic an
 
 int main(int argc, char** argv) {
   const fs::path dir = golden_dir();
-  if (dir.empty() || !fs::exists(dir / "capacity.json")) {
-    std::cout << "SKIPPED: golden data not found; set LOCMOE_GOLDEN_DIR (CMake option LOCMOE_GOLDEN_DIR) to "
-                 "the shared/golden folder\n";
+  if (dir.empty()) {
+    std::cout << "SKIPPED: no golden data; set LOCMOE_GOLDEN_DIR (CMake option LOCMOE_GOLDEN_DIR) to the "
+                 "shared/golden folder\n";
     return 77;
+  }
+  if (!fs::exists(dir / "capacity.json")) {  // a folder was named: its absence is an error, not a skip
+    std::cout << "FAILED: LOCMOE_GOLDEN_DIR = " << dir << " has no capacity.json\n";
+    return 1;
   }
   doctest::Context context(argc, argv);
   return context.run();

@@ -40,7 +40,8 @@ struct capacity_options {
   std::int64_t hidden = 5120;  // PanGu-Sigma, the paper's configuration
   std::int64_t experts = 16;
   double delta = 0.03;  // measured in the paper, section 4.1
-  std::optional<std::int64_t> tokens;
+  std::int64_t tokens = 0;
+  bool has_tokens = false;
   std::optional<double> capacity_factor;
   std::int64_t expert_parallel = 1;
   std::int64_t min_capacity = 0;
@@ -92,15 +93,17 @@ void run_capacity(const capacity_options& o) {
   out["log_ec_min_exp_bound"] = bound.log_ec_min_exp_bound;
   out["critical_capacity"] = has_critical ? nlohmann::ordered_json(critical) : nlohmann::ordered_json(nullptr);
 
-  if (o.capacity_factor && !o.tokens) throw usage_error("--capacity-factor: needs --tokens");
-  if (o.tokens) {
-    if (*o.tokens < 1) throw usage_error("--tokens = " + std::to_string(*o.tokens) + ": must be >= 1");
-    out["tokens"] = *o.tokens;
+  if (o.expert_parallel < 1) throw usage_error("--expert-parallel = " + std::to_string(o.expert_parallel) + ": must be >= 1");
+  if (o.min_capacity < 0) throw usage_error("--min-capacity = " + std::to_string(o.min_capacity) + ": must be >= 0");
+  if (o.capacity_factor && !o.has_tokens) throw usage_error("--capacity-factor: needs --tokens");
+  if (o.has_tokens) {
+    if (o.tokens < 1) throw usage_error("--tokens = " + std::to_string(o.tokens) + ": must be >= 1");
+    out["tokens"] = o.tokens;
     out["expert_parallel"] = o.expert_parallel;
     out["min_capacity"] = o.min_capacity;
     if (o.capacity_factor) {
       const std::int64_t capacity = checked(capacity_flags, [&] {
-        return classic_capacity(*o.tokens, *o.capacity_factor, o.expert_parallel, o.experts, o.min_capacity);
+        return classic_capacity(o.tokens, *o.capacity_factor, o.expert_parallel, o.experts, o.min_capacity);
       });
       out["capacity_factor"] = *o.capacity_factor;
       out["capacity"] = capacity;
@@ -108,13 +111,12 @@ void run_capacity(const capacity_options& o) {
       out["max_delta_for_capacity"] =
           checked(capacity_flags, [&] { return max_delta_for_capacity(o.hidden, o.experts, static_cast<double>(capacity)); });
     }
-    out["min_capacity_factor"] = number_or_null(checked(capacity_flags, [&] {
-      if (!std::isfinite(bound.ec_min)) {
-        throw usage_error("--delta = " + format("%.17g", o.delta) +
-                          ": ec_min overflows a double, no capacity factor can meet it");
-      }
-      return min_capacity_factor(*o.tokens, o.expert_parallel, o.experts, bound.ec_min);
-    }));
+    // null where ec_min, or the factor it needs, is beyond the range of a double (the logs say how far).
+    const errno_on_error quiet;
+    const double factor = std::isfinite(bound.ec_min)
+                              ? min_capacity_factor(o.tokens, o.expert_parallel, o.experts, bound.ec_min, quiet)
+                              : std::numeric_limits<double>::quiet_NaN();
+    out["min_capacity_factor"] = number_or_null(factor);
   }
 
   if (o.json) {
@@ -139,8 +141,8 @@ void run_capacity(const capacity_options& o) {
   row("ec_min_exp_bound  (eq. 9)", bound.ec_min_exp_bound, bound.log_ec_min_exp_bound);
   t << "\n  critical capacity  " << (has_critical ? std::to_string(critical) : std::string("beyond 2^62"))
     << " tokens per expert (max(1, ceil(ec_min)))\n";
-  if (o.tokens) {
-    t << "\n  tokens " << *o.tokens << ", expert parallel " << o.expert_parallel << ", min capacity " << o.min_capacity
+  if (o.has_tokens) {
+    t << "\n  tokens " << o.tokens << ", expert parallel " << o.expert_parallel << ", min capacity " << o.min_capacity
       << "\n";
     if (o.capacity_factor) {
       t << "  classic capacity   " << out["capacity"].get<std::int64_t>() << " = max(min, ceil(T * "
@@ -150,7 +152,9 @@ void run_capacity(const capacity_options& o) {
         << "\n";
     }
     t << "  smallest capacity factor that meets ec_min: "
-      << format("%.10g", out["min_capacity_factor"].get<double>()) << "\n";
+      << (out["min_capacity_factor"].is_null() ? std::string("beyond the range of a double")
+                                               : format("%.17g", out["min_capacity_factor"].get<double>()))
+      << "\n";
   }
   std::cout << t.str();
 }
@@ -198,14 +202,15 @@ void add_capacity_commands(CLI::App& app) {
   auto o = std::make_shared<capacity_options>();
   CLI::App* cap = app.add_subcommand(
       "capacity", "Critical expert capacity ec_min (Theorem 1) and, with --tokens, the classic capacity");
-  cap->add_option("--hidden", o->hidden, "activation size d (>= 2)")->capture_default_str();
-  cap->add_option("--experts", o->experts, "number of experts n (>= 1)")->capture_default_str();
+  add_integer_option(*cap, "--hidden", o->hidden, "activation size d (>= 2)");
+  add_integer_option(*cap, "--experts", o->experts, "number of experts n (>= 1)");
   cap->add_option("--delta", o->delta, "delta = cos(theta), 0 < delta < 1 (the paper measured 0.03)")
       ->capture_default_str();
-  cap->add_option("--tokens", o->tokens, "tokens per step T (>= 1): adds the classic capacity and min factor");
+  add_integer_option(*cap, "--tokens", o->tokens, "tokens per step T (>= 1): adds the classic capacity and min factor")
+      ->each([o](const std::string&) { o->has_tokens = true; });
   cap->add_option("--capacity-factor", o->capacity_factor, "capacity factor (> 0)");
-  cap->add_option("--expert-parallel", o->expert_parallel, "expert-parallel degree ep (>= 1)")->capture_default_str();
-  cap->add_option("--min-capacity", o->min_capacity, "minimum capacity (>= 0)")->capture_default_str();
+  add_integer_option(*cap, "--expert-parallel", o->expert_parallel, "expert-parallel degree ep (>= 1)");
+  add_integer_option(*cap, "--min-capacity", o->min_capacity, "minimum capacity (>= 0)");
   cap->add_flag("--json", o->json, "print one JSON object instead of the table");
   cap->callback([o] { run_capacity(*o); });
 
@@ -213,7 +218,7 @@ void add_capacity_commands(CLI::App& app) {
   CLI::App* curve = app.add_subcommand(
       "capacity-curve", "CSV of the bound against the angle theta for several d (the paper's Figure 6)");
   curve->add_option("--hidden", c->hidden, "activation sizes d")->delimiter(',')->capture_default_str();
-  curve->add_option("--experts", c->experts, "number of experts n")->capture_default_str();
+  add_integer_option(*curve, "--experts", c->experts, "number of experts n");
   curve->add_option("--angle-min", c->angle_min, "smallest theta in degrees")->capture_default_str();
   curve->add_option("--angle-max", c->angle_max, "largest theta in degrees (< 90)")->capture_default_str();
   curve->add_option("--points", c->points, "angles per d")->capture_default_str();

@@ -1,7 +1,9 @@
 // Shared pieces of the locmoe tool's subcommands.
 #pragma once
 
+#include <charconv>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <map>
 #include <stdexcept>
@@ -31,6 +33,26 @@ inline nlohmann::ordered_json number_or_null(double value,
     return nullptr;
   }
   return value;
+}
+
+/// An integer flag read as text and parsed strictly (CLI11 2.1 clamps out-of-range integers to the type's
+/// limits, which would silently change what the user asked for).
+inline CLI::Option* add_integer_option(CLI::App& app, const std::string& flag, std::int64_t& target,
+                                       const std::string& help) {
+  return app
+      .add_option_function<std::string>(
+          flag,
+          [flag, &target](const std::string& text) {
+            std::int64_t value = 0;
+            const auto r = std::from_chars(text.data(), text.data() + text.size(), value);
+            if (r.ec == std::errc::result_out_of_range) throw usage_error(flag + " = " + text + ": does not fit a 64-bit integer");
+            if (r.ec != std::errc() || r.ptr != text.data() + text.size()) {
+              throw usage_error(flag + " = " + text + ": must be an integer");
+            }
+            target = value;
+          },
+          help)
+      ->default_str(std::to_string(target));
 }
 
 /// Subcommands: each registers itself on the app and returns the function that runs it.

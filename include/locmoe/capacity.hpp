@@ -19,8 +19,8 @@
 // Every value has a log_ twin (natural log) that stays finite where the value leaves the range of a
 // double: a value that overflows is returned as +infinity, one that underflows as 0 (or a subnormal).
 //
-// All functions are pure, thread-safe and allocation-free (except empirical_delta, which copies the
-// cosines it sorts). Cost: p_delta and the ec_min family are one Boost.Math incomplete beta or erfc
+// All functions are pure and thread-safe. The bound functions allocate nothing; classic_capacity uses
+// multi-precision integers, empirical_delta copies the cosines it sorts, routed_cosines returns a vector. Cost: p_delta and the ec_min family are one Boost.Math incomplete beta or erfc
 // (about a microsecond; see bench/bench_capacity.cpp), plus a continued fraction in the underflow region.
 // Examples: docs/api.md#capacity.
 #pragma once
@@ -41,6 +41,7 @@
 #include <Eigen/Core>
 #include <boost/math/special_functions/beta.hpp>
 #include <boost/math/special_functions/erf.hpp>
+#include <boost/math/tools/toms748_solve.hpp>
 #include <boost/multiprecision/cpp_int.hpp>
 
 namespace locmoe {
@@ -91,6 +92,7 @@ inline double from_log(double log_value) { return std::exp(log_value); }
 
 template <class Policy>
 capacity_bound capacity_bound_unchecked(std::int64_t d, std::int64_t n, double delta) {
+  const errno_guard keep_errno;
   typename Policy::boost_policy pol;
   capacity_bound r;
   r.hidden = d;
@@ -99,7 +101,8 @@ capacity_bound capacity_bound_unchecked(std::int64_t d, std::int64_t n, double d
   const double a = 0.5 * static_cast<double>(d - 1);
   const double log_n = std::log(static_cast<double>(n));
   const double delta2 = delta * delta;
-  const double z2 = delta2 * static_cast<double>(d) / (2.0 - delta2);
+  const double z = delta * std::sqrt(static_cast<double>(d) / (2.0 - delta2));  // z^2 may underflow, z does not
+  const double z2 = z * z;
 
   const double p = ibetac_half(a, delta, pol);
   r.log_p_delta = log_ibetac_half(a, delta, p, pol);
@@ -107,7 +110,6 @@ capacity_bound capacity_bound_unchecked(std::int64_t d, std::int64_t n, double d
   r.log_ec_min = -log_n - r.log_p_delta;
   r.ec_min = p >= direct_floor ? 1.0 / (static_cast<double>(n) * p) : from_log(r.log_ec_min);
 
-  const double z = std::sqrt(z2);
   const double e = boost::math::erfc(z, pol);
   r.log_ec_min_erfc = -log_n - log_erfc(z, pol);
   r.ec_min_erfc = e >= direct_floor ? 1.0 / (static_cast<double>(n) * e) : from_log(r.log_ec_min_erfc);
@@ -168,6 +170,7 @@ template <class Policy = default_policy>
 double p_delta(std::int64_t d, double delta, const Policy& = Policy{}) {
   double fallback = std::numeric_limits<double>::quiet_NaN();
   if (!detail::check_bound_args<Policy>("locmoe::p_delta", d, 1, delta, fallback)) return fallback;
+  const detail::errno_guard keep_errno;
   typename Policy::boost_policy pol;
   const double a = 0.5 * static_cast<double>(d - 1);
   const double p = detail::ibetac_half(a, delta, pol);
@@ -179,6 +182,7 @@ template <class Policy = default_policy>
 double log_p_delta(std::int64_t d, double delta, const Policy& = Policy{}) {
   double fallback = std::numeric_limits<double>::quiet_NaN();
   if (!detail::check_bound_args<Policy>("locmoe::log_p_delta", d, 1, delta, fallback)) return fallback;
+  const detail::errno_guard keep_errno;
   typename Policy::boost_policy pol;
   const double a = 0.5 * static_cast<double>(d - 1);
   return detail::log_ibetac_half(a, delta, detail::ibetac_half(a, delta, pol), pol);
@@ -290,7 +294,8 @@ std::int64_t classic_capacity(std::int64_t tokens, double capacity_factor, std::
 }
 
 /// The largest delta for which `capacity` still meets the bound, i.e. ec_min(d, n, delta) <= capacity
-/// (ec_min grows with delta). Solves p_delta = 1 / (n capacity) with Boost.Math's ibetac_inv.
+/// (ec_min grows with delta). Solves p_delta = 1 / (n capacity) with Boost.Math's ibetac_inv; where
+/// 1 / (n capacity) underflows a double, solves log_p_delta = -log(n capacity) with Boost's TOMS 748 root finder.
 /// Returns 0 where no delta in (0, 1) qualifies (n * capacity <= 1), and the largest double below 1 where the
 /// answer rounds to 1 (small d with a huge capacity).
 /// Preconditions: 2 <= d <= 2^53, n >= 1, capacity finite and > 0. Fallback (errno policy): NaN.
@@ -302,23 +307,35 @@ double max_delta_for_capacity(std::int64_t d, std::int64_t n, double capacity, c
   if (!(std::isfinite(capacity) && capacity > 0.0)) {
     return detail::raise<Policy>(errc::domain, fn, "capacity", capacity, "must be finite and > 0", fallback);
   }
-  const double q = 1.0 / (static_cast<double>(n) * capacity);
-  if (!(q < 1.0)) return 0.0;
+  const detail::errno_guard keep_errno;
+  const double log_target = -(std::log(static_cast<double>(n)) + std::log(capacity));  // log p_delta wanted
+  if (!(log_target < 0.0)) return 0.0;
+  const double below_one = std::nextafter(1.0, 0.0);
   typename Policy::boost_policy pol;
-  double one_minus_delta2 = 0;
-  const double delta2 = boost::math::ibetac_inv(0.5, 0.5 * static_cast<double>(d - 1), q, &one_minus_delta2, pol);
-  return std::min(std::sqrt(delta2), std::nextafter(1.0, 0.0));
+  const double a = 0.5 * static_cast<double>(d - 1);
+  if (log_target > std::log(detail::direct_floor)) {
+    double one_minus_delta2 = 0;
+    const double delta2 = boost::math::ibetac_inv(0.5, a, std::exp(log_target), &one_minus_delta2, pol);
+    return std::min(std::sqrt(delta2), below_one);
+  }
+  auto gap = [&](double delta) { return detail::log_ibetac_half(a, delta, detail::ibetac_half(a, delta, pol), pol) - log_target; };
+  if (gap(below_one) >= 0.0) return below_one;
+  std::uintmax_t iterations = 200;
+  const auto root = boost::math::tools::toms748_solve(gap, 1e-300, below_one, boost::math::tools::eps_tolerance<double>(52),
+                                                      iterations, pol);
+  return root.first;  // the lower end: ec_min there is <= capacity
 }
 
-/// The capacity factor at which the classic capacity reaches ec_min without help from the ceiling:
-/// tokens * cf / (expert_parallel * n) = ec_min, i.e. cf = ec_min * expert_parallel * n / tokens. Every factor
-/// at or above it gives classic_capacity >= ec_min; because the classic capacity rounds up, factors down to
-/// (max(1, ceil(ec_min)) - 1) * expert_parallel * n / tokens (exclusive) give the same integer capacity.
-/// Preconditions: tokens >= 1, expert_parallel >= 1, n >= 1, ec_min_value finite and > 0.
-/// Fallback (errno policy): NaN.
+/// The smallest capacity factor whose classic capacity reaches ec_min: the smallest double cf > 0 with
+/// classic_capacity(tokens, cf, expert_parallel, n) >= ec_min (min_capacity not counted, so the answer says
+/// what the factor alone must give). With m = max(1, ceil(ec_min)) that is the first double above
+/// (m - 1) * expert_parallel * n / tokens, found by stepping one ulp at a time from there (a few steps); where
+/// m = 1 every positive factor qualifies and the result is the smallest positive double.
+/// Preconditions: tokens >= 1, expert_parallel >= 1, n >= 1, ec_min_value finite and > 0; errc::overflow if the
+/// factor exceeds the largest double. Fallback (errno policy): NaN. Cost: a few classic_capacity calls.
 template <class Policy = default_policy>
 double min_capacity_factor(std::int64_t tokens, std::int64_t expert_parallel, std::int64_t n, double ec_min_value,
-                           const Policy& = Policy{}) {
+                           const Policy& pol = Policy{}) {
   constexpr const char* fn = "locmoe::min_capacity_factor";
   const double nan = std::numeric_limits<double>::quiet_NaN();
   if (tokens < 1) return detail::raise<Policy>(errc::domain, fn, "tokens", tokens, "must be >= 1", nan);
@@ -329,7 +346,20 @@ double min_capacity_factor(std::int64_t tokens, std::int64_t expert_parallel, st
   if (!(std::isfinite(ec_min_value) && ec_min_value > 0.0)) {
     return detail::raise<Policy>(errc::domain, fn, "ec_min", ec_min_value, "must be finite and > 0", nan);
   }
-  return ec_min_value * static_cast<double>(expert_parallel) * static_cast<double>(n) / static_cast<double>(tokens);
+  const double slots = std::max(1.0, std::ceil(ec_min_value));
+  const long double threshold = static_cast<long double>(slots - 1.0) * static_cast<long double>(expert_parallel) *
+                                static_cast<long double>(n) / static_cast<long double>(tokens);
+  if (!(threshold < static_cast<long double>(std::numeric_limits<double>::max()) / 2)) {
+    return detail::raise<Policy>(errc::overflow, fn, "ec_min", ec_min_value,
+                                 "needs a capacity factor beyond the range of a double", nan);
+  }
+  double cf = std::max(static_cast<double>(threshold) * (1 - 4 * std::numeric_limits<double>::epsilon()),
+                       std::numeric_limits<double>::denorm_min());
+  const auto reaches = [&](double factor) {
+    return static_cast<double>(classic_capacity(tokens, factor, expert_parallel, n, 0, pol)) >= slots;
+  };
+  while (!reaches(cf)) cf = std::nextafter(cf, std::numeric_limits<double>::infinity());
+  return cf;
 }
 
 /// The q-quantile of `cosines`, by linear interpolation between order statistics (Hyndman and Fan's type 7,
@@ -361,9 +391,12 @@ double empirical_delta(const Eigen::Ref<const Eigen::VectorXd>& cosines, double 
   const auto lo = static_cast<std::size_t>(std::floor(h));
   std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(lo), values.end());
   const double below = values[lo];
-  if (lo + 1 >= values.size()) return below;
-  const double above = *std::min_element(values.begin() + static_cast<std::ptrdiff_t>(lo) + 1, values.end());
-  return below + (h - static_cast<double>(lo)) * (above - below);
+  double q_value = below;
+  if (lo + 1 < values.size()) {
+    const double above = *std::min_element(values.begin() + static_cast<std::ptrdiff_t>(lo) + 1, values.end());
+    q_value = below + (h - static_cast<double>(lo)) * (above - below);
+  }
+  return std::clamp(q_value, -1.0, 1.0);  // inputs may exceed 1 by rounding (up to 1e-6 is accepted)
 }
 
 /// Cosine of each token to the gate weight of the expert it was routed to: cos_t = x_t . w_{e_t} / (|x_t| |w_{e_t}|).
@@ -394,8 +427,9 @@ Eigen::VectorXd routed_cosines(const Eigen::MatrixBase<DerivedX>& x, const Eigen
     if (e < 0) continue;
     const Eigen::RowVectorXd xt = x.row(t).template cast<double>();
     const Eigen::RowVectorXd we = w.row(e).template cast<double>();
-    const double norms = xt.norm() * we.norm();
-    if (norms > 0.0) out[m++] = xt.dot(we) / norms;
+    const double x_norm = xt.stableNorm();  // no overflow at 1e200 nor underflow at 1e-200
+    const double w_norm = we.stableNorm();
+    if (x_norm > 0.0 && w_norm > 0.0) out[m++] = std::clamp((xt / x_norm).dot(we / w_norm), -1.0, 1.0);
   }
   out.conservativeResize(m);
   return out;

@@ -18,6 +18,7 @@
 #include <locmoe/config.hpp>
 
 #include <cerrno>
+#include <charconv>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
@@ -112,17 +113,34 @@ using default_policy = LOCMOE_DEFAULT_POLICY;
 
 namespace detail {
 
+/// A value as the user would write it: the shortest decimal that round-trips, for reals.
 template <class T>
 std::string to_text(const T& value) {
-  if constexpr (std::is_same_v<T, std::string> || std::is_same_v<T, const char*>) {
-    return value;
+  if constexpr (std::is_convertible_v<T, std::string>) {
+    return std::string(value);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char buffer[64];
+    const auto r = std::to_chars(buffer, buffer + sizeof buffer, value);
+    return std::string(buffer, r.ptr);
   } else {
     std::ostringstream s;
-    s.precision(17);
     s << value;
     return s.str();
   }
 }
+
+/// Keeps errno as the caller left it across a computation whose internals (exp, Boost with an errno
+/// policy) may set ERANGE on an intermediate underflow: only a broken rule, through the policy, sets errno.
+class errno_guard {
+ public:
+  errno_guard() noexcept : saved_(errno) {}
+  ~errno_guard() { errno = saved_; }
+  errno_guard(const errno_guard&) = delete;
+  errno_guard& operator=(const errno_guard&) = delete;
+
+ private:
+  int saved_;
+};
 
 /// Report a broken rule through Policy; returns the policy's fallback (never returns for throw_on_error).
 template <class Policy, class Result, class Value>

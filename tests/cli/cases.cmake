@@ -45,7 +45,14 @@ locmoe_cli_test("bad: delta not a number" ${bad} ARGS capacity --delta abc STDER
 locmoe_cli_test("bad: delta missing value" ${bad} ARGS capacity --delta STDERR_REGEX "--delta")
 locmoe_cli_test("bad: hidden 1" ${bad} ARGS capacity --hidden 1 STDERR_REGEX "--hidden = 1: must be >= 2")
 locmoe_cli_test("bad: hidden not an integer" ${bad} ARGS capacity --hidden 12.5 STDERR_REGEX "--hidden")
-locmoe_cli_test("bad: hidden overflows" ${bad} ARGS capacity --hidden 99999999999999999999 STDERR_REGEX "--hidden")
+locmoe_cli_test("bad: hidden overflows" ${bad} ARGS capacity --hidden 99999999999999999999
+  STDERR_REGEX "--hidden = 99999999999999999999: does not fit a 64-bit integer")
+locmoe_cli_test("bad: hidden above 2^53" ${bad} ARGS capacity --hidden 9007199254740993 STDERR_REGEX "--hidden = 9007199254740993: must be <= 2")
+locmoe_cli_test("bad: experts overflows" ${bad} ARGS capacity --experts 99999999999999999999 STDERR_REGEX "--experts")
+locmoe_cli_test("bad: tokens overflows" ${bad} ARGS capacity --tokens 99999999999999999999 STDERR_REGEX "--tokens")
+locmoe_cli_test("bad: expert parallel 0 without tokens" ${bad} ARGS capacity --expert-parallel 0 STDERR_REGEX "--expert-parallel")
+locmoe_cli_test("bad: min capacity negative" ${bad} ARGS capacity --min-capacity -1 STDERR_REGEX "--min-capacity = -1: must be >= 0")
+locmoe_cli_test("bad: capacity factor without tokens" ${bad} ARGS capacity --capacity-factor 1.1 STDERR_REGEX "needs --tokens")
 locmoe_cli_test("bad: experts 0" ${bad} ARGS capacity --experts 0 STDERR_REGEX "--experts = 0: must be >= 1")
 locmoe_cli_test("bad: tokens 0" ${bad} ARGS capacity --tokens 0 --capacity-factor 1 STDERR_REGEX "--tokens = 0: must be >= 1")
 locmoe_cli_test("bad: capacity factor 0" ${bad} ARGS capacity --tokens 10 --capacity-factor 0
@@ -56,6 +63,14 @@ locmoe_cli_test("bad: expert parallel 0" ${bad} ARGS capacity --tokens 10 --capa
   STDERR_REGEX "--expert-parallel = 0: must be >= 1")
 locmoe_cli_test("bad: unknown flag" ${bad} ARGS capacity --bogus 3 STDERR_REGEX "bogus")
 locmoe_cli_test("bad: no subcommand" ${bad} ARGS "" STDERR_REGEX "subcommand")
+locmoe_cli_test("min capacity factor beyond double range is null" EXIT 0
+  ARGS capacity --json --hidden 100000 --experts 1 --delta 0.115 --tokens 1 --expert-parallel 9000000000000000000
+  JSON_NULL min_capacity_factor)
+locmoe_cli_test("ec_min beyond double range still reports the classic capacity" EXIT 0
+  ARGS capacity --json --hidden 1000000 --delta 0.5 --tokens 10 --capacity-factor 1
+  JSON_NULL ec_min min_capacity_factor STDOUT_REGEX "\"capacity\": 1,.*\"capacity_meets_bound\": false")
+locmoe_cli_test("smallest factor is exact" EXIT 0 ARGS capacity --json --tokens 16384 --expert-parallel 16
+  STDOUT_REGEX "\"min_capacity_factor\": 0.015625000000000003")
 locmoe_cli_test("help" EXIT 0 ARGS capacity --help STDOUT_REGEX "--capacity-factor")
 locmoe_cli_test("capacity-curve" EXIT 0 ARGS capacity-curve --hidden 16,5120 --points 3
   STDOUT_REGEX "^hidden,experts,theta_degrees,delta,p_delta,ec_min,[^\n]*\n16,16,60,.*\n5120,16,89.9[0-9]*,")
