@@ -93,8 +93,8 @@ void run_capacity(const capacity_options& o) {
   out["log_ec_min_exp_bound"] = bound.log_ec_min_exp_bound;
   out["critical_capacity"] = has_critical ? nlohmann::ordered_json(critical) : nlohmann::ordered_json(nullptr);
 
-  if (o.expert_parallel < 1) throw usage_error("--expert-parallel = " + std::to_string(o.expert_parallel) + ": must be >= 1");
-  if (o.min_capacity < 0) throw usage_error("--min-capacity = " + std::to_string(o.min_capacity) + ": must be >= 0");
+  // --expert-parallel and --min-capacity are checked even without --tokens, by the library's own rules.
+  checked(capacity_flags, [&] { return classic_capacity(0, 1.0, o.expert_parallel, o.experts, o.min_capacity); });
   if (o.capacity_factor && !o.has_tokens) throw usage_error("--capacity-factor: needs --tokens");
   if (o.has_tokens) {
     if (o.tokens < 1) throw usage_error("--tokens = " + std::to_string(o.tokens) + ": must be >= 1");

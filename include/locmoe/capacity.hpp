@@ -20,8 +20,9 @@
 // double: a value that overflows is returned as +infinity, one that underflows as 0 (or a subnormal).
 //
 // All functions are pure and thread-safe. The bound functions allocate nothing; classic_capacity uses
-// multi-precision integers, empirical_delta copies the cosines it sorts, routed_cosines returns a vector. Cost: p_delta and the ec_min family are one Boost.Math incomplete beta or erfc
-// (about a microsecond; see bench/bench_capacity.cpp), plus a continued fraction in the underflow region.
+// multi-precision integers, empirical_delta copies the cosines it sorts, routed_cosines returns a vector.
+// Cost: p_delta and the ec_min family are one Boost.Math incomplete beta or erfc (a few microseconds; see
+// bench/bench_capacity.cpp), plus a continued fraction in the underflow region.
 // Examples: docs/api.md#capacity.
 #pragma once
 
@@ -237,7 +238,7 @@ double log_ec_min_exp_bound(std::int64_t d, std::int64_t n, double delta, const 
 template <class Policy = default_policy>
 std::int64_t critical_capacity(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {
   const double e = detail::capacity_bound_checked<Policy>("locmoe::critical_capacity", d, n, delta).ec_min;
-  if (std::isnan(e)) return -1;  // reported by ec_min already
+  if (std::isnan(e)) return -1;  // already reported by capacity_bound_checked
   const double c = std::max(1.0, std::ceil(e));
   if (!(c <= 4611686018427387904.0)) {
     return detail::raise<Policy>(errc::overflow, "locmoe::critical_capacity", "delta", delta,
