@@ -1,6 +1,11 @@
 // locmoe/locmoe.hpp - the umbrella header: everything public in one include.
+// (Not locmoe/simd_instantiate.hpp, which belongs alone in a per-instruction-set translation unit.)
 #pragma once
 
 #include <locmoe/capacity.hpp>
 #include <locmoe/config.hpp>
 #include <locmoe/error.hpp>
+#include <locmoe/gating.hpp>
+#include <locmoe/reference.hpp>
+#include <locmoe/select.hpp>
+#include <locmoe/views.hpp>

@@ -1,0 +1,200 @@
+// locmoe/detail/kernels.hpp - the SIMD kernels (functors over an xsimd architecture) and their run-time
+// dispatch. Public entry points are in gating.hpp and select.hpp; they validate, then call run<Kernel>.
+//
+// Two ways to build (docs/architecture.md#simd-dispatch):
+//  * header only (default): kernels compile for the instruction set the including translation unit is
+//    compiled for (xsimd::default_arch: SSE2 on a plain x86-64 build, AVX-512 with -march=native).
+//  * run-time dispatch (LOCMOE_SIMD_DISPATCH defined): kernels are compiled once per instruction set in
+//    LOCMOE_SIMD_ARCHS, each in its own translation unit with that set's flags (CMake:
+//    locmoe_enable_simd_dispatch(target); by hand: include <locmoe/simd_instantiate.hpp> and invoke
+//    LOCMOE_INSTANTIATE_SIMD_KERNELS(arch) per set), and every call picks the best one the CPU has.
+#pragma once
+
+#include <locmoe/detail/simd.hpp>
+
+#include <cstddef>
+#include <limits>
+
+namespace locmoe::detail {
+
+/// GrAP gate (and, when `select` is on, softmax and top-k) over the token rows [begin, end).
+template <class T>
+struct grap_kernel {
+  using score = accumulate_t<T>;
+  struct args_type {
+    matrix_view<const T> x;
+    std::size_t experts = 0;
+    bool relu = true;
+    const score* bias = nullptr;
+    std::size_t begin = 0, end = 0;
+    bool select = false;
+    simd::select_settings settings;
+    matrix_view<score> logits;          // optional
+    matrix_view<score> probabilities;   // optional
+    matrix_view<expert_index> indices;  // required when select and k > 0
+    matrix_view<score> weights;         // required when select and k > 0
+  };
+  /// Returns the number of invalid tokens (see select_token).
+  template <class Arch>
+  std::size_t operator()(Arch arch, const args_type& a) const noexcept;
+};
+
+/// Softmax and/or top-k over given scores, rows [begin, end).
+template <class S>
+struct select_kernel {
+  struct args_type {
+    matrix_view<const S> scores;
+    std::size_t begin = 0, end = 0;
+    simd::select_settings settings;
+    matrix_view<S> probabilities;
+    matrix_view<expert_index> indices;
+    matrix_view<S> weights;
+  };
+  template <class Arch>
+  std::size_t operator()(Arch arch, const args_type& a) const noexcept;
+};
+
+/// A plain streaming read of `bytes` bytes (the benchmarks' memory-bandwidth reference): XOR of all
+/// 64-bit words, two 64-byte chunks in flight per step. Returns the XOR so the read cannot be elided.
+struct stream_read_kernel {
+  struct args_type {
+    const unsigned char* data = nullptr;
+    std::size_t bytes = 0;
+  };
+  template <class Arch>
+  std::size_t operator()(Arch arch, const args_type& a) const noexcept;
+};
+
+template <class S>
+simd::token_outputs<S> outputs_of_row(std::size_t t, const matrix_view<expert_index>& indices,
+                                      const matrix_view<S>& weights, const matrix_view<S>& probabilities) noexcept {
+  return {indices.present() ? indices.row(t) : nullptr, weights.present() ? weights.row(t) : nullptr,
+          probabilities.present() ? probabilities.row(t) : nullptr};
+}
+
+template <class T>
+template <class Arch>
+std::size_t grap_kernel<T>::operator()(Arch arch, const args_type& a) const noexcept {
+  constexpr std::size_t lanes = simd::virtual_lanes<score>;
+  alignas(simd::virtual_bytes) score scratch[simd::round_up(simd::max_experts, lanes)];
+  const std::size_t d = a.x.cols, n = a.experts;
+  const std::size_t base = d / n, remainder = d % n;
+  std::size_t invalid = 0;
+  for (std::size_t t = a.begin; t < a.end; ++t) {
+    const T* x = a.x.row(t);
+    score* logit = a.select ? scratch : a.logits.row(t);
+    // Block i is [floor(i d / n), floor((i + 1) d / n)); `carry` tracks (i * (d mod n)) mod n.
+    std::size_t start = 0, carry = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      carry += remainder;
+      std::size_t size = base;
+      if (carry >= n) {
+        carry -= n;
+        ++size;
+      }
+      score s = simd::block_sum(arch, x + start, size) / static_cast<score>(size);
+      if (a.bias) s += a.bias[i];
+      if (a.relu) s = s < score(0) ? score(0) : s;  // NaN stays NaN
+      logit[i] = s;
+      start += size;
+    }
+    if (!a.select) continue;
+    if (a.logits.present())
+      for (std::size_t i = 0; i < n; ++i) a.logits(t, i) = scratch[i];
+    for (std::size_t i = n; i < simd::round_up(n, lanes); ++i) scratch[i] = -std::numeric_limits<score>::infinity();
+    if (!simd::select_token(arch, scratch, n, a.settings, outputs_of_row(t, a.indices, a.weights, a.probabilities)))
+      ++invalid;
+  }
+  return invalid;
+}
+
+template <class S>
+template <class Arch>
+std::size_t select_kernel<S>::operator()(Arch arch, const args_type& a) const noexcept {
+  constexpr std::size_t lanes = simd::virtual_lanes<S>;
+  alignas(simd::virtual_bytes) S scratch[simd::round_up(simd::max_experts, lanes)];
+  const std::size_t n = a.scores.cols;
+  std::size_t invalid = 0;
+  for (std::size_t t = a.begin; t < a.end; ++t) {
+    const S* s = a.scores.row(t);
+    for (std::size_t i = 0; i < n; ++i) scratch[i] = s[i];
+    for (std::size_t i = n; i < simd::round_up(n, lanes); ++i) scratch[i] = -std::numeric_limits<S>::infinity();
+    if (!simd::select_token(arch, scratch, n, a.settings, outputs_of_row(t, a.indices, a.weights, a.probabilities)))
+      ++invalid;
+  }
+  return invalid;
+}
+
+template <class Arch>
+std::size_t stream_read_kernel::operator()(Arch, const args_type& a) const noexcept {
+  using batch = xsimd::batch<std::uint64_t, Arch>;
+  constexpr std::size_t width = batch::size;
+  constexpr std::size_t registers = simd::virtual_bytes / (width * sizeof(std::uint64_t));
+  constexpr std::size_t step = simd::virtual_bytes;
+  batch acc[registers];
+  for (auto& v : acc) v = batch(std::uint64_t{0});
+  std::size_t offset = 0;
+  for (; offset + step <= a.bytes; offset += step) {
+    const auto* words = reinterpret_cast<const std::uint64_t*>(a.data + offset);
+    for (std::size_t r = 0; r < registers; ++r) acc[r] ^= batch::load_unaligned(words + r * width);
+  }
+  alignas(simd::virtual_bytes) std::uint64_t lane[registers * width];
+  for (std::size_t r = 0; r < registers; ++r) acc[r].store_aligned(lane + r * width);
+  std::uint64_t folded = 0;
+  for (const auto v : lane) folded ^= v;
+  for (; offset < a.bytes; ++offset) folded ^= a.data[offset];
+  return static_cast<std::size_t>(folded);
+}
+
+}  // namespace locmoe::detail
+
+// Every kernel specialization, for explicit instantiation per instruction set.
+#define LOCMOE_SIMD_KERNEL_LIST(X, ARCH)                  \
+  X(::locmoe::detail::grap_kernel<float>, ARCH)           \
+  X(::locmoe::detail::grap_kernel<double>, ARCH)          \
+  X(::locmoe::detail::grap_kernel<::locmoe::bf16>, ARCH)  \
+  X(::locmoe::detail::grap_kernel<::locmoe::fp16>, ARCH)  \
+  X(::locmoe::detail::select_kernel<float>, ARCH)         \
+  X(::locmoe::detail::select_kernel<double>, ARCH)      \
+  X(::locmoe::detail::stream_read_kernel, ARCH)
+
+#define LOCMOE_DETAIL_EXTERN_KERNEL(KERNEL, ARCH) \
+  extern template std::size_t KERNEL::operator()<ARCH>(ARCH, const KERNEL::args_type&) const noexcept;
+#define LOCMOE_DETAIL_DEFINE_KERNEL(KERNEL, ARCH) \
+  template std::size_t KERNEL::operator()<ARCH>(ARCH, const KERNEL::args_type&) const noexcept;
+
+#if defined(LOCMOE_SIMD_DISPATCH)
+#  if !(defined(__x86_64__) || defined(_M_X64))
+#    error "LOCMOE_SIMD_DISPATCH lists x86-64 instruction sets; build header-only elsewhere"
+#  endif
+LOCMOE_SIMD_KERNEL_LIST(LOCMOE_DETAIL_EXTERN_KERNEL, ::xsimd::avx512bw)
+LOCMOE_SIMD_KERNEL_LIST(LOCMOE_DETAIL_EXTERN_KERNEL, ::xsimd::fma3<::xsimd::avx2>)
+LOCMOE_SIMD_KERNEL_LIST(LOCMOE_DETAIL_EXTERN_KERNEL, ::xsimd::sse4_2)
+LOCMOE_SIMD_KERNEL_LIST(LOCMOE_DETAIL_EXTERN_KERNEL, ::xsimd::sse2)
+#endif
+
+namespace locmoe::detail {
+
+#if defined(LOCMOE_SIMD_DISPATCH)
+using kernel_archs = xsimd::arch_list<xsimd::avx512bw, xsimd::fma3<xsimd::avx2>, xsimd::sse4_2, xsimd::sse2>;
+#else
+using kernel_archs = xsimd::arch_list<xsimd::default_arch>;
+#endif
+
+/// Runs Kernel on the best instruction set of kernel_archs that this CPU has.
+template <class Kernel>
+std::size_t run(const typename Kernel::args_type& args) noexcept {
+  return xsimd::dispatch<kernel_archs>(Kernel{})(args);
+}
+
+struct arch_namer {
+  template <class Arch>
+  const char* operator()(Arch) const noexcept {
+    return Arch::name();
+  }
+};
+
+/// The name of the instruction set run<> picks on this CPU ("avx512bw", "fma3+avx2", ...).
+inline const char* dispatched_arch_name() noexcept { return xsimd::dispatch<kernel_archs>(arch_namer{})(); }
+
+}  // namespace locmoe::detail

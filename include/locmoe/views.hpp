@@ -1,0 +1,150 @@
+// locmoe/views.hpp - caller-owned matrices: a pointer, sizes and a row stride; element types.
+//
+// Every kernel in locmoe reads and writes the caller's memory through matrix_view: row-major, rows
+// `stride` elements apart (stride >= cols), so that an operand may be a slice of a larger tensor. Views do
+// not own and never allocate. Eigen matrices convert with as_view (row-major, inner stride 1).
+//
+// Element types: float and double, and the 16-bit bf16 (bfloat16) and fp16 (IEEE binary16), which are
+// Eigen's Eigen::bfloat16 and Eigen::half: 2-byte values whose conversions round to nearest even.
+//
+// Example (docs/api.md#views):
+//   std::vector<float> x(tokens * 8192);                         // a [tokens x 8192] buffer ...
+//   locmoe::matrix_view<const float> first_half(x.data(), tokens, 4096, 8192);  // ... and its left half
+#pragma once
+
+#include <locmoe/config.hpp>
+#include <locmoe/error.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+namespace locmoe {
+
+using bf16 = Eigen::bfloat16;  ///< bfloat16: 1 sign, 8 exponent, 7 mantissa bits
+using fp16 = Eigen::half;      ///< IEEE binary16: 1 sign, 5 exponent, 10 mantissa bits
+
+/// Expert index type of every selection; `no_expert` marks a slot that holds no expert (an invalid token,
+/// or fewer selectable experts than k).
+using expert_index = std::int32_t;
+inline constexpr expert_index no_expert = -1;
+
+/// The type locmoe computes in for activations of type T: double for double, float for the rest.
+template <class T>
+using accumulate_t = std::conditional_t<std::is_same_v<std::remove_cv_t<T>, double>, double, float>;
+
+/// A row-major matrix in caller memory: element (i, j) is data[i * stride + j].
+template <class T>
+struct matrix_view {
+  T* data = nullptr;
+  std::size_t rows = 0;
+  std::size_t cols = 0;
+  std::size_t stride = 0;  ///< elements between the starts of consecutive rows; >= cols
+
+  constexpr matrix_view() noexcept = default;
+  constexpr matrix_view(T* data_, std::size_t rows_, std::size_t cols_) noexcept
+      : data(data_), rows(rows_), cols(cols_), stride(cols_) {}
+  constexpr matrix_view(T* data_, std::size_t rows_, std::size_t cols_, std::size_t stride_) noexcept
+      : data(data_), rows(rows_), cols(cols_), stride(stride_) {}
+  /// matrix_view<T> converts to matrix_view<const T>.
+  template <class U, class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  constexpr matrix_view(const matrix_view<U>& other) noexcept  // NOLINT: implicit on purpose
+      : data(other.data), rows(other.rows), cols(other.cols), stride(other.stride) {}
+
+  constexpr T* row(std::size_t i) const noexcept { return data + i * stride; }
+  constexpr T& operator()(std::size_t i, std::size_t j) const noexcept { return data[i * stride + j]; }
+  /// Whether the caller passed this (optional) operand at all.
+  constexpr bool present() const noexcept { return data != nullptr; }
+};
+
+/// A view of an Eigen matrix, map or block with direct access, row-major storage and inner stride 1.
+template <class Derived>
+auto as_view(Eigen::DenseBase<Derived>& m) {
+  static_assert(bool(Derived::Flags & Eigen::RowMajorBit) || Derived::ColsAtCompileTime == 1,
+                "locmoe::as_view: the matrix must be row-major");
+  static_assert(bool(Eigen::internal::traits<Derived>::Flags & Eigen::DirectAccessBit),
+                "locmoe::as_view: the expression must have direct access (a matrix, map or block)");
+  using scalar = std::remove_reference_t<decltype(*m.derived().data())>;
+  const auto outer = static_cast<std::size_t>(m.derived().outerStride());
+  return matrix_view<scalar>(m.derived().data(), static_cast<std::size_t>(m.rows()),
+                             static_cast<std::size_t>(m.cols()), m.rows() > 1 ? outer : static_cast<std::size_t>(m.cols()));
+}
+template <class Derived>
+auto as_view(const Eigen::DenseBase<Derived>& m) {
+  static_assert(bool(Derived::Flags & Eigen::RowMajorBit) || Derived::ColsAtCompileTime == 1,
+                "locmoe::as_view: the matrix must be row-major");
+  static_assert(bool(Eigen::internal::traits<Derived>::Flags & Eigen::DirectAccessBit),
+                "locmoe::as_view: the expression must have direct access (a matrix, map or block)");
+  using scalar = const std::remove_cv_t<std::remove_reference_t<decltype(*m.derived().data())>>;
+  const auto outer = static_cast<std::size_t>(m.derived().outerStride());
+  return matrix_view<scalar>(m.derived().data(), static_cast<std::size_t>(m.rows()),
+                             static_cast<std::size_t>(m.cols()), m.rows() > 1 ? outer : static_cast<std::size_t>(m.cols()));
+}
+
+/// A half-open range of token rows [begin, end); kernels touch only these rows of every operand.
+struct token_range {
+  std::size_t begin = 0;
+  std::size_t end = std::numeric_limits<std::size_t>::max();  ///< max: up to the last row
+};
+
+namespace detail {
+
+inline std::string shape_text(std::size_t rows, std::size_t cols) {
+  return std::to_string(rows) + "x" + std::to_string(cols);
+}
+
+/// Checks one operand: present (unless optional and absent), shape rows x cols, stride >= cols, its extent
+/// addressable. Returns false after reporting through Policy.
+template <class Policy, class T>
+bool check_view(const char* function, const char* argument, const matrix_view<T>& v, std::size_t rows,
+                std::size_t cols, const char* cols_rule) {
+  const std::string shape = shape_text(v.rows, v.cols);
+  if (v.rows != rows) {
+    const std::string rule = "must have " + std::to_string(rows) + " rows (one per token)";
+    Policy::report(error_report{errc::domain, function, argument, shape, rule.c_str()}, 0);
+    return false;
+  }
+  if (v.cols != cols) {
+    Policy::report(error_report{errc::domain, function, argument, shape, cols_rule}, 0);
+    return false;
+  }
+  if (v.rows > 1 && v.stride < v.cols) {
+    Policy::report(error_report{errc::domain, function, argument, "stride " + std::to_string(v.stride),
+                                "row stride must be >= the number of columns"},
+                   0);
+    return false;
+  }
+  if (v.rows > 0 && v.cols > 0) {
+    if (v.data == nullptr) {
+      Policy::report(error_report{errc::domain, function, argument, shape, "must not be null"}, 0);
+      return false;
+    }
+    const std::size_t limit = std::numeric_limits<std::ptrdiff_t>::max() / sizeof(T);
+    if (v.stride > limit || (v.rows - 1) > (limit - v.cols) / (v.stride == 0 ? 1 : v.stride)) {
+      Policy::report(error_report{errc::overflow, function, argument, shape, "extent overflows the address space"},
+                     0);
+      return false;
+    }
+  }
+  return true;
+}
+
+/// [begin, end) clipped to the rows; reports a begin past the end.
+template <class Policy>
+bool resolve_range(const char* function, token_range& range, std::size_t rows) {
+  if (range.end > rows) range.end = rows;
+  if (range.begin > range.end) {
+    Policy::report(error_report{errc::domain, function, "range", std::to_string(range.begin),
+                                "begin must be <= end and <= the number of tokens"},
+                   0);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace detail
+}  // namespace locmoe
