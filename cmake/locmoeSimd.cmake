@@ -26,7 +26,7 @@ function(locmoe_enable_simd_dispatch target)
     separate_arguments(arch_flags UNIX_COMMAND "${arch_flags}")
     if(arch STREQUAL "avx512bw" AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
       # GCC 12 warns inside its own avx512fintrin.h (_mm512_undefined_*; GCC bug 105593, fixed in 13).
-      list(APPEND arch_flags -Wno-maybe-uninitialized)
+      list(APPEND arch_flags -Wno-maybe-uninitialized -Wno-uninitialized)
     endif()
     set_source_files_properties("${source}" PROPERTIES COMPILE_OPTIONS "${arch_flags}")
     target_sources(${target} PRIVATE "${source}")

@@ -148,15 +148,16 @@ std::size_t stream_read_kernel::operator()(Arch, const args_type& a) const noexc
 
 }  // namespace locmoe::detail
 
-// Every kernel specialization, for explicit instantiation per instruction set.
+// Every kernel specialization, for explicit instantiation per instruction set. (No leading :: on the
+// names: "std::size_t ::locmoe::..." would parse as one qualified name.)
 #define LOCMOE_SIMD_KERNEL_LIST(X, ARCH)                  \
-  X(::locmoe::detail::grap_kernel<float>, ARCH)           \
-  X(::locmoe::detail::grap_kernel<double>, ARCH)          \
-  X(::locmoe::detail::grap_kernel<::locmoe::bf16>, ARCH)  \
-  X(::locmoe::detail::grap_kernel<::locmoe::fp16>, ARCH)  \
-  X(::locmoe::detail::select_kernel<float>, ARCH)         \
-  X(::locmoe::detail::select_kernel<double>, ARCH)      \
-  X(::locmoe::detail::stream_read_kernel, ARCH)
+  X(locmoe::detail::grap_kernel<float>, ARCH)           \
+  X(locmoe::detail::grap_kernel<double>, ARCH)          \
+  X(locmoe::detail::grap_kernel<locmoe::bf16>, ARCH)  \
+  X(locmoe::detail::grap_kernel<locmoe::fp16>, ARCH)  \
+  X(locmoe::detail::select_kernel<float>, ARCH)         \
+  X(locmoe::detail::select_kernel<double>, ARCH)      \
+  X(locmoe::detail::stream_read_kernel, ARCH)
 
 #define LOCMOE_DETAIL_EXTERN_KERNEL(KERNEL, ARCH) \
   extern template std::size_t KERNEL::operator()<ARCH>(ARCH, const KERNEL::args_type&) const noexcept;

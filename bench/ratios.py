@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Runs bench/bench_gating.cpp's binary with repetitions and prints, per shape, each family's median
+bytes/s as a ratio to read_reference (same element type, same bytes), and the GrAP/dense and
+GrAP/scalar tokens/s ratios. Usage:
+    bench/ratios.py build/default/bench/locmoe_bench_gating [--repetitions 5] [--filter REGEX]
+Needs only the Python standard library."""
+import argparse
+import json
+import re
+import subprocess
+import sys
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("binary")
+    p.add_argument("--repetitions", type=int, default=5)
+    p.add_argument("--filter", default=".")
+    p.add_argument("--min-time", default="0.5")
+    a = p.parse_args()
+    out = subprocess.run([a.binary, f"--benchmark_filter={a.filter}", f"--benchmark_repetitions={a.repetitions}",
+                          "--benchmark_enable_random_interleaving=true", "--benchmark_report_aggregates_only=true",
+                          f"--benchmark_min_time={a.min_time}", "--benchmark_format=json"],
+                         check=True, capture_output=True, text=True).stdout
+    medians = {}
+    for b in json.loads(out)["benchmarks"]:
+        if b.get("aggregate_name") != "median":
+            continue
+        m = re.match(r"([a-z0-9_]+)/T:(\d+)/d:(\d+)/n:(\d+)(?:/k:(\d+))?", b["name"])
+        family, shape, k = m.group(1), (int(m.group(2)), int(m.group(3)), int(m.group(4))), m.group(5)
+        medians[(family + (f"/k={k}" if k else ""), shape)] = (b["bytes_per_second"], b["tokens/s"])
+    shapes = sorted({s for _, s in medians})
+    print(f"{'family':22} " + " ".join(f"{'(%d,%d,%d)' % s:>18}" for s in shapes))
+    for family in sorted({f for f, _ in medians}):
+        dtype = "bf16" if "bf16" in family else "fp16" if "fp16" in family else "f32"
+        cells = []
+        for s in shapes:
+            v, ref = medians.get((family, s)), medians.get((f"read_reference_{dtype}", s))
+            cells.append(f"{v[0] / ref[0]:18.3f}" if v and ref else f"{'-':>18}")
+        print(f"{family:22} " + " ".join(cells))
+    print("\ntokens/s ratios")
+    for num, den in [("grap_top1_f32", "dense_top1_f32"), ("grap_top1_f32", "scalar_top1_f32"),
+                     ("grap_top1_bf16", "grap_top1_f32")]:
+        cells = []
+        for s in shapes:
+            x, y = medians.get((num, s)), medians.get((den, s))
+            cells.append(f"{x[1] / y[1]:18.2f}" if x and y else f"{'-':>18}")
+        print(f"{num + ' / ' + den:38} " + " ".join(cells))
+    print("\nmedian GB/s of read_reference: " + ", ".join(
+        f"{f[15:]} {s}: {v[0] / 1e9:.1f}" for (f, s), v in sorted(medians.items()) if f.startswith("read_reference")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
