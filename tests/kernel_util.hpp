@@ -31,20 +31,7 @@ inline std::size_t arch_count() {
 template <class Arch, class T, class Real>
 std::size_t grap_route_on(Arch arch, const locmoe::grap_gate<Real>& gate, locmoe::matrix_view<const T> x,
                           locmoe::select_options options, const locmoe::route_outputs<Real>& out) {
-  typename locmoe::detail::grap_kernel<T>::args_type a;
-  a.x = x;
-  a.experts = gate.experts;
-  a.relu = gate.relu;
-  a.bias = gate.bias;
-  a.begin = 0;
-  a.end = x.rows;
-  a.select = true;
-  a.settings = {options.k, true, options.renormalize};
-  a.logits = out.logits;
-  a.probabilities = out.probabilities;
-  a.indices = out.indices;
-  a.weights = out.weights;
-  return locmoe::detail::grap_kernel<T>{}(arch, a);
+  return locmoe::detail::grap_kernel<T>{}(arch, locmoe::detail::grap_route_args(gate, x, options, out, {0, x.rows}));
 }
 
 /// The selection kernel, forced onto one instruction set.
@@ -52,15 +39,8 @@ template <class Arch, class S>
 std::size_t select_on(Arch arch, locmoe::matrix_view<const S> scores, locmoe::detail::simd::select_settings settings,
                       locmoe::matrix_view<S> probabilities, locmoe::matrix_view<locmoe::expert_index> indices,
                       locmoe::matrix_view<S> weights) {
-  typename locmoe::detail::select_kernel<S>::args_type a;
-  a.scores = scores;
-  a.begin = 0;
-  a.end = scores.rows;
-  a.settings = settings;
-  a.probabilities = probabilities;
-  a.indices = indices;
-  a.weights = weights;
-  return locmoe::detail::select_kernel<S>{}(arch, a);
+  return locmoe::detail::select_kernel<S>{}(
+      arch, locmoe::detail::select_args<S>(scores, {0, scores.rows}, settings, probabilities, indices, weights));
 }
 
 /// A dense row-major buffer with its view.

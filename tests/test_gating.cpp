@@ -319,3 +319,24 @@ TEST_CASE("gates reject bad arguments, naming them") {
                                   locmoe::errno_on_error{}));
   CHECK(errno == EDOM);
 }
+
+TEST_CASE("as_view wraps row-major Eigen matrices, maps and blocks without copying") {
+  using row_major = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  row_major m(4, 6);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(i);
+  const auto whole = locmoe::as_view(m);
+  CHECK(whole.data == m.data());
+  CHECK((whole.rows == 4 && whole.cols == 6 && whole.stride == 6));
+  auto block = m.block(1, 2, 3, 3);
+  const auto part = locmoe::as_view(block);
+  CHECK((part.rows == 3 && part.cols == 3 && part.stride == 6));
+  CHECK(part(1, 2) == m(2, 4));
+  part(0, 0) = -1.0f;  // writes through to m
+  CHECK(m(1, 2) == -1.0f);
+  const row_major& cm = m;
+  const auto read_only = locmoe::as_view(cm);
+  static_assert(std::is_same_v<decltype(read_only), const locmoe::matrix_view<const float>>);
+  CHECK(read_only(3, 5) == 23.0f);
+  const auto one_row = locmoe::as_view(m.row(2));
+  CHECK((one_row.rows == 1 && one_row.cols == 6 && one_row(0, 1) == m(2, 1)));
+}

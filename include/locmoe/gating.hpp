@@ -162,6 +162,20 @@ bool check_workspace(const char* function, const Real* workspace, std::size_t si
   return true;
 }
 
+/// The kernel arguments every GrAP call shares (activations, gate, token range); callers add outputs.
+template <class T, class Real>
+auto grap_args(const grap_gate<Real>& gate, const matrix_view<T>& x, token_range range) {
+  using E = plain_t<T>;
+  typename grap_kernel<E>::args_type a;
+  a.x = matrix_view<const E>(x.data, x.rows, x.cols, x.stride);
+  a.experts = gate.experts;
+  a.relu = gate.relu;
+  a.bias = gate.bias;
+  a.begin = range.begin;
+  a.end = range.end;
+  return a;
+}
+
 }  // namespace detail
 
 /// GrAP forward: logits[t][i] = act(mean of x[t] over block i + b_i) for t in range (eq. 4).
@@ -178,13 +192,7 @@ bool grap_logits(const grap_gate<Real>& gate, const matrix_view<T>& x,
       !detail::check_view<Policy>(fn, "logits", logits, x.rows, gate.experts, "must have gate.experts columns (n)") ||
       !detail::resolve_range<Policy>(fn, range, x.rows))
     return false;
-  typename detail::grap_kernel<E>::args_type a;
-  a.x = matrix_view<const E>(x.data, x.rows, x.cols, x.stride);
-  a.experts = gate.experts;
-  a.relu = gate.relu;
-  a.bias = gate.bias;
-  a.begin = range.begin;
-  a.end = range.end;
+  auto a = detail::grap_args(gate, x, range);
   a.logits = logits;
   detail::run<detail::grap_kernel<E>>(a);
   return true;

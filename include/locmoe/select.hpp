@@ -83,10 +83,11 @@ bool check_route_outputs(const char* function, const route_outputs<S>& out, std:
 
 inline constexpr std::size_t failed = static_cast<std::size_t>(-1);
 
+/// The selection kernel's arguments for scores [T x n], rows in range.
 template <class S, class In>
-std::size_t run_select(const matrix_view<In>& scores, token_range range, const simd::select_settings& settings,
-                       const matrix_view<S>& probabilities, const matrix_view<expert_index>& indices,
-                       const matrix_view<S>& weights) {
+auto select_args(const matrix_view<In>& scores, token_range range, const simd::select_settings& settings,
+                 const matrix_view<S>& probabilities, const matrix_view<expert_index>& indices,
+                 const matrix_view<S>& weights) {
   typename select_kernel<S>::args_type a;
   a.scores = matrix_view<const S>(scores.data, scores.rows, scores.cols, scores.stride);
   a.begin = range.begin;
@@ -95,7 +96,28 @@ std::size_t run_select(const matrix_view<In>& scores, token_range range, const s
   a.probabilities = probabilities;
   a.indices = indices;
   a.weights = weights;
-  return run<select_kernel<S>>(a);
+  return a;
+}
+
+/// The fused GrAP kernel's arguments: gate, selection and every output of `out`.
+template <class T, class Real>
+auto grap_route_args(const grap_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
+                     const route_outputs<Real>& out, token_range range) {
+  auto a = grap_args(gate, x, range);
+  a.select = true;
+  a.settings = {options.k, true, options.renormalize};
+  a.logits = out.logits;
+  a.probabilities = out.probabilities;
+  a.indices = out.indices;
+  a.weights = out.weights;
+  return a;
+}
+
+template <class S, class In>
+std::size_t run_select(const matrix_view<In>& scores, token_range range, const simd::select_settings& settings,
+                       const matrix_view<S>& probabilities, const matrix_view<expert_index>& indices,
+                       const matrix_view<S>& weights) {
+  return run<select_kernel<S>>(select_args<S>(scores, range, settings, probabilities, indices, weights));
 }
 
 }  // namespace detail
@@ -165,20 +187,7 @@ std::size_t grap_route(const grap_gate<Real>& gate, const matrix_view<T>& x, con
       !detail::check_route_outputs<Policy>(fn, out, x.rows, gate.experts, options.k) ||
       !detail::resolve_range<Policy>(fn, range, x.rows))
     return detail::failed;
-  typename detail::grap_kernel<E>::args_type a;
-  a.x = matrix_view<const E>(x.data, x.rows, x.cols, x.stride);
-  a.experts = gate.experts;
-  a.relu = gate.relu;
-  a.bias = gate.bias;
-  a.begin = range.begin;
-  a.end = range.end;
-  a.select = true;
-  a.settings = {options.k, true, options.renormalize};
-  a.logits = out.logits;
-  a.probabilities = out.probabilities;
-  a.indices = out.indices;
-  a.weights = out.weights;
-  return detail::run<detail::grap_kernel<E>>(a);
+  return detail::run<detail::grap_kernel<E>>(detail::grap_route_args(gate, x, options, out, range));
 }
 
 /// Dense gate (Eigen GEMM into out.logits, required) -> softmax -> top-k. Workspace as dense_logits.

@@ -61,28 +61,33 @@ struct matrix_view {
   constexpr bool present() const noexcept { return data != nullptr; }
 };
 
-/// A view of an Eigen matrix, map or block with direct access, row-major storage and inner stride 1.
+namespace detail {
+
+/// The view of an Eigen expression `m` (a Derived, const or not): const data gives matrix_view<const T>.
+template <class Derived>
+auto eigen_view(Derived& m) {
+  using plain = std::remove_const_t<Derived>;
+  static_assert(bool(plain::Flags & Eigen::RowMajorBit) || plain::ColsAtCompileTime == 1,
+                "locmoe::as_view: the matrix must be row-major");
+  static_assert(bool(Eigen::internal::traits<plain>::Flags & Eigen::DirectAccessBit),
+                "locmoe::as_view: the expression must have direct access (a matrix, map or block)");
+  static_assert(plain::InnerStrideAtCompileTime == 1, "locmoe::as_view: the inner stride must be 1");
+  using scalar = std::remove_reference_t<decltype(*m.data())>;
+  const auto rows = static_cast<std::size_t>(m.rows()), cols = static_cast<std::size_t>(m.cols());
+  return matrix_view<scalar>(m.data(), rows, cols, rows > 1 ? static_cast<std::size_t>(m.outerStride()) : cols);
+}
+
+}  // namespace detail
+
+/// A view of an Eigen matrix, map or block with direct access, row-major storage and inner stride 1
+/// (checked at compile time); a const expression gives a view of const elements.
 template <class Derived>
 auto as_view(Eigen::DenseBase<Derived>& m) {
-  static_assert(bool(Derived::Flags & Eigen::RowMajorBit) || Derived::ColsAtCompileTime == 1,
-                "locmoe::as_view: the matrix must be row-major");
-  static_assert(bool(Eigen::internal::traits<Derived>::Flags & Eigen::DirectAccessBit),
-                "locmoe::as_view: the expression must have direct access (a matrix, map or block)");
-  using scalar = std::remove_reference_t<decltype(*m.derived().data())>;
-  const auto outer = static_cast<std::size_t>(m.derived().outerStride());
-  return matrix_view<scalar>(m.derived().data(), static_cast<std::size_t>(m.rows()),
-                             static_cast<std::size_t>(m.cols()), m.rows() > 1 ? outer : static_cast<std::size_t>(m.cols()));
+  return detail::eigen_view(m.derived());
 }
 template <class Derived>
 auto as_view(const Eigen::DenseBase<Derived>& m) {
-  static_assert(bool(Derived::Flags & Eigen::RowMajorBit) || Derived::ColsAtCompileTime == 1,
-                "locmoe::as_view: the matrix must be row-major");
-  static_assert(bool(Eigen::internal::traits<Derived>::Flags & Eigen::DirectAccessBit),
-                "locmoe::as_view: the expression must have direct access (a matrix, map or block)");
-  using scalar = const std::remove_cv_t<std::remove_reference_t<decltype(*m.derived().data())>>;
-  const auto outer = static_cast<std::size_t>(m.derived().outerStride());
-  return matrix_view<scalar>(m.derived().data(), static_cast<std::size_t>(m.rows()),
-                             static_cast<std::size_t>(m.cols()), m.rows() > 1 ? outer : static_cast<std::size_t>(m.cols()));
+  return detail::eigen_view(m.derived());
 }
 
 /// A half-open range of token rows [begin, end); kernels touch only these rows of every operand.

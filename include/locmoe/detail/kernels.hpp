@@ -13,7 +13,6 @@
 #include <locmoe/detail/simd.hpp>
 
 #include <cstddef>
-#include <limits>
 
 namespace locmoe::detail {
 
@@ -55,7 +54,7 @@ struct select_kernel {
 };
 
 /// A plain streaming read of `bytes` bytes (the benchmarks' memory-bandwidth reference): XOR of all
-/// 64-bit words, two 64-byte chunks in flight per step. Returns the XOR so the read cannot be elided.
+/// 64-bit words, one 64-byte chunk per step (more in flight measured slower; docs/benchmarks.md). Returns the XOR so the read cannot be elided.
 struct stream_read_kernel {
   struct args_type {
     const unsigned char* data = nullptr;
@@ -101,7 +100,6 @@ std::size_t grap_kernel<T>::operator()(Arch arch, const args_type& a) const noex
     if (!a.select) continue;
     if (a.logits.present())
       for (std::size_t i = 0; i < n; ++i) a.logits(t, i) = scratch[i];
-    for (std::size_t i = n; i < simd::round_up(n, lanes); ++i) scratch[i] = -std::numeric_limits<score>::infinity();
     if (!simd::select_token(arch, scratch, n, a.settings, outputs_of_row(t, a.indices, a.weights, a.probabilities)))
       ++invalid;
   }
@@ -118,7 +116,6 @@ std::size_t select_kernel<S>::operator()(Arch arch, const args_type& a) const no
   for (std::size_t t = a.begin; t < a.end; ++t) {
     const S* s = a.scores.row(t);
     for (std::size_t i = 0; i < n; ++i) scratch[i] = s[i];
-    for (std::size_t i = n; i < simd::round_up(n, lanes); ++i) scratch[i] = -std::numeric_limits<S>::infinity();
     if (!simd::select_token(arch, scratch, n, a.settings, outputs_of_row(t, a.indices, a.weights, a.probabilities)))
       ++invalid;
   }

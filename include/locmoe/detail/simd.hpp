@@ -172,8 +172,8 @@ struct select_settings {
   bool renormalize = false;  ///< weights divided by their sum over the k chosen
 };
 
-/// Selects for one token whose n scores sit in `row` (64-byte aligned), padded with -inf up to a multiple
-/// of the virtual width; the row is overwritten. Returns false, and writes the "no expert" outputs, for an
+/// Selects for one token whose n scores sit in `row` (64-byte aligned, room for round_up(n, virtual
+/// width) values: the padding is set to -inf here); the row is overwritten. Returns false, and writes the "no expert" outputs, for an
 /// invalid token: a score that is NaN or +inf, or no score above -inf.
 template <class Arch, class S>
 bool select_token(Arch arch, S* row, std::size_t n, const select_settings& settings,
@@ -185,6 +185,7 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
   constexpr S infinity = std::numeric_limits<S>::infinity();
   const std::size_t padded = round_up(n, lanes);
   const std::size_t k = settings.k;
+  for (std::size_t j = n; j < padded; ++j) row[j] = -infinity;
 
   // Pass 1: validity and the maximum (max is exact, so its order does not matter).
   batch maxima = batch(-infinity);
