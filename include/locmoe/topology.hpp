@@ -1,0 +1,119 @@
+// locmoe/topology.hpp - where experts live: ranks (expert-parallel devices), nodes, and the expert -> rank map.
+//
+//   rank r lives on node  node_of_rank[r]                    (uniform: r / ranks_per_node)
+//   expert e lives on rank rank_of_expert[e]                 (block placement: floor(e * R / n))
+//   expert e is *local* to a token of rank r  iff  node_of_expert(e) == node_of_rank(r)
+//
+// Block placement puts n / R consecutive experts on each rank when R divides n (Megatron-Core's and DeepSpeed's
+// layout); with fewer experts than ranks (the paper's 256-NPU cluster: 16 experts over 32 nodes of 8) expert e
+// goes to rank floor(e * R / n), so some ranks, and some nodes, host no expert. Such nodes are valid: their
+// tokens have no local expert, which the locality loss and the statistics count and report.
+//
+// Preconditions (checked, errors name the argument): ranks >= 1, 1 <= ranks_per_node, ranks divisible by
+// ranks_per_node, experts >= 1; explicit maps: node ids >= 0, every expert on a rank in [0, R).
+// Cost: construction O(R + n); every query O(1). Immutable after construction; safe to share across threads.
+// Example: docs/api.md#topology.
+#pragma once
+
+#include <locmoe/config.hpp>
+#include <locmoe/error.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace locmoe {
+
+class topology {
+ public:
+  /// R ranks, G consecutive ranks per node, n experts in blocks over the ranks.
+  static topology uniform(std::int64_t ranks, std::int64_t ranks_per_node, std::int64_t experts) {
+    constexpr const char* fn = "locmoe::topology::uniform";
+    check_count(fn, "ranks", ranks);
+    check_count(fn, "ranks_per_node", ranks_per_node);
+    check_count(fn, "experts", experts);
+    if (ranks % ranks_per_node != 0) {
+      detail::raise<throw_on_error>(errc::domain, fn, "ranks_per_node", ranks_per_node,
+                                    "must divide ranks (every node holds the same number of ranks)", 0);
+    }
+    std::vector<std::int32_t> node_of_rank(static_cast<std::size_t>(ranks));
+    for (std::size_t r = 0; r < node_of_rank.size(); ++r) {
+      node_of_rank[r] = static_cast<std::int32_t>(static_cast<std::int64_t>(r) / ranks_per_node);
+    }
+    return topology(std::move(node_of_rank), block_placement(ranks, experts));
+  }
+
+  /// Explicit maps: node_of_rank[r] for each rank and rank_of_expert[e] for each expert.
+  topology(std::vector<std::int32_t> node_of_rank, std::vector<std::int32_t> rank_of_expert)
+      : node_of_rank_(std::move(node_of_rank)), rank_of_expert_(std::move(rank_of_expert)) {
+    constexpr const char* fn = "locmoe::topology";
+    check_count(fn, "node_of_rank.size()", static_cast<std::int64_t>(node_of_rank_.size()));
+    check_count(fn, "rank_of_expert.size()", static_cast<std::int64_t>(rank_of_expert_.size()));
+    for (std::size_t r = 0; r < node_of_rank_.size(); ++r) {
+      if (node_of_rank_[r] < 0) {
+        detail::raise<throw_on_error>(errc::domain, fn, "node_of_rank", "[" + std::to_string(r) +
+                                      "] = " + std::to_string(node_of_rank_[r]), "node ids must be >= 0", 0);
+      }
+      nodes_ = std::max<std::size_t>(nodes_, static_cast<std::size_t>(node_of_rank_[r]) + 1);
+    }
+    for (std::size_t e = 0; e < rank_of_expert_.size(); ++e) {
+      const std::int32_t r = rank_of_expert_[e];
+      if (r < 0 || static_cast<std::size_t>(r) >= node_of_rank_.size()) {
+        detail::raise<throw_on_error>(errc::domain, fn, "rank_of_expert",
+                                      "[" + std::to_string(e) + "] = " + std::to_string(r),
+                                      "every expert must live on a rank in [0, ranks)", 0);
+      }
+    }
+    experts_on_node_.assign(nodes_, 0);
+    node_of_expert_.resize(rank_of_expert_.size());
+    for (std::size_t e = 0; e < rank_of_expert_.size(); ++e) {
+      node_of_expert_[e] = node_of_rank_[static_cast<std::size_t>(rank_of_expert_[e])];
+      ++experts_on_node_[static_cast<std::size_t>(node_of_expert_[e])];
+    }
+  }
+
+  /// Block placement of n experts over R ranks: expert e on rank floor(e * R / n).
+  static std::vector<std::int32_t> block_placement(std::int64_t ranks, std::int64_t experts) {
+    constexpr const char* fn = "locmoe::topology::block_placement";
+    check_count(fn, "ranks", ranks);
+    check_count(fn, "experts", experts);
+    std::vector<std::int32_t> rank_of_expert(static_cast<std::size_t>(experts));
+    for (std::size_t e = 0; e < rank_of_expert.size(); ++e) {  // e * R < 2^62: both counts are below 2^31
+      rank_of_expert[e] = static_cast<std::int32_t>(static_cast<std::int64_t>(e) * ranks / experts);
+    }
+    return rank_of_expert;
+  }
+
+  std::size_t ranks() const noexcept { return node_of_rank_.size(); }
+  std::size_t nodes() const noexcept { return nodes_; }
+  std::size_t experts() const noexcept { return rank_of_expert_.size(); }
+
+  std::int32_t node_of_rank(std::size_t rank) const { return node_of_rank_.at(rank); }
+  std::int32_t rank_of_expert(std::size_t expert) const { return rank_of_expert_.at(expert); }
+  std::int32_t node_of_expert(std::size_t expert) const { return node_of_expert_.at(expert); }
+  /// How many experts live on `node` (0 for a node without experts).
+  std::size_t experts_on_node(std::size_t node) const { return experts_on_node_.at(node); }
+  /// Whether expert e is on the node of rank r.
+  bool is_local(std::size_t expert, std::size_t rank) const { return node_of_expert(expert) == node_of_rank(rank); }
+
+  const std::vector<std::int32_t>& node_of_rank_map() const noexcept { return node_of_rank_; }
+  const std::vector<std::int32_t>& rank_of_expert_map() const noexcept { return rank_of_expert_; }
+  const std::vector<std::int32_t>& node_of_expert_map() const noexcept { return node_of_expert_; }
+
+ private:
+  static void check_count(const char* fn, const char* argument, std::int64_t value) {
+    if (value < 1 || value > INT32_MAX) {
+      detail::raise<throw_on_error>(errc::domain, fn, argument, value, "must satisfy 1 <= value <= 2^31 - 1", 0);
+    }
+  }
+
+  std::vector<std::int32_t> node_of_rank_;
+  std::vector<std::int32_t> rank_of_expert_;
+  std::vector<std::int32_t> node_of_expert_;
+  std::vector<std::size_t> experts_on_node_;
+  std::size_t nodes_ = 0;
+};
+
+}  // namespace locmoe
