@@ -326,8 +326,10 @@ class capacity_assigner {
       }
     }
     if (options_.local_overflow) {
-      detail::check_view<P>(fn, "scores", context.scores, tokens, n_,
-                            "must be passed, [T x n], when local_overflow is on");
+      if (!context.scores.present() && tokens > 0) {
+        detail::raise<P>(errc::domain, fn, "scores", "null", "must be passed, [T x n], when local_overflow is on", 0);
+      }
+      detail::check_view<P>(fn, "scores", context.scores, tokens, n_, "must have n columns");
     }
   }
 
