@@ -20,22 +20,6 @@ constexpr double pi = 3.14159265358979323846;
 
 double degrees_of(double delta) { return std::acos(delta) * 180.0 / pi; }
 
-/// Run `compute`, turning a locmoe::error into a usage error that names the user's flag.
-template <class Compute>
-auto checked(const flag_names& flags, Compute compute) {
-  try {
-    return compute();
-  } catch (const locmoe::error& e) {
-    std::string message = e.what();
-    const auto flag = flags.find(e.argument());
-    if (flag != flags.end()) {
-      const std::string prefix = e.function() + ": " + e.argument();
-      if (message.rfind(prefix, 0) == 0) message = flag->second + message.substr(prefix.size());
-    }
-    throw usage_error(message);
-  }
-}
-
 struct capacity_options {
   std::int64_t hidden = 5120;  // PanGu-Sigma, the paper's configuration
   std::int64_t experts = 16;

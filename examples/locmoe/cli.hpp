@@ -9,6 +9,8 @@
 #include <stdexcept>
 #include <string>
 
+#include <locmoe/error.hpp>
+
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -55,7 +57,24 @@ inline CLI::Option* add_integer_option(CLI::App& app, const std::string& flag, s
       ->default_str(std::to_string(target));
 }
 
+/// Run `compute`, turning a locmoe::error into a usage error that names the user's flag.
+template <class Compute>
+auto checked(const flag_names& flags, Compute compute) {
+  try {
+    return compute();
+  } catch (const locmoe::error& e) {
+    std::string message = e.what();
+    const auto flag = flags.find(e.argument());
+    if (flag != flags.end()) {
+      const std::string prefix = e.function() + ": " + e.argument();
+      if (message.rfind(prefix, 0) == 0) message = flag->second + message.substr(prefix.size());
+    }
+    throw usage_error(message);
+  }
+}
+
 /// Subcommands: each registers itself on the app and returns the function that runs it.
 void add_capacity_commands(CLI::App& app);
+void add_route_command(CLI::App& app);
 
 }  // namespace locmoe::cli

@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
                                         std::to_string(LOCMOE_VERSION_PATCH));
   app.require_subcommand(1);
   locmoe::cli::add_capacity_commands(app);
+  locmoe::cli::add_route_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {

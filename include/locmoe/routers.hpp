@@ -235,12 +235,14 @@ bool check_router_options(const char* fn, const router_options<S>& o, std::size_
     }
     ++size[group_of(o, n, e)];
   }
-  std::sort(size.begin(), size.begin() + static_cast<std::ptrdiff_t>(o.groups));
-  const std::size_t smallest_kept =
-      std::accumulate(size.begin(), size.begin() + static_cast<std::ptrdiff_t>(o.group_limit), std::size_t{0});
-  if (smallest_kept < o.k) {
+  // Empty groups (nodes without experts) are never kept while a group with experts is left.
+  const auto first = size.begin(), last = size.begin() + static_cast<std::ptrdiff_t>(o.groups);
+  const auto nonempty = std::partition(first, last, [](std::size_t s) { return s > 0; });
+  std::sort(first, nonempty);
+  const std::size_t kept_groups = std::min<std::size_t>(o.group_limit, static_cast<std::size_t>(nonempty - first));
+  if (std::accumulate(first, first + static_cast<std::ptrdiff_t>(kept_groups), std::size_t{0}) < o.k) {
     return raise<Policy>(errc::domain, fn, "group_limit", o.group_limit,
-                         "the M smallest groups must hold at least k experts together", false);
+                         "the M smallest groups with experts must hold at least k experts together", false);
   }
   return true;
 }

@@ -1,7 +1,7 @@
 # Cases for the locmoe tool. Each runs tests/cli/check.cmake.
 function(locmoe_cli_test name)
   cmake_parse_arguments(PARSE_ARGV 1 T "STDOUT_EMPTY;STDERR_ONE_LINE" "EXIT;STDOUT_REGEX;STDERR_REGEX"
-                        "ARGS;JSON_KEYS;JSON_NULL")
+                        "ARGS;JSON_KEYS;JSON_NULL;JSON_VALUES")
   string(REPLACE ";" "|" args "${T_ARGS}")  # a list would be split before it reaches the script
   set(defs -DEXE=$<TARGET_FILE:locmoe> "-DARGS=${args}" -DEXIT=${T_EXIT})
   if(T_STDOUT_EMPTY)
@@ -10,7 +10,7 @@ function(locmoe_cli_test name)
   if(T_STDERR_ONE_LINE)
     list(APPEND defs -DSTDERR_ONE_LINE=1)
   endif()
-  foreach(field STDOUT_REGEX STDERR_REGEX JSON_KEYS JSON_NULL)
+  foreach(field STDOUT_REGEX STDERR_REGEX JSON_KEYS JSON_NULL JSON_VALUES)
     if(DEFINED T_${field})
       string(REPLACE ";" "|" value "${T_${field}}")
       list(APPEND defs "-D${field}=${value}")
@@ -75,3 +75,59 @@ locmoe_cli_test("help" EXIT 0 ARGS capacity --help STDOUT_REGEX "--capacity-fact
 locmoe_cli_test("capacity-curve" EXIT 0 ARGS capacity-curve --hidden 16,5120 --points 3
   STDOUT_REGEX "^hidden,experts,theta_degrees,delta,p_delta,ec_min,[^\n]*\n16,16,60,.*\n5120,16,89.9[0-9]*,")
 locmoe_cli_test("bad: capacity-curve angle" ${bad} ARGS capacity-curve --angle-max 90 STDERR_REGEX "--angle")
+
+# locmoe route, on tests/data/route (make_fixtures.py says what each file holds). Expected losses come from
+# numpy, independently: aux 0.010901069, locality 0.012273776 (2 ranks on 2 nodes), z 4.8066884.
+set(route_data "${CMAKE_CURRENT_SOURCE_DIR}/data/route")
+set(npy_data "${CMAKE_CURRENT_SOURCE_DIR}/data/npy")
+set(logits --logits "${route_data}/logits_8x4.npy")
+locmoe_cli_test("route text summary" EXIT 0 ARGS route ${logits}
+  STDOUT_REGEX "capacity +2 per expert.*tokens per expert +3 2 1 2.*kept per expert +2 2 1 2.*aux loss \\(eq. 5\\) +0.01090106")
+locmoe_cli_test("route --json, position policy" EXIT 0 ARGS route ${logits} --json --z-coeff 1 --ranks 2 --ranks-per-node 1
+  --token-rank "${route_data}/token_rank_8.npy"
+  JSON_KEYS capacity tokens_per_expert kept_per_expert expert slot weight aux_loss z_loss loc_loss grad_logits stats
+  JSON_VALUES capacity=2 tokens_per_expert.0=3 kept_per_expert.0=2 expert.2.0=-1 slot.2.0=-1 expert.1.0=0 slot.1.0=1
+              aux_loss=0.01090106 loc_loss=0.01227377 z_loss=4.806688 stats.dropped=1 stats.drop_rate=0.125 stats.node_local_fraction=0.8571428)
+locmoe_cli_test("route --drop-policy probs keeps the highest weights" EXIT 0 ARGS route ${logits} --json --drop-policy probs
+  JSON_VALUES expert.0.0=-1 expert.2.0=0 slot.1.0=0 slot.2.0=1)
+locmoe_cli_test("route --no-drop and --capacity" EXIT 0 ARGS route ${logits} --json --no-drop JSON_VALUES capacity=3 stats.dropped=0)
+locmoe_cli_test("route --capacity 0 drops everything" EXIT 0 ARGS route ${logits} --json --capacity 0
+  JSON_VALUES capacity=0 stats.kept=0 stats.drop_rate=1)
+locmoe_cli_test("route --local-overflow moves a drop to a local expert" EXIT 0 ARGS route ${logits} --json --local-overflow
+  --ranks 2 --ranks-per-node 1 --expert-rank "${route_data}/expert_rank_4.npy"
+  JSON_VALUES expert.2.0=2 slot.2.0=1 stats.rerouted=1 stats.dropped=0)
+locmoe_cli_test("route node-limited with sigmoid and expert bias" EXIT 0 ARGS route ${logits} --json --router node-limited
+  --max-nodes 1 --top-k 2 --score sigmoid --expert-bias "${route_data}/bias_4.npy" --ranks 2 --ranks-per-node 1
+  JSON_VALUES routed_expert.0.0=3 routed_expert.0.1=2)
+# Expected experts from splitmix64 evaluated in Python: rre [1, 3, 0, 3, 0, 2, 0, 3], hash [3, 1, 2, 1, 2, 2, 0, 3].
+locmoe_cli_test("route rre" EXIT 0 ARGS route ${logits} --json --router rre --domain "${route_data}/domain_8.npy"
+  JSON_VALUES routed_expert.0.0=1 routed_expert.1.0=3 routed_expert.2.0=0 routed_expert.5.0=2)
+locmoe_cli_test("route hash" EXIT 0 ARGS route ${logits} --json --router hash
+  JSON_VALUES routed_expert.0.0=3 routed_expert.1.0=1 routed_expert.2.0=2 routed_expert.6.0=0)
+locmoe_cli_test("route --hidden through GrAP" EXIT 0 ARGS route --hidden "${route_data}/hidden_8x16.npy" --experts 4 --json
+  JSON_VALUES routed_expert.0.0=3 experts=4)
+locmoe_cli_test("route explicit expert ranks" EXIT 0 ARGS route ${logits} --json --ranks 2 --ranks-per-node 1
+  --expert-rank "${route_data}/expert_rank_4.npy" --token-rank "${route_data}/token_rank_8.npy"
+  JSON_VALUES stats.node_local_fraction=0.142857142)
+locmoe_cli_test("route empty batch" EXIT 0 ARGS route --logits "${npy_data}/f4_0x8.npy" --json
+  JSON_VALUES tokens=0 capacity=0 aux_loss=0)
+locmoe_cli_test("bad: route malformed npy" ${bad} ARGS route --logits "${npy_data}/bad_magic.npy" STDERR_REGEX "--logits .*bad magic")
+locmoe_cli_test("bad: route truncated npy" ${bad} ARGS route --logits "${npy_data}/f4_truncated.npy" STDERR_REGEX "--logits .*truncated")
+locmoe_cli_test("bad: route float64 logits" ${bad} ARGS route --logits "${npy_data}/f8_3x4.npy" STDERR_REGEX "--logits .*float32")
+locmoe_cli_test("bad: route 1-D logits" ${bad} ARGS route --logits "${npy_data}/f4_4.npy" STDERR_REGEX "--logits .*2-D")
+locmoe_cli_test("bad: route missing file" ${bad} ARGS route --logits /nonexistent.npy STDERR_REGEX "cannot open")
+locmoe_cli_test("bad: route token ranks disagree" ${bad} ARGS route ${logits} --token-rank "${route_data}/token_rank_7.npy"
+  STDERR_REGEX "--token-rank: has 7 values, must have 8")
+locmoe_cli_test("bad: route token rank out of range" ${bad} ARGS route ${logits} --token-rank "${route_data}/token_rank_8.npy"
+  STDERR_REGEX "--token-rank = \\[4\\] = 1: every token's rank must be in \\[0, ranks\\)")
+locmoe_cli_test("bad: route top-k above n" ${bad} ARGS route ${logits} --top-k 5 STDERR_REGEX "--top-k = 5: must satisfy 1 <= k <= n")
+locmoe_cli_test("bad: route rre without domains" ${bad} ARGS route ${logits} --router rre STDERR_REGEX "--domain: required")
+locmoe_cli_test("bad: route max-nodes without node-limited" ${bad} ARGS route ${logits} --max-nodes 1 STDERR_REGEX "--max-nodes")
+locmoe_cli_test("bad: route hidden without experts" ${bad} ARGS route --hidden "${route_data}/hidden_8x16.npy"
+  STDERR_REGEX "--experts: required")
+locmoe_cli_test("bad: route no input" ${bad} ARGS route STDERR_REGEX "exactly one of --logits and --hidden")
+locmoe_cli_test("bad: route ranks per node" ${bad} ARGS route ${logits} --ranks 3 --ranks-per-node 2
+  STDERR_REGEX "--ranks-per-node = 2: must divide ranks")
+locmoe_cli_test("bad: route capacity factor" ${bad} ARGS route ${logits} --capacity-factor 0 STDERR_REGEX "--capacity-factor = 0")
+locmoe_cli_test("bad: route expert bias not 1-D" ${bad} ARGS route ${logits} --expert-bias "${npy_data}/f4_3x4.npy"
+  STDERR_REGEX "--expert-bias .*1-D")

@@ -1,8 +1,9 @@
 # Run one locmoe command and check its exit status and output.
 #   cmake -DEXE=... -DARGS="a;b;c" -DEXIT=2 [-DSTDOUT_EMPTY=1] [-DSTDOUT_REGEX=...] [-DSTDERR_REGEX=...]
-#         [-DSTDERR_ONE_LINE=1] [-DJSON_KEYS="k1;k2"] -P check.cmake
+#         [-DSTDERR_ONE_LINE=1] [-DJSON_KEYS="k1;k2"] [-DJSON_VALUES="expert.2.0=-1;capacity=2"] -P check.cmake
+# JSON_VALUES: a path of keys and array indices joined by '.', '=', and the value's text (a prefix for reals).
 # List arguments arrive joined with '|'.
-foreach(list_var ARGS JSON_KEYS JSON_NULL)
+foreach(list_var ARGS JSON_KEYS JSON_NULL JSON_VALUES)
   if(DEFINED ${list_var})
     string(REPLACE "|" ";" ${list_var} "${${list_var}}")
   endif()
@@ -42,3 +43,18 @@ if(DEFINED JSON_NULL)
     endif()
   endforeach()
 endif()
+foreach(check IN LISTS JSON_VALUES)
+  string(FIND "${check}" "=" eq)
+  string(SUBSTRING "${check}" 0 ${eq} path)
+  math(EXPR value_start "${eq} + 1")
+  string(SUBSTRING "${check}" ${value_start} -1 want)
+  string(REPLACE "." ";" path "${path}")
+  string(JSON got ERROR_VARIABLE json_error GET "${out}" ${path})
+  if(json_error)
+    message(FATAL_ERROR "JSON has no '${path}': ${json_error}\n${context}")
+  endif()
+  string(FIND "${got}" "${want}" at)
+  if(NOT at EQUAL 0)
+    message(FATAL_ERROR "JSON '${path}' is '${got}', expected '${want}'\n${context}")
+  endif()
+endforeach()
