@@ -4,7 +4,7 @@
 //                   1. route:   score_route(logits, softmax, k) -> indices, weights [T x k], probabilities [T x n]
 //                   2. assign:  capacity_assigner (capacity factor 1.25, drop policy position) with a topology
 //                               of 16 ranks, 8 per node, experts in blocks (topology::uniform(16, 8, n))
-//                   3. losses:  aux_loss (0.01, all_choices) + z_loss (1e-3) + locality_loss (0.01, eps 0.01,
+//                   3. losses:  router_losses: aux (0.01, all_choices), z (1e-3) and locality (0.01, eps 0.01,
 //                               the same topology), gradients added into one grad_logits [T x n], zeroed first;
 //                               the losses read the probabilities of step 1
 //   route_only    step 1 alone
@@ -104,10 +104,17 @@ struct step_state {
     o.topo = &topo;
     return locmoe::locality_loss(loss_in(), o, matrix_view<float>(grad.data(), tokens, n)).value;
   }
-  // The three losses, their gradients added into one zeroed grad_logits.
+  // The three losses in one router_losses call, their gradients summed into one zeroed grad_logits.
   float losses() {
     zero_grad();
-    return aux() + z() + locality();
+    locmoe::router_loss_options<float> o;
+    o.aux.coeff = 0.01f;
+    o.z_coeff = 1e-3f;
+    o.locality.coeff = 0.01f;
+    o.locality.smoothing = 0.01f;
+    o.locality.topo = &topo;
+    const auto v = locmoe::router_losses(loss_in(), o, matrix_view<float>(grad.data(), tokens, n));
+    return v.aux.value + v.z.value + v.locality.value;
   }
 };
 

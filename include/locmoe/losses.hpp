@@ -27,16 +27,20 @@
 // have p = 0 and gradient 0. With no valid token a loss is 0 with zero gradient.
 // Gradients are *added* to grad_logits [T x n] when it is passed, so the three losses accumulate into one
 // buffer; gradients with respect to the activations follow from grap_backward/dense_backward (gating.hpp).
-// Precision: sums in double; values returned in S. `probabilities`, if passed, must be softmax(logits) as
-// written by the routers (saves the exp per score); otherwise each row's softmax is recomputed.
+// router_losses computes all three in two passes over the batch (what a trainer calls each step); aux_loss,
+// z_loss and locality_loss are the same engine with one term on.
+// Precision: sums in double (p summed in float over runs of at most 64 rows first); values returned in S.
+// `probabilities`, if passed, must be softmax(logits) as the routers write it, zeros for invalid tokens (it
+// saves the exp per score, and validity is read from it); otherwise it is computed (SIMD) into a T x n buffer.
 // Preconditions (checked; errors name the argument): shapes agree; 1 <= n <= max_experts; indices in [-1, n);
 // coeff finite; 0 < eps <= 1; a topology with n experts; token ranks in [0, R).
-// Cost: O(T n) time, O(n) (locality: O(R n)) memory allocated per call. Thread safety: no state.
+// Cost: O(T n) time; allocates O(T + R n), plus T n scores without `probabilities`. Thread safety: no state.
 // Example: docs/api.md#losses.
 #pragma once
 
 #include <locmoe/config.hpp>
 #include <locmoe/error.hpp>
+#include <locmoe/gating.hpp>
 #include <locmoe/routers.hpp>
 #include <locmoe/select.hpp>
 #include <locmoe/topology.hpp>
@@ -50,6 +54,8 @@
 #include <limits>
 #include <string>
 #include <vector>
+
+#include <Eigen/Core>
 
 namespace locmoe {
 
@@ -180,173 +186,319 @@ loss_value<S> failed_loss() {
 
 }  // namespace detail
 
-/// Auxiliary load-balancing loss (eq. 5) and, if grad_logits is passed, its gradient added there.
-template <class S, class Policy = default_policy>
-loss_value<S> aux_loss(const loss_inputs<S>& in, const aux_loss_options<S>& options,
-                       const matrix_view<S>& grad_logits = {}, const Policy& = Policy{}) {
-  constexpr const char* fn = "locmoe::aux_loss";
+/// All three losses in two passes over the batch (the fast path a trainer calls every step): values, and the
+/// summed gradient d(aux + z + loc)/d logits added to grad_logits when it is passed. A term is off when its
+/// coefficient is 0 (aux, z) or its topology is null (locality); an off term reports value 0.
+template <class S>
+struct router_loss_options {
+  aux_loss_options<S> aux;
+  S z_coeff = 0;
+  locality_loss_options<S> locality;  ///< locality.topo null: no locality term
+};
+
+template <class S>
+struct router_loss_values {
+  loss_value<S> aux;
+  loss_value<S> z;
+  locality_value<S> locality;
+};
+
+namespace detail {
+
+/// Which terms to compute, and whether `aux` is required to have indices.
+struct loss_terms {
+  bool aux = false, z = false, locality = false;
+};
+
+template <class Policy, class S>
+bool check_locality(const char* fn, const locality_loss_options<S>& o, std::size_t tokens, std::size_t n) {
+  if (!(o.smoothing > 0 && o.smoothing <= 1)) {
+    return raise<Policy>(errc::domain, fn, "smoothing", o.smoothing, "must satisfy 0 < eps <= 1", false);
+  }
+  if (!o.topo) return raise<Policy>(errc::domain, fn, "topo", "null", "a topology is required", false);
+  if (o.topo->experts() != n) {
+    return raise<Policy>(errc::domain, fn, "topo", o.topo->experts(), "must place exactly n experts", false);
+  }
+  if (!std::isfinite(o.coeff)) return raise<Policy>(errc::domain, fn, "coeff", o.coeff, "must be finite", false);
+  if (o.token_rank) {
+    for (std::size_t t = 0; t < tokens; ++t) {
+      if (o.token_rank[t] < 0 || static_cast<std::size_t>(o.token_rank[t]) >= o.topo->ranks()) {
+        return raise<Policy>(errc::domain, fn, "token_rank",
+                             "[" + std::to_string(t) + "] = " + std::to_string(o.token_rank[t]),
+                             "every token's rank must be in [0, ranks)", false);
+      }
+    }
+  }
+  return true;
+}
+
+/// The aux loss with sigmoid scores (Megatron-Core): row by row, its own pass (not on the fused path).
+template <class S>
+loss_value<S> aux_sigmoid(const loss_inputs<S>& in, const aux_loss_options<S>& o, const matrix_view<S>& grad) {
   const std::size_t tokens = in.logits.rows, n = in.logits.cols;
-  if (!detail::check_loss_inputs<Policy>(fn, in, true, options.coeff) ||
-      !detail::check_grad<Policy>(fn, grad_logits, tokens, n))
-    return detail::failed_loss<S>();
-  const bool first = options.normalization == aux_normalization::first_choice;
-  const std::size_t k_used = first ? 1 : in.indices.cols;
-  std::vector<double> mean_p(n, 0.0), count(n, 0.0), g(n);
+  const std::size_t k_used = o.normalization == aux_normalization::first_choice ? 1 : in.indices.cols;
+  std::vector<double> mean_q(n, 0.0), count(n, 0.0), g(n);
   std::array<S, max_experts> buffer;
   loss_value<S> v;
   for (std::size_t t = 0; t < tokens; ++t) {
-    const S* q = detail::loss_row(in, t, options.score, buffer.data());
+    const S* q = loss_row(in, t, score_function::sigmoid, buffer.data());
     if (!q) continue;
     ++v.tokens;
-    for (std::size_t e = 0; e < n; ++e) mean_p[e] += static_cast<double>(q[e]);
+    for (std::size_t e = 0; e < n; ++e) mean_q[e] += static_cast<double>(q[e]);
     for (std::size_t j = 0; j < k_used; ++j) {
       if (in.indices(t, j) != no_expert) count[static_cast<std::size_t>(in.indices(t, j))] += 1;
     }
   }
   v.skipped = tokens - v.tokens;
   if (v.tokens == 0) return v;
-  const double tv = static_cast<double>(v.tokens), scale = static_cast<double>(options.coeff) *
-                                                             static_cast<double>(n) / static_cast<double>(k_used);
+  const double tv = static_cast<double>(v.tokens);
+  const double scale = static_cast<double>(o.coeff) * static_cast<double>(n) / static_cast<double>(k_used);
   double value = 0;
   for (std::size_t e = 0; e < n; ++e) {
-    value += (count[e] / tv) * (mean_p[e] / tv);
-    g[e] = scale * count[e] / (tv * tv);  // dL/dq_te
+    value += (count[e] / tv) * (mean_q[e] / tv);
+    g[e] = scale * count[e] / (tv * tv);
   }
   v.value = static_cast<S>(scale * value);
-  if (grad_logits.present()) {
+  if (grad.present()) {
     for (std::size_t t = 0; t < tokens; ++t) {
-      const S* q = detail::loss_row(in, t, options.score, buffer.data());
-      if (q) detail::add_score_backward(in.logits.row(t), q, g.data(), n, options.score, grad_logits.row(t));
+      const S* q = loss_row(in, t, score_function::sigmoid, buffer.data());
+      if (q) add_score_backward(in.logits.row(t), q, g.data(), n, score_function::sigmoid, grad.row(t));
     }
   }
   return v;
+}
+
+/// Calls fn(rank, first_row, rows, lse) for each run of at most 64 consecutive valid tokens of one source rank
+/// (`lse` per row when `with_lse`, else zeros). Valid: softmax row not all 0 (select.hpp zeroes invalid tokens)
+/// and a first choice that is not no_expert. lse = max l - ln max p: no second exp. Nothing is allocated.
+template <class S, class RankOf, class Fn>
+void for_each_valid_run(const loss_inputs<S>& in, bool with_lse, RankOf rank_of, Fn&& fn) {
+  constexpr Eigen::Index chunk = 64;
+  using column = Eigen::Matrix<S, Eigen::Dynamic, 1, 0, chunk, 1>;
+  const std::size_t tokens = in.logits.rows;
+  Eigen::Matrix<double, Eigen::Dynamic, 1, 0, chunk, 1> lse(chunk);
+  for (std::size_t c0 = 0; c0 < tokens; c0 += chunk) {
+    const std::size_t rows = std::min<std::size_t>(chunk, tokens - c0);
+    const column p_max = rows_map<S>(in.probabilities, c0, rows).rowwise().maxCoeff();
+    column l_max;
+    if (with_lse) l_max = rows_map<S>(in.logits, c0, rows).rowwise().maxCoeff();
+    auto valid = [&](std::size_t i) {
+      return p_max[static_cast<Eigen::Index>(i)] > S(0) && !(in.indices.present() && in.indices(c0 + i, 0) == no_expert);
+    };
+    for (std::size_t i = 0; i < rows;) {
+      if (!valid(i)) {
+        ++i;
+        continue;
+      }
+      const std::size_t r = rank_of(c0 + i);
+      std::size_t end = i;
+      for (; end < rows && valid(end) && rank_of(c0 + end) == r; ++end) {
+        const auto e = static_cast<Eigen::Index>(end);
+        lse[e - static_cast<Eigen::Index>(i)] =
+            with_lse ? static_cast<double>(l_max[e]) - std::log(static_cast<double>(p_max[e])) : 0.0;
+      }
+      fn(r, c0 + i, end - i, lse.head(static_cast<Eigen::Index>(end - i)));
+      i = end;
+    }
+  }
+}
+
+/// The fused softmax terms. Pass 1: counts, sum of lse^2 and the sums of p per source rank (in float over a
+/// run, then double); pass 2: grad_t += p_t * (G_r - p_t . G_r + 2 z lse_t / T_v), with G_r = dL/dp for rank r
+/// (aux and locality together). Arguments are checked by the caller.
+template <class S>
+router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router_loss_options<S>& o, loss_terms terms,
+                                   const matrix_view<S>& grad) {
+  const std::size_t tokens = in_caller.logits.rows, n = in_caller.logits.cols;
+  router_loss_values<S> out;
+  loss_inputs<S> in = in_caller;
+  std::vector<S> own;  // softmax(logits) when the caller did not pass it: one SIMD pass
+  if (!in.probabilities.present() && tokens > 0) {
+    own.resize(tokens * n);
+    const matrix_view<S> p(own.data(), tokens, n);
+    run_select<S>(in.logits, token_range{0, tokens}, {0, true, false}, p, {}, {});
+    in.probabilities = p;
+  }
+  const bool softmax_aux = terms.aux && o.aux.score == score_function::softmax;
+  const topology* topo = terms.locality ? o.locality.topo : nullptr;
+  const std::size_t ranks = topo ? topo->ranks() : 1;
+  auto rank_of = [&](std::size_t t) -> std::size_t {
+    if (!topo) return 0;
+    return o.locality.token_rank ? static_cast<std::size_t>(o.locality.token_rank[t]) : t * ranks / tokens;
+  };
+  using matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const auto R = static_cast<Eigen::Index>(ranks), N = static_cast<Eigen::Index>(n);
+  matrix sum_p = matrix::Zero(R, N), choices = matrix::Zero(R, N);
+  std::vector<double> count(n, 0.0);
+  std::vector<std::size_t> rank_tokens(ranks, 0);
+  std::vector<S> run_sum_buffer(n);
+  const std::size_t k_aux =
+      !in.indices.present() ? 0 : (o.aux.normalization == aux_normalization::first_choice ? 1 : in.indices.cols);
+  std::size_t valid = 0;
+  double z_sum = 0;
+  for_each_valid_run(in, terms.z, rank_of, [&](std::size_t r, std::size_t t0, std::size_t rows, const auto& lse) {
+    valid += rows;
+    rank_tokens[r] += rows;
+    z_sum += lse.squaredNorm();
+    const auto ri = static_cast<Eigen::Index>(r);
+    Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> run_sum(run_sum_buffer.data(), N);  // row by row: contiguous
+    run_sum = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(in.probabilities.row(t0), N);
+    for (std::size_t t = t0 + 1; t < t0 + rows; ++t) {
+      run_sum += Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(in.probabilities.row(t), N);
+    }
+    sum_p.row(ri) += run_sum.template cast<double>();
+    for (std::size_t t = t0; t < t0 + rows; ++t) {
+      for (std::size_t j = 0; j < (in.indices.present() ? in.indices.cols : 0); ++j) {
+        const expert_index e = in.indices(t, j);
+        if (e == no_expert) continue;
+        if (j < k_aux) count[static_cast<std::size_t>(e)] += 1;
+        choices(ri, e) += 1;
+      }
+    }
+  });
+  out.aux.tokens = out.z.tokens = out.locality.tokens = valid;
+  out.aux.skipped = out.z.skipped = out.locality.skipped = tokens - valid;
+  if (valid == 0) return out;
+  const double tv = static_cast<double>(valid);
+
+  // Values and dL/dp per rank: g(r, e).
+  matrix g = matrix::Zero(R, N);
+  if (softmax_aux) {
+    const double scale = static_cast<double>(o.aux.coeff) * static_cast<double>(n) / static_cast<double>(k_aux);
+    const Eigen::RowVectorXd mean_p = sum_p.colwise().sum() / tv;
+    const Eigen::Map<const Eigen::RowVectorXd> f(count.data(), N);
+    out.aux.value = static_cast<S>(scale * (f / tv).dot(mean_p));
+    g.rowwise() += (scale / (tv * tv)) * f;
+  }
+  if (terms.z) out.z.value = static_cast<S>(static_cast<double>(o.z_coeff) * z_sum / tv);
+  if (topo) {
+    const double eps = static_cast<double>(o.locality.smoothing);
+    double loss = 0, hard = 0;
+    for (std::size_t r = 0; r < ranks; ++r) {
+      if (rank_tokens[r] == 0) continue;
+      const auto node = topo->node_of_rank(r);
+      const std::size_t local = topo->experts_on_node(static_cast<std::size_t>(node));
+      if (local == 0) {
+        ++out.locality.ranks_without_local_experts;
+        sum_p.row(static_cast<Eigen::Index>(r)).setZero();  // no gradient from this rank
+        continue;
+      }
+      ++out.locality.ranks;
+      const auto ri = static_cast<Eigen::Index>(r);
+      const double tr = static_cast<double>(rank_tokens[r]), chosen = choices.row(ri).sum();
+      for (std::size_t e = 0; e < n; ++e) {
+        const auto ei = static_cast<Eigen::Index>(e);
+        const double target =
+            (1 - eps) * (topo->node_of_expert(e) == node ? 1.0 / static_cast<double>(local) : 0.0) +
+            eps / static_cast<double>(n);
+        const double dc = sum_p(ri, ei) / tr;
+        if (dc > 0) {
+          loss += dc * std::log(dc / target);
+          sum_p(ri, ei) = (std::log(dc / target) + 1) / tr;  // reused: dKL_r/dp for r's tokens (0 where D_c = 0)
+        }
+        const double dh = chosen > 0 ? choices(ri, ei) / chosen : 0.0;
+        if (dh > 0) hard += dh * std::log(dh / target);
+      }
+    }
+    if (out.locality.ranks > 0) {
+      const double scale = static_cast<double>(o.locality.coeff) / static_cast<double>(out.locality.ranks);
+      out.locality.value = static_cast<S>(scale * loss);
+      out.locality.assignment_kl = static_cast<S>(hard / static_cast<double>(out.locality.ranks));
+      for (std::size_t r = 0; r < ranks; ++r) {
+        if (rank_tokens[r] > 0) g.row(static_cast<Eigen::Index>(r)) += scale * sum_p.row(static_cast<Eigen::Index>(r));
+      }
+    }
+  }
+  if (!grad.present()) return out;
+
+  // Pass 2.
+  const Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> gs = g.template cast<S>();
+  const double z_factor = terms.z ? 2.0 * static_cast<double>(o.z_coeff) / tv : 0.0;
+  for_each_valid_run(in, terms.z, rank_of, [&](std::size_t r, std::size_t t0, std::size_t rows, const auto& lse) {
+    using row = Eigen::Matrix<S, 1, Eigen::Dynamic>;
+    const auto gr = gs.row(static_cast<Eigen::Index>(r));
+    for (std::size_t i = 0; i < rows; ++i) {  // row by row: contiguous, vectorized
+      const Eigen::Map<const row> p(in.probabilities.row(t0 + i), N);
+      Eigen::Map<row> dl(grad.row(t0 + i), N);
+      const S shift = static_cast<S>(z_factor * lse[static_cast<Eigen::Index>(i)]) - p.dot(gr);
+      dl.array() += p.array() * (gr.array() + shift);
+    }
+  });
+  return out;
+}
+
+template <class Policy, class S>
+bool check_router_losses(const char* fn, const loss_inputs<S>& in, const router_loss_options<S>& o, loss_terms terms,
+                         const matrix_view<S>& grad) {
+  const std::size_t tokens = in.logits.rows, n = in.logits.cols;
+  return check_loss_inputs<Policy>(fn, in, terms.aux || terms.locality, terms.z ? o.z_coeff : o.aux.coeff) &&
+         (!terms.aux || std::isfinite(o.aux.coeff) ||
+          raise<Policy>(errc::domain, fn, "coeff", o.aux.coeff, "must be finite", false)) &&
+         (!terms.locality || check_locality<Policy>(fn, o.locality, tokens, n)) && check_grad<Policy>(fn, grad, tokens, n);
+}
+
+template <class S>
+router_loss_values<S> run_losses(const loss_inputs<S>& in, const router_loss_options<S>& o, loss_terms terms,
+                                 const matrix_view<S>& grad) {
+  const bool sigmoid_aux = terms.aux && o.aux.score == score_function::sigmoid;
+  router_loss_values<S> out;
+  if (terms.z || terms.locality || (terms.aux && !sigmoid_aux)) out = fused_losses(in, o, terms, grad);
+  if (sigmoid_aux) out.aux = aux_sigmoid(in, o.aux, grad);
+  return out;
+}
+
+}  // namespace detail
+
+/// aux, z and locality losses together (two passes); see router_loss_options. Errors name the argument.
+template <class S, class Policy = default_policy>
+router_loss_values<S> router_losses(const loss_inputs<S>& in, const router_loss_options<S>& options,
+                                    const matrix_view<S>& grad_logits = {}, const Policy& = Policy{}) {
+  const detail::loss_terms terms{options.aux.coeff != S(0), options.z_coeff != S(0), options.locality.topo != nullptr};
+  if (!detail::check_router_losses<Policy>("locmoe::router_losses", in, options, terms, grad_logits)) {
+    router_loss_values<S> failed;
+    failed.aux = failed.z = detail::failed_loss<S>();
+    failed.locality.value = failed.aux.value;
+    return failed;
+  }
+  return detail::run_losses(in, options, terms, grad_logits);
+}
+
+/// Auxiliary load-balancing loss (eq. 5) and, if grad_logits is passed, its gradient added there.
+template <class S, class Policy = default_policy>
+loss_value<S> aux_loss(const loss_inputs<S>& in, const aux_loss_options<S>& options,
+                       const matrix_view<S>& grad_logits = {}, const Policy& = Policy{}) {
+  router_loss_options<S> o;
+  o.aux = options;
+  const detail::loss_terms terms{true, false, false};
+  if (!detail::check_router_losses<Policy>("locmoe::aux_loss", in, o, terms, grad_logits)) return detail::failed_loss<S>();
+  return detail::run_losses(in, o, terms, grad_logits).aux;
 }
 
 /// Router z-loss: coeff * mean_t logsumexp(l_t)^2, and its gradient added to grad_logits if passed.
 template <class S, class Policy = default_policy>
 loss_value<S> z_loss(const loss_inputs<S>& in, S coeff, const matrix_view<S>& grad_logits = {},
                      const Policy& = Policy{}) {
-  constexpr const char* fn = "locmoe::z_loss";
-  const std::size_t tokens = in.logits.rows, n = in.logits.cols;
-  if (!detail::check_loss_inputs<Policy>(fn, in, false, coeff) || !detail::check_grad<Policy>(fn, grad_logits, tokens, n))
-    return detail::failed_loss<S>();
-  std::array<S, max_experts> buffer;
-  loss_value<S> v;
-  double sum = 0;
-  for (int pass = 0; pass < (grad_logits.present() ? 2 : 1); ++pass) {
-    for (std::size_t t = 0; t < tokens; ++t) {
-      const S* p = detail::loss_row(in, t, score_function::softmax, buffer.data());
-      if (!p) continue;
-      // lse = l_max - ln p_max: exact to rounding, and needs no second exp pass when p is given.
-      const S* l = in.logits.row(t);
-      const std::size_t top = static_cast<std::size_t>(std::max_element(l, l + n) - l);
-      const double lse = static_cast<double>(l[top]) - std::log(static_cast<double>(p[top]));
-      if (pass == 0) {
-        ++v.tokens;
-        sum += lse * lse;
-      } else {
-        const double factor = 2.0 * static_cast<double>(coeff) * lse / static_cast<double>(v.tokens);
-        S* grad = grad_logits.row(t);
-        for (std::size_t j = 0; j < n; ++j) grad[j] += static_cast<S>(factor * static_cast<double>(p[j]));
-      }
-    }
-    if (v.tokens == 0) break;
-  }
-  v.skipped = tokens - v.tokens;
-  if (v.tokens > 0) v.value = static_cast<S>(static_cast<double>(coeff) * sum / static_cast<double>(v.tokens));
-  return v;
+  router_loss_options<S> o;
+  o.z_coeff = coeff;
+  const detail::loss_terms terms{false, true, false};
+  if (!detail::check_router_losses<Policy>("locmoe::z_loss", in, o, terms, grad_logits)) return detail::failed_loss<S>();
+  return detail::run_losses(in, o, terms, grad_logits).z;
 }
 
 /// LocMoE locality loss (eq. 6) per source rank, averaged over ranks; gradient added to grad_logits if passed.
 template <class S, class Policy = default_policy>
 locality_value<S> locality_loss(const loss_inputs<S>& in, const locality_loss_options<S>& options,
                                 const matrix_view<S>& grad_logits = {}, const Policy& = Policy{}) {
-  constexpr const char* fn = "locmoe::locality_loss";
-  const std::size_t tokens = in.logits.rows, n = in.logits.cols;
-  locality_value<S> v;
-  v.value = std::numeric_limits<S>::quiet_NaN();
-  if (!detail::check_loss_inputs<Policy>(fn, in, true, options.coeff) ||
-      !detail::check_grad<Policy>(fn, grad_logits, tokens, n))
-    return v;
-  if (!(options.smoothing > 0 && options.smoothing <= 1)) {
-    return detail::raise<Policy>(errc::domain, fn, "smoothing", options.smoothing, "must satisfy 0 < eps <= 1", v);
+  router_loss_options<S> o;
+  o.aux.coeff = 0;
+  o.locality = options;
+  const detail::loss_terms terms{false, false, true};
+  if (!detail::check_router_losses<Policy>("locmoe::locality_loss", in, o, terms, grad_logits)) {
+    locality_value<S> failed;
+    failed.value = std::numeric_limits<S>::quiet_NaN();
+    return failed;
   }
-  const topology* topo = options.topo;
-  if (!topo) return detail::raise<Policy>(errc::domain, fn, "topo", "null", "a topology is required", v);
-  if (topo->experts() != n) {
-    return detail::raise<Policy>(errc::domain, fn, "topo", topo->experts(), "must place exactly n experts", v);
-  }
-  const std::size_t ranks = topo->ranks();
-  auto rank_of = [&](std::size_t t) -> std::size_t {
-    return options.token_rank ? static_cast<std::size_t>(options.token_rank[t]) : t * ranks / tokens;
-  };
-  if (options.token_rank) {
-    for (std::size_t t = 0; t < tokens; ++t) {
-      if (options.token_rank[t] < 0 || static_cast<std::size_t>(options.token_rank[t]) >= ranks) {
-        return detail::raise<Policy>(errc::domain, fn, "token_rank",
-                                     "[" + std::to_string(t) + "] = " + std::to_string(options.token_rank[t]),
-                                     "every token's rank must be in [0, ranks)", v);
-      }
-    }
-  }
-  v.value = 0;
-  // Per rank: sum of p (-> D_c), choice counts (-> hard distribution), token count.
-  std::vector<double> sum_p(ranks * n, 0.0), choices(ranks * n, 0.0), grad_p(ranks * n, 0.0);
-  std::vector<std::size_t> rank_tokens(ranks, 0);
-  std::array<S, max_experts> buffer;
-  for (std::size_t t = 0; t < tokens; ++t) {
-    const S* p = detail::loss_row(in, t, score_function::softmax, buffer.data());
-    if (!p) continue;
-    const std::size_t r = rank_of(t);
-    ++rank_tokens[r];
-    for (std::size_t e = 0; e < n; ++e) sum_p[r * n + e] += static_cast<double>(p[e]);
-    for (std::size_t j = 0; j < in.indices.cols; ++j) {
-      if (in.indices(t, j) != no_expert) choices[r * n + static_cast<std::size_t>(in.indices(t, j))] += 1;
-    }
-  }
-  const double eps = static_cast<double>(options.smoothing);
-  double loss = 0, hard = 0;
-  for (std::size_t r = 0; r < ranks; ++r) {
-    v.tokens += rank_tokens[r];
-    if (rank_tokens[r] == 0) continue;
-    const auto node = static_cast<std::size_t>(topo->node_of_rank(r));
-    const std::size_t local = topo->experts_on_node(node);
-    if (local == 0) {
-      ++v.ranks_without_local_experts;
-      continue;
-    }
-    ++v.ranks;
-    double chosen = 0;
-    for (std::size_t e = 0; e < n; ++e) chosen += choices[r * n + e];
-    for (std::size_t e = 0; e < n; ++e) {
-      const double target = (1 - eps) * (topo->node_of_expert(e) == static_cast<std::int32_t>(node) ? 1.0 / static_cast<double>(local) : 0.0) +
-                            eps / static_cast<double>(n);
-      const double dc = sum_p[r * n + e] / static_cast<double>(rank_tokens[r]);
-      if (dc > 0) {
-        loss += dc * std::log(dc / target);
-        grad_p[r * n + e] = (std::log(dc / target) + 1) / static_cast<double>(rank_tokens[r]);
-      }
-      const double dh = chosen > 0 ? choices[r * n + e] / chosen : 0.0;
-      if (dh > 0) hard += dh * std::log(dh / target);
-    }
-  }
-  v.skipped = tokens - v.tokens;
-  if (v.ranks == 0) return v;
-  const double scale = static_cast<double>(options.coeff) / static_cast<double>(v.ranks);
-  v.value = static_cast<S>(scale * loss);
-  v.assignment_kl = static_cast<S>(hard / static_cast<double>(v.ranks));
-  if (grad_logits.present()) {
-    std::vector<double> g(n);
-    for (std::size_t t = 0; t < tokens; ++t) {
-      const S* p = detail::loss_row(in, t, score_function::softmax, buffer.data());
-      if (!p) continue;
-      const std::size_t r = rank_of(t);
-      if (topo->experts_on_node(static_cast<std::size_t>(topo->node_of_rank(r))) == 0) continue;
-      for (std::size_t e = 0; e < n; ++e) g[e] = scale * grad_p[r * n + e];
-      detail::add_score_backward(in.logits.row(t), p, g.data(), n, score_function::softmax, grad_logits.row(t));
-    }
-  }
-  return v;
+  return detail::run_losses(in, o, terms, grad_logits).locality;
 }
 
 }  // namespace locmoe
