@@ -185,6 +185,7 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
   constexpr S infinity = std::numeric_limits<S>::infinity();
   const std::size_t padded = round_up(n, lanes);
   const std::size_t k = settings.k;
+  constexpr std::size_t small_k = 8;  // up to here, k SIMD maxima beat the insertion list
   for (std::size_t j = n; j < padded; ++j) row[j] = -infinity;
 
   // Pass 1: validity and the maximum (max is exact, so its order does not matter).
@@ -218,7 +219,24 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
     out.indices[0] = static_cast<expert_index>(best);
     out.weights[0] = maximum;
     chosen = 1;
-  } else if (k > 1) {
+  } else if (k > 1 && k <= small_k) {
+    // Repeated SIMD maximum, each winner masked with -inf and restored after: O(k n / width), no branches
+    // on the data; the first index holding the maximum wins, as above.
+    S best = maximum;
+    while (chosen < k && best != -infinity) {
+      std::size_t j = 0;
+      while (row[j] != best) ++j;
+      out.indices[chosen] = static_cast<expert_index>(j);
+      out.weights[chosen++] = row[j];
+      row[j] = -infinity;
+      batch next = batch(-infinity);
+      for (std::size_t i = 0; i < padded; i += width) next = xsimd::max(next, batch::load_aligned(row + i));
+      next.store_aligned(lane);
+      best = lane[0];
+      for (std::size_t i = 1; i < width; ++i) best = lane[i] > best ? lane[i] : best;
+    }
+    for (std::size_t c = 0; c < chosen; ++c) row[out.indices[c]] = out.weights[c];
+  } else if (k > small_k) {
     for (std::size_t j = 0; j < n; ++j) {
       const S s = row[j];
       if (s == -infinity || (chosen == k && !(s > out.weights[k - 1]))) continue;
@@ -230,10 +248,10 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
       out.weights[pos] = s;
       out.indices[pos] = static_cast<expert_index>(j);
     }
-    for (std::size_t c = chosen; c < k; ++c) {
-      out.indices[c] = no_expert;
-      out.weights[c] = S(0);
-    }
+  }
+  for (std::size_t c = chosen; c < k; ++c) {  // fewer than k selectable experts
+    out.indices[c] = no_expert;
+    out.weights[c] = S(0);
   }
 
   if (!settings.softmax) {
