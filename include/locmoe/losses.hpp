@@ -268,20 +268,41 @@ loss_value<S> aux_sigmoid(const loss_inputs<S>& in, const aux_loss_options<S>& o
   return v;
 }
 
+/// The source rank of each token: token_rank[t], or contiguous blocks (t on rank floor(t R / T)), or 0 without a
+/// topology; run_end(t, limit) is the first row after t, up to limit, on another rank.
+struct rank_map {
+  const std::int32_t* token_rank = nullptr;
+  std::size_t ranks = 1, tokens = 0;
+
+  std::size_t rank(std::size_t t) const noexcept {
+    if (token_rank) return static_cast<std::size_t>(token_rank[t]);
+    return ranks == 1 ? 0 : t * ranks / tokens;
+  }
+  std::size_t run_end(std::size_t t, std::size_t limit) const noexcept {
+    if (token_rank) {
+      std::size_t end = t + 1;
+      while (end < limit && token_rank[end] == token_rank[t]) ++end;
+      return end;
+    }
+    if (ranks == 1) return limit;
+    const std::size_t next = rank(t) + 1;  // first row of rank r + 1: ceil((r + 1) T / R)
+    return std::min(limit, (next * tokens + ranks - 1) / ranks);
+  }
+};
+
 /// Calls fn(rank, first_row, rows, lse) for each run of at most 64 consecutive valid tokens of one source rank
 /// (`lse` per row when `with_lse`, else zeros). Valid: softmax row not all 0 (select.hpp zeroes invalid tokens)
 /// and a first choice that is not no_expert. lse = max l - ln max p: no second exp. Nothing is allocated.
-template <class S, class RankOf, class Fn>
-void for_each_valid_run(const loss_inputs<S>& in, bool with_lse, RankOf rank_of, Fn&& fn) {
+template <class S, class Fn>
+void for_each_valid_run(const loss_inputs<S>& in, bool with_lse, const rank_map& ranks, Fn&& fn) {
   constexpr Eigen::Index chunk = 64;
-  using column = Eigen::Matrix<S, Eigen::Dynamic, 1, 0, chunk, 1>;
+  using column = Eigen::Array<S, Eigen::Dynamic, 1, 0, chunk, 1>;
   const std::size_t tokens = in.logits.rows;
-  Eigen::Matrix<double, Eigen::Dynamic, 1, 0, chunk, 1> lse(chunk);
   for (std::size_t c0 = 0; c0 < tokens; c0 += chunk) {
     const std::size_t rows = std::min<std::size_t>(chunk, tokens - c0);
     const column p_max = rows_map<S>(in.probabilities, c0, rows).rowwise().maxCoeff();
-    column l_max;
-    if (with_lse) l_max = rows_map<S>(in.logits, c0, rows).rowwise().maxCoeff();
+    column lse = column::Zero(static_cast<Eigen::Index>(rows));
+    if (with_lse) lse = rows_map<S>(in.logits, c0, rows).rowwise().maxCoeff().array() - p_max.max(S(1e-30)).log();
     auto valid = [&](std::size_t i) {
       return p_max[static_cast<Eigen::Index>(i)] > S(0) && !(in.indices.present() && in.indices(c0 + i, 0) == no_expert);
     };
@@ -290,14 +311,11 @@ void for_each_valid_run(const loss_inputs<S>& in, bool with_lse, RankOf rank_of,
         ++i;
         continue;
       }
-      const std::size_t r = rank_of(c0 + i);
-      std::size_t end = i;
-      for (; end < rows && valid(end) && rank_of(c0 + end) == r; ++end) {
-        const auto e = static_cast<Eigen::Index>(end);
-        lse[e - static_cast<Eigen::Index>(i)] =
-            with_lse ? static_cast<double>(l_max[e]) - std::log(static_cast<double>(p_max[e])) : 0.0;
-      }
-      fn(r, c0 + i, end - i, lse.head(static_cast<Eigen::Index>(end - i)));
+      const std::size_t limit = ranks.run_end(c0 + i, c0 + rows) - c0;
+      std::size_t end = i + 1;
+      while (end < limit && valid(end)) ++end;
+      fn(ranks.rank(c0 + i), c0 + i, end - i,
+         lse.segment(static_cast<Eigen::Index>(i), static_cast<Eigen::Index>(end - i)));
       i = end;
     }
   }
@@ -322,10 +340,7 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
   const bool softmax_aux = terms.aux && o.aux.score == score_function::softmax;
   const topology* topo = terms.locality ? o.locality.topo : nullptr;
   const std::size_t ranks = topo ? topo->ranks() : 1;
-  auto rank_of = [&](std::size_t t) -> std::size_t {
-    if (!topo) return 0;
-    return o.locality.token_rank ? static_cast<std::size_t>(o.locality.token_rank[t]) : t * ranks / tokens;
-  };
+  const rank_map rank_of{topo ? o.locality.token_rank : nullptr, ranks, tokens};
   using matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const auto R = static_cast<Eigen::Index>(ranks), N = static_cast<Eigen::Index>(n);
   matrix sum_p = matrix::Zero(R, N), choices = matrix::Zero(R, N);
@@ -339,7 +354,7 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
   for_each_valid_run(in, terms.z, rank_of, [&](std::size_t r, std::size_t t0, std::size_t rows, const auto& lse) {
     valid += rows;
     rank_tokens[r] += rows;
-    z_sum += lse.squaredNorm();
+    z_sum += lse.template cast<double>().square().sum();
     const auto ri = static_cast<Eigen::Index>(r);
     Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> run_sum(run_sum_buffer.data(), N);  // row by row: contiguous
     run_sum = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(in.probabilities.row(t0), N);
@@ -420,7 +435,7 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
     for (std::size_t i = 0; i < rows; ++i) {  // row by row: contiguous, vectorized
       const Eigen::Map<const row> p(in.probabilities.row(t0 + i), N);
       Eigen::Map<row> dl(grad.row(t0 + i), N);
-      const S shift = static_cast<S>(z_factor * lse[static_cast<Eigen::Index>(i)]) - p.dot(gr);
+      const S shift = static_cast<S>(z_factor * static_cast<double>(lse[static_cast<Eigen::Index>(i)])) - p.dot(gr);
       dl.array() += p.array() * (gr.array() + shift);
     }
   });

@@ -119,6 +119,18 @@ S tree_sum(Arch, const xsimd::batch<S, Arch> (&sums)[Registers]) noexcept {
   return lane[0];
 }
 
+/// The largest lane of v, by halving (log2(width) steps instead of a chain of width - 1 compares). Exact, so
+/// the order does not matter. NaN-free input.
+template <class S, class Arch>
+S lane_max(const xsimd::batch<S, Arch>& v) noexcept {
+  constexpr std::size_t width = xsimd::batch<S, Arch>::size;
+  alignas(virtual_bytes) S lane[width];
+  v.store_aligned(lane);
+  for (std::size_t half = width / 2; half > 0; half /= 2)
+    for (std::size_t i = 0; i < half; ++i) lane[i] = lane[i + half] > lane[i] ? lane[i + half] : lane[i];
+  return lane[0];
+}
+
 /// Sum of len consecutive elements in the accumulation type, in the fixed order described above.
 template <class Arch, class T>
 accumulate_t<T> block_sum(Arch arch, const T* p, std::size_t len) noexcept {
@@ -196,10 +208,7 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
     bad = bad || xsimd::isnan(s) || (s == batch(infinity));
     maxima = xsimd::max(maxima, s);
   }
-  alignas(virtual_bytes) S lane[width];
-  maxima.store_aligned(lane);
-  S maximum = lane[0];
-  for (std::size_t i = 1; i < width; ++i) maximum = lane[i] > maximum ? lane[i] : maximum;
+  const S maximum = lane_max(maxima);
   if (xsimd::any(bad) || maximum == -infinity) {
     for (std::size_t c = 0; c < k; ++c) {
       out.indices[c] = no_expert;
@@ -231,9 +240,7 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
       row[j] = -infinity;
       batch next = batch(-infinity);
       for (std::size_t i = 0; i < padded; i += width) next = xsimd::max(next, batch::load_aligned(row + i));
-      next.store_aligned(lane);
-      best = lane[0];
-      for (std::size_t i = 1; i < width; ++i) best = lane[i] > best ? lane[i] : best;
+      best = lane_max(next);
     }
     for (std::size_t c = 0; c < chosen; ++c) row[out.indices[c]] = out.weights[c];
   } else if (k > small_k) {
