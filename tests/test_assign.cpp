@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -177,6 +178,12 @@ TEST_CASE("capacity_assigner: locality-aware overflow moves a drop to the best l
   CHECK(r.kept_per_expert == std::vector<std::int64_t>{1, 1, 1, 0});
   o.local_overflow = false;
   CHECK(assign(indices, weights, 1, 4, o, context).stats.dropped == 2);
+  // A masked expert (score 0) is never a destination, even with room.
+  const std::vector<float> masked = {1.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0.0f};
+  o.local_overflow = true;
+  const result m = assign({0, 0}, {1.0f, 1.0f}, 1, 4, o, {&topo, nullptr, matrix_view<const float>(masked.data(), 2, 4)});
+  CHECK(m.expert == std::vector<expert_index>{0, no_expert});
+  CHECK(m.stats.rerouted == 0);
   o.local_overflow = true;
   CHECK_THROWS_WITH_AS(assign(indices, weights, 1, 4, o, {&topo, rank.data(), {}}),
                        doctest::Contains("scores = null: must be passed"), error);
@@ -204,6 +211,15 @@ TEST_CASE("capacity_assigner: renormalize_kept, padding and locality statistics"
   const result s = assign(indices, weights, 2, 4, o, {&sparse, nullptr, {}});
   CHECK(s.stats.tokens_without_local_expert == 1);
   CHECK(s.stats.node_local_fraction == doctest::Approx(2.0 / 3.0));
+}
+
+TEST_CASE("capacity_assigner: probs policy ranks a NaN weight below every number, -inf included") {
+  const float inf = std::numeric_limits<float>::infinity();
+  capacity_options o;
+  o.policy = drop_policy::probs;
+  o.capacity = 2;
+  const result r = assign({0, 0, 0}, {std::nanf(""), -inf, 0.5f}, 1, 1, o);
+  CHECK(r.expert == std::vector<expert_index>{no_expert, 0, 0});
 }
 
 TEST_CASE("capacity_assigner: bad arguments name the rule") {

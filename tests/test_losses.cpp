@@ -205,6 +205,54 @@ TEST_CASE("locality_loss: per-rank KL against the smoothed local distribution, g
         }) < 1);
 }
 
+TEST_CASE("router_losses: the three terms at once equal the separate calls; float follows double") {
+  const topology topo({0, 0, 1, 1, 2, 2}, {0, 0, 1, 1, 2, 2, 3, 3});  // node 2 hosts no expert
+  for (const auto score : {score_function::softmax, score_function::sigmoid}) {
+    problem p = make_problem(8, 50, 8, 2);
+    p.indices[2 * 7] = no_expert;  // a padded token
+    router_loss_options<double> o;
+    o.aux = {0.3, aux_normalization::all_choices, score};
+    o.z_coeff = 0.02;
+    o.locality.coeff = 0.7;
+    o.locality.topo = &topo;
+    std::vector<double> together(p.tokens * 8, 0.0), apart(p.tokens * 8, 0.0);
+    const matrix_view<double> g1(together.data(), p.tokens, 8), g2(apart.data(), p.tokens, 8);
+    const router_loss_values<double> v = router_losses(p.inputs(), o, g1);
+    const double aux = aux_loss(p.inputs(), o.aux, g2).value, z = z_loss(p.inputs(), o.z_coeff, g2).value;
+    const double loc = locality_loss(p.inputs(), o.locality, g2).value;
+    CHECK(v.aux.value == doctest::Approx(aux).epsilon(1e-14));
+    CHECK(v.z.value == doctest::Approx(z).epsilon(1e-14));
+    CHECK(v.locality.value == doctest::Approx(loc).epsilon(1e-14));
+    CHECK(v.locality.ranks_without_local_experts == 2);
+    for (std::size_t i = 0; i < together.size(); ++i) REQUIRE(std::abs(together[i] - apart[i]) < 1e-15);
+    CHECK(max_gradient_error(p, [&](const loss_inputs<double>& in, const matrix_view<double>& g) {
+            const auto r = router_losses(in, o, g);
+            return r.aux.value + r.z.value + r.locality.value;
+          }) < 1);
+
+    // float: the run sums and the second pass in float; relative 1e-5 of the double values.
+    const std::vector<float> lf(p.logits.begin(), p.logits.end());
+    std::vector<float> gf(p.tokens * 8, 0.0f);
+    router_loss_options<float> of;
+    of.aux = {0.3f, aux_normalization::all_choices, score};
+    of.z_coeff = 0.02f;
+    of.locality.coeff = 0.7f;
+    of.locality.topo = &topo;
+    const loss_inputs<float> inf_{matrix_view<const float>(lf.data(), p.tokens, 8),
+                                  matrix_view<const expert_index>(p.indices.data(), p.tokens, 2), {}};
+    const router_loss_values<float> vf = router_losses(inf_, of, matrix_view<float>(gf.data(), p.tokens, 8));
+    CHECK(vf.aux.value == doctest::Approx(aux).epsilon(1e-5));
+    CHECK(vf.z.value == doctest::Approx(z).epsilon(1e-5));
+    CHECK(vf.locality.value == doctest::Approx(loc).epsilon(1e-5));
+    const double scale = *std::max_element(together.begin(), together.end(), [](double a, double b) { return std::abs(a) < std::abs(b); });
+    for (std::size_t i = 0; i < gf.size(); ++i) REQUIRE(std::abs(gf[i] - together[i]) <= 1e-5 * std::abs(scale));
+  }
+  router_loss_options<double> bad;
+  bad.z_coeff = std::numeric_limits<double>::quiet_NaN();
+  const problem p = make_problem(9, 4, 4, 1);
+  CHECK_THROWS_WITH_AS(router_losses(p.inputs(), bad), doctest::Contains("z_coeff = nan: must be finite"), error);
+}
+
 TEST_CASE("gradients through the GrAP gate to the activations") {
   const std::size_t tokens = 9, d = 24, n = 6, k = 2;
   std::mt19937 rng(4);

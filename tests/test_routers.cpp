@@ -80,10 +80,11 @@ routed reference_route(const std::vector<double>& logits, std::size_t tokens, st
     }
     std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return key[a] > key[b]; });
     order.resize(std::min(order.size(), o.k));
-    double sum = 0, top = order.empty() ? 0 : l[order[0]];
+    // Softmax over the chosen logits (after Top-k, or renormalized) is p_e / sum of the chosen p.
+    double sum = 0;
     std::vector<double> w;
     for (const std::size_t e : order) {
-      w.push_back(o.score == score_function::softmax && !o.softmax_before_topk ? std::exp(l[e] - top) : score[e]);
+      w.push_back(score[e]);
       sum += w.back();
     }
     double div = 1;
@@ -158,6 +159,8 @@ TEST_CASE("topology: uniform nodes, block placement, explicit maps, the paper's 
   CHECK_THROWS_WITH_AS(topology::uniform(4, 1, 0), doctest::Contains("experts = 0"), error);
   CHECK_THROWS_WITH_AS(topology({0, -1}, {0}), doctest::Contains("node_of_rank = [1] = -1"), error);
   CHECK_THROWS_WITH_AS(topology({0, 0}, {0, 2}), doctest::Contains("rank_of_expert = [1] = 2: every expert must live"),
+                       error);
+  CHECK_THROWS_WITH_AS(topology({0, 1000000000}, {0}), doctest::Contains("node_of_rank = [1] = 1000000000: node ids must be in [0, ranks)"),
                        error);
   CHECK_THROWS_AS(topology({}, {0}), error);
 }
@@ -236,6 +239,27 @@ TEST_CASE("score_route: the SIMD path equals the generic path; float equals doub
   for (std::size_t i = 0; i < w.size(); ++i) REQUIRE(w[i] == doctest::Approx(c.weights[i]).epsilon(1e-6));
 }
 
+TEST_CASE("score_route: a bias that reorders far-apart logits keeps the weights finite (float)") {
+  const std::vector<float> logits = {0.0f, 100.0f}, bias_after = {200.0f, 0.0f};
+  std::vector<expert_index> idx(2);
+  std::vector<float> w(2);
+  router_options<float> o;
+  o.k = 2;
+  o.softmax_before_topk = false;
+  o.expert_bias = bias_after.data();
+  score_route(matrix_view<const float>(logits.data(), 1, 2), o, route_outputs<float>{{idx.data(), 1, 2}, {w.data(), 1, 2}, {}, {}});
+  CHECK(idx == std::vector<expert_index>{0, 1});
+  CHECK(w[1] == 1.0f);
+  CHECK(w[0] == doctest::Approx(std::exp(-100.0)).epsilon(1e-3));
+  const std::vector<float> far = {0.0f, -200.0f}, bias_before = {0.0f, 10.0f};
+  router_options<float> r;
+  r.renormalize = true;
+  r.expert_bias = bias_before.data();  // picks expert 1, whose probability underflows to 0
+  score_route(matrix_view<const float>(far.data(), 1, 2), r, route_outputs<float>{{idx.data(), 1, 1}, {w.data(), 1, 1}, {}, {}});
+  CHECK(idx[0] == 1);
+  CHECK(w[0] == 1.0f);
+}
+
 TEST_CASE("score_route: non-finite logits, masks, empty batches") {
   router_options<double> o;
   o.k = 2;
@@ -260,9 +284,9 @@ TEST_CASE("score_route: bad arguments name the rule") {
   o.k = 9;
   CHECK_THROWS_WITH_AS(route(o), doctest::Contains("k = 9: must satisfy 1 <= k <= n"), error);
   o.k = 2;
-  o.groups = 9;
+  o.groups = 5000;
   o.group_limit = 1;
-  CHECK_THROWS_WITH_AS(route(o), doctest::Contains("groups = 9"), error);
+  CHECK_THROWS_WITH_AS(route(o), doctest::Contains("groups = 5000: must satisfy 1 <= G <= max_experts"), error);
   o.groups = 4;
   o.group_limit = 5;
   CHECK_THROWS_WITH_AS(route(o), doctest::Contains("group_limit = 5: must satisfy 1 <= M <= G"), error);
@@ -356,4 +380,10 @@ TEST_CASE("update_expert_bias: Megatron-Core's sign rule") {
   const std::vector<std::int64_t> even = {3, 3, 3, 3};
   update_expert_bias(bias.data(), even.data(), 4, 0.001f);
   CHECK(bias == std::vector<float>{-0.001f, 0.001f, 0.001f, 0.001f});
+  CHECK_THROWS_WITH_AS(update_expert_bias(bias.data(), even.data(), 4, NAN), doctest::Contains("rate = nan: must be finite"), error);
+  CHECK_THROWS_WITH_AS(update_expert_bias(bias.data(), static_cast<const std::int64_t*>(nullptr), 4, 0.1f),
+                       doctest::Contains("load = null"), error);
+  CHECK_THROWS_WITH_AS(update_expert_bias(bias.data(), even.data(), 0, 0.1f), doctest::Contains("n = 0: must be >= 1"), error);
+  CHECK_THROWS_WITH_AS(balanced_hash_table(std::vector<double>{1.0, NAN}, 2), doctest::Contains("frequencies = [1] = nan"), error);
+  CHECK_THROWS_WITH_AS(balanced_hash_table(std::vector<int>{1, -2}, 2), doctest::Contains("frequencies = [1] = -2"), error);
 }

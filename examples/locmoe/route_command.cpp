@@ -77,6 +77,9 @@ npy::float_matrix load_logits(const route_settings& s) {
 }
 
 topology make_topology(const route_settings& s, std::size_t n) {
+  if (s.ranks_per_node < 0) {
+    throw usage_error("--ranks-per-node = " + std::to_string(s.ranks_per_node) + ": must be >= 1 (0: all on one node)");
+  }
   const std::int64_t per_node = s.ranks_per_node > 0 ? s.ranks_per_node : s.ranks;
   if (s.expert_rank_file.empty()) {
     return checked(route_flags, [&] { return topology::uniform(s.ranks, per_node, static_cast<std::int64_t>(n)); });
@@ -110,7 +113,10 @@ std::vector<std::int32_t> optional_ids(const std::string& file, const char* flag
 void run_route(const route_settings& s) {
   const npy::float_matrix logits = load_logits(s);
   const std::size_t tokens = logits.rows, n = logits.cols;
-  if (s.top_k < 1) throw usage_error("--top-k = " + std::to_string(s.top_k) + ": must be >= 1");
+  if (s.top_k < 1 || static_cast<std::uint64_t>(s.top_k) > n) {  // before T k is allocated
+    throw usage_error("--top-k = " + std::to_string(s.top_k) + ": must satisfy 1 <= k <= n (" + std::to_string(n) +
+                      " experts)");
+  }
   const auto k = static_cast<std::size_t>(s.top_k);
   const topology topo = make_topology(s, n);
   const std::vector<std::int32_t> token_rank = optional_ids(s.token_rank_file, "--token-rank", tokens);
@@ -133,7 +139,7 @@ void run_route(const route_settings& s) {
     ro.expert_bias = bias.data();
   }
   if (s.router == "node-limited") {
-    if (s.max_nodes < 1) throw usage_error("--max-nodes: required by the node-limited router, >= 1");
+    if (s.max_nodes < 1) throw usage_error("--max-nodes = " + std::to_string(s.max_nodes) + ": required by the node-limited router, >= 1");
     ro.groups = topo.nodes();
     ro.group_limit = static_cast<std::size_t>(s.max_nodes);
     ro.expert_group = topo.node_of_expert_map().data();
@@ -162,7 +168,16 @@ void run_route(const route_settings& s) {
       if (s.domain_file.empty()) throw usage_error("--domain: required by the rre router");
       const std::vector<std::int32_t> domains = optional_ids(s.domain_file, "--domain", tokens);
       std::int64_t groups = s.groups;
-      if (groups == 0) groups = tokens ? *std::max_element(domains.begin(), domains.end()) + 1 : 1;
+      if (groups == 0) {  // the largest domain + 1, in 64 bits; rre_route checks each domain against it
+        groups = 1;
+        for (std::size_t t = 0; t < tokens; ++t) {
+          if (domains[t] < 0) {
+            throw usage_error("--domain = [" + std::to_string(t) + "] = " + std::to_string(domains[t]) +
+                              ": must be >= 0");
+          }
+          groups = std::max<std::int64_t>(groups, std::int64_t{domains[t]} + 1);
+        }
+      }
       checked(route_flags, [&] {
         return rre_route(ids.data(), domains.data(), tokens, n, static_cast<std::size_t>(std::max<std::int64_t>(groups, 0)),
                          static_cast<std::uint64_t>(s.seed), iv, wv);
@@ -309,13 +324,27 @@ void add_route_command(CLI::App& app) {
   cmd->add_option("--loc-coeff", s->loc_coeff, "locality loss coefficient mu (default 0.01 for locmoe, else 0)");
   cmd->add_option("--loc-smoothing", s->loc_smoothing, "eps of the localized distribution")->capture_default_str();
   add_integer_option(*cmd, "--ranks", s->ranks, "expert-parallel ranks R");
-  add_integer_option(*cmd, "--ranks-per-node", s->ranks_per_node, "ranks per node G (default: all on one node)");
+  add_integer_option(*cmd, "--ranks-per-node", s->ranks_per_node, "ranks per node G (0, the default: all on one node)");
   cmd->add_option("--expert-rank", s->expert_rank_file, "rank of each expert, int32 .npy [n] (default: blocks)");
   cmd->add_option("--token-rank", s->token_rank_file, "source rank of each token, int32 .npy [T] (default: blocks)");
   cmd->add_option("--token-id", s->token_id_file, "token ids for hash/rre, int32 .npy [T] (default: 0..T-1)");
   cmd->add_option("--domain", s->domain_file, "domain of each token for rre, int32 .npy [T]");
   cmd->add_flag("--json", s->json, "one JSON object on stdout");
-  cmd->callback([s] {
+  cmd->callback([s, cmd] {
+    // Flags that only some routers read are errors elsewhere, not silently ignored.
+    const bool hashed = s->router == "hash" || s->router == "rre";
+    auto only = [&](const char* flag, bool applies, const char* where) {
+      if (cmd->count(flag) > 0 && !applies) throw usage_error(std::string(flag) + ": only " + where + " takes it");
+    };
+    only("--groups", s->router == "rre", "the rre router");
+    only("--domain", s->router == "rre", "the rre router");
+    only("--token-id", hashed, "the hash and rre routers");
+    only("--seed", hashed, "the hash and rre routers");
+    only("--experts", !s->hidden_file.empty(), "--hidden");
+    only("--gate", !s->hidden_file.empty(), "--hidden");
+    only("--score", !hashed, "a score router (switch, locmoe, node-limited)");
+    only("--softmax-after-topk", !hashed, "a score router (switch, locmoe, node-limited)");
+    only("--expert-bias", !hashed, "a score router (switch, locmoe, node-limited)");
     for (const auto& [value, flag] : {std::pair{s->capacity_factor, "--capacity-factor"}, {s->aux_coeff, "--aux-coeff"},
                                       {s->z_coeff, "--z-coeff"}, {s->loc_smoothing, "--loc-smoothing"}}) {
       if (!std::isfinite(value)) throw usage_error(std::string(flag) + ": must be finite");

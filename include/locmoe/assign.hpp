@@ -13,7 +13,8 @@
 // Locality-aware overflow (beyond the paper; off by default): a dropped choice moves to the token's best
 //   remaining expert (by `scores`, ties to the lower index) that lives on the token's own node, is not already
 //   among its choices, and still has room. Dropped choices are visited in token order after the first pass;
-//   a moved choice takes the next free slot and the weight scores[t][e'] (counted in `rerouted`).
+//   a moved choice takes the next free slot and the weight scores[t][e'] (counted in `rerouted`). An expert
+//   with score 0 (masked) or NaN is never a destination.
 // renormalize_kept (DeepSpeed topkgating): a token's kept weights divided by max(their sum, epsilon).
 // pad_to_capacity: every expert's buffer is C rows; the unused rows are reported as padded_slots (Megatron-Core
 //   fills them with unrouted tokens at weight 0, which computes the same output).
@@ -25,7 +26,8 @@
 //
 // Preconditions (checked; errors name the argument): n >= 1; every index in [-1, n); T k < 2^31; capacity
 // factor finite and > 0; a topology with n experts; token ranks in [0, R); scores [T x n] when
-// local_overflow is on. Cost: O(T k) (probs: O(T k log T)); the workspace (O(T k + n)) lives in the
+// local_overflow is on. Cost: O(T k) (probs: O(T k + C log C) per expert; rerouting O(n k) per dropped
+// choice); the workspace (O(T k + n)) lives in the
 // capacity_assigner and is reused across calls. Not thread-safe per object: use one assigner per thread.
 // Example: docs/api.md#capacity-assignment.
 #pragma once
@@ -213,8 +215,8 @@ class capacity_assigner {
       for (std::size_t j = 0; j < k; ++j) {
         const expert_index e = indices(t, j);
         if (e == no_expert) continue;
-        const S w = std::isnan(weights(t, j)) ? -std::numeric_limits<S>::infinity() : weights(t, j);
-        pairs_[next[static_cast<std::size_t>(e)]++] = {w, static_cast<std::uint32_t>(t), static_cast<std::uint32_t>(j)};
+        pairs_[next[static_cast<std::size_t>(e)]++] = {weights(t, j), static_cast<std::uint32_t>(t),
+                                                       static_cast<std::uint32_t>(j)};
       }
     }
     for (std::size_t e = 0; e < n_; ++e) {
@@ -224,7 +226,9 @@ class capacity_assigner {
       const auto cut = first + static_cast<std::ptrdiff_t>(capacity);
       // Pairs are in token order, so "earlier token" breaks ties among equal weights.
       std::nth_element(first, cut, last, [](const candidate& a, const candidate& b) {
-        return a.weight > b.weight || (a.weight == b.weight && a.token < b.token);
+        const bool a_nan = std::isnan(a.weight), b_nan = std::isnan(b.weight);  // NaN ranks last
+        if (a_nan != b_nan) return b_nan;
+        return (!a_nan && a.weight > b.weight) || ((a_nan || a.weight == b.weight) && a.token < b.token);
       });
       std::sort(first, cut, [](const candidate& a, const candidate& b) { return a.token < b.token; });
       for (auto it = cut; it != last; ++it) it->token = std::numeric_limits<std::uint32_t>::max();  // dropped
@@ -259,7 +263,7 @@ class capacity_assigner {
           if (kept_[e] >= capacity || (topo && topo->node_of_expert(e) != node)) continue;
           if (std::find(indices.row(t), indices.row(t) + k, static_cast<expert_index>(e)) != indices.row(t) + k) continue;
           if (std::find(out.expert.row(t), out.expert.row(t) + k, static_cast<expert_index>(e)) != out.expert.row(t) + k) continue;
-          if (std::isnan(score[e])) continue;
+          if (!(score[e] > 0)) continue;  // masked (p = 0) or NaN: never a destination
           if (best == n_ || score[e] > score[best]) best = e;
         }
         if (best == n_) continue;
@@ -296,6 +300,12 @@ class capacity_assigner {
     detail::check_view<P>(fn, "expert", out.expert, tokens, k, "must have k columns");
     detail::check_view<P>(fn, "slot", out.slot, tokens, k, "must have k columns");
     detail::check_view<P>(fn, "weight", out.weight, tokens, k, "must have k columns");
+    if (!(std::isfinite(options_.capacity_factor) && options_.capacity_factor > 0)) {
+      detail::raise<P>(errc::domain, fn, "capacity_factor", options_.capacity_factor, "must be finite and > 0", 0);
+    }
+    if (options_.min_capacity < 0) {
+      detail::raise<P>(errc::domain, fn, "min_capacity", options_.min_capacity, "must be >= 0", 0);
+    }
     if (options_.drop && options_.capacity < -1) {
       detail::raise<P>(errc::domain, fn, "capacity", options_.capacity, "must be >= 0, or -1 for the factor", 0);
     }

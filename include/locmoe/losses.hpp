@@ -30,8 +30,9 @@
 // router_losses computes all three in two passes over the batch (what a trainer calls each step); aux_loss,
 // z_loss and locality_loss are the same engine with one term on.
 // Precision: sums in double (p summed in float over runs of at most 64 rows first); values returned in S.
-// `probabilities`, if passed, must be softmax(logits) as the routers write it, zeros for invalid tokens (it
-// saves the exp per score, and validity is read from it); otherwise it is computed (SIMD) into a T x n buffer.
+// `probabilities`, if passed, must be softmax(logits) as the softmax routers write it, zeros for invalid tokens
+// (it saves the exp per score, and validity is read from it); otherwise it is computed (SIMD) into a T x n
+// buffer. A sigmoid router's scores are not a softmax: do not pass them here.
 // Preconditions (checked; errors name the argument): shapes agree; 1 <= n <= max_experts; indices in [-1, n);
 // coeff finite; 0 < eps <= 1; a topology with n experts; token ranks in [0, R).
 // Cost: O(T n) time; allocates O(T + R n), plus T n scores without `probabilities`. Thread safety: no state.
@@ -144,7 +145,7 @@ void add_score_backward(const S* l, const S* q, const double* g, std::size_t n, 
 }
 
 template <class Policy, class S>
-bool check_loss_inputs(const char* fn, const loss_inputs<S>& in, bool need_indices, S coeff) {
+bool check_loss_inputs(const char* fn, const loss_inputs<S>& in, bool need_indices) {
   const std::size_t n = in.logits.cols, tokens = in.logits.rows;
   if (!check_selection<Policy>(fn, n, 0, false) || !check_view<Policy>(fn, "logits", in.logits, tokens, n, ""))
     return false;
@@ -168,8 +169,12 @@ bool check_loss_inputs(const char* fn, const loss_inputs<S>& in, bool need_indic
   if (in.probabilities.present() &&
       !check_view<Policy>(fn, "probabilities", in.probabilities, tokens, n, "must have n columns"))
     return false;
-  if (!std::isfinite(coeff)) return raise<Policy>(errc::domain, fn, "coeff", coeff, "must be finite", false);
   return true;
+}
+
+template <class Policy, class S>
+bool check_coeff(const char* fn, const char* argument, S coeff) {
+  return std::isfinite(coeff) || raise<Policy>(errc::domain, fn, argument, coeff, "must be finite", false);
 }
 
 template <class Policy, class S>
@@ -211,7 +216,8 @@ struct loss_terms {
 };
 
 template <class Policy, class S>
-bool check_locality(const char* fn, const locality_loss_options<S>& o, std::size_t tokens, std::size_t n) {
+bool check_locality(const char* fn, const locality_loss_options<S>& o, std::size_t tokens, std::size_t n,
+                    const char* coeff_name) {
   if (!(o.smoothing > 0 && o.smoothing <= 1)) {
     return raise<Policy>(errc::domain, fn, "smoothing", o.smoothing, "must satisfy 0 < eps <= 1", false);
   }
@@ -219,7 +225,7 @@ bool check_locality(const char* fn, const locality_loss_options<S>& o, std::size
   if (o.topo->experts() != n) {
     return raise<Policy>(errc::domain, fn, "topo", o.topo->experts(), "must place exactly n experts", false);
   }
-  if (!std::isfinite(o.coeff)) return raise<Policy>(errc::domain, fn, "coeff", o.coeff, "must be finite", false);
+  if (!check_coeff<Policy>(fn, coeff_name, o.coeff)) return false;
   if (o.token_rank) {
     for (std::size_t t = 0; t < tokens; ++t) {
       if (o.token_rank[t] < 0 || static_cast<std::size_t>(o.token_rank[t]) >= o.topo->ranks()) {
@@ -442,14 +448,16 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
   return out;
 }
 
+/// Checks what the terms in use need. `combined` (router_losses) names the coefficients by their field.
 template <class Policy, class S>
 bool check_router_losses(const char* fn, const loss_inputs<S>& in, const router_loss_options<S>& o, loss_terms terms,
-                         const matrix_view<S>& grad) {
+                         const matrix_view<S>& grad, bool combined) {
   const std::size_t tokens = in.logits.rows, n = in.logits.cols;
-  return check_loss_inputs<Policy>(fn, in, terms.aux || terms.locality, terms.z ? o.z_coeff : o.aux.coeff) &&
-         (!terms.aux || std::isfinite(o.aux.coeff) ||
-          raise<Policy>(errc::domain, fn, "coeff", o.aux.coeff, "must be finite", false)) &&
-         (!terms.locality || check_locality<Policy>(fn, o.locality, tokens, n)) && check_grad<Policy>(fn, grad, tokens, n);
+  return check_loss_inputs<Policy>(fn, in, terms.aux || terms.locality) &&
+         (!terms.aux || check_coeff<Policy>(fn, combined ? "aux.coeff" : "coeff", o.aux.coeff)) &&
+         (!terms.z || check_coeff<Policy>(fn, combined ? "z_coeff" : "coeff", o.z_coeff)) &&
+         (!terms.locality || check_locality<Policy>(fn, o.locality, tokens, n, combined ? "locality.coeff" : "coeff")) &&
+         check_grad<Policy>(fn, grad, tokens, n);
 }
 
 template <class S>
@@ -468,8 +476,8 @@ router_loss_values<S> run_losses(const loss_inputs<S>& in, const router_loss_opt
 template <class S, class Policy = default_policy>
 router_loss_values<S> router_losses(const loss_inputs<S>& in, const router_loss_options<S>& options,
                                     const matrix_view<S>& grad_logits = {}, const Policy& = Policy{}) {
-  const detail::loss_terms terms{options.aux.coeff != S(0), options.z_coeff != S(0), options.locality.topo != nullptr};
-  if (!detail::check_router_losses<Policy>("locmoe::router_losses", in, options, terms, grad_logits)) {
+  const detail::loss_terms terms{!(options.aux.coeff == S(0)), !(options.z_coeff == S(0)), options.locality.topo != nullptr};
+  if (!detail::check_router_losses<Policy>("locmoe::router_losses", in, options, terms, grad_logits, true)) {
     router_loss_values<S> failed;
     failed.aux = failed.z = detail::failed_loss<S>();
     failed.locality.value = failed.aux.value;
@@ -485,7 +493,7 @@ loss_value<S> aux_loss(const loss_inputs<S>& in, const aux_loss_options<S>& opti
   router_loss_options<S> o;
   o.aux = options;
   const detail::loss_terms terms{true, false, false};
-  if (!detail::check_router_losses<Policy>("locmoe::aux_loss", in, o, terms, grad_logits)) return detail::failed_loss<S>();
+  if (!detail::check_router_losses<Policy>("locmoe::aux_loss", in, o, terms, grad_logits, false)) return detail::failed_loss<S>();
   return detail::run_losses(in, o, terms, grad_logits).aux;
 }
 
@@ -496,7 +504,7 @@ loss_value<S> z_loss(const loss_inputs<S>& in, S coeff, const matrix_view<S>& gr
   router_loss_options<S> o;
   o.z_coeff = coeff;
   const detail::loss_terms terms{false, true, false};
-  if (!detail::check_router_losses<Policy>("locmoe::z_loss", in, o, terms, grad_logits)) return detail::failed_loss<S>();
+  if (!detail::check_router_losses<Policy>("locmoe::z_loss", in, o, terms, grad_logits, false)) return detail::failed_loss<S>();
   return detail::run_losses(in, o, terms, grad_logits).z;
 }
 
@@ -508,7 +516,7 @@ locality_value<S> locality_loss(const loss_inputs<S>& in, const locality_loss_op
   o.aux.coeff = 0;
   o.locality = options;
   const detail::loss_terms terms{false, false, true};
-  if (!detail::check_router_losses<Policy>("locmoe::locality_loss", in, o, terms, grad_logits)) {
+  if (!detail::check_router_losses<Policy>("locmoe::locality_loss", in, o, terms, grad_logits, false)) {
     locality_value<S> failed;
     failed.value = std::numeric_limits<S>::quiet_NaN();
     return failed;

@@ -7,8 +7,11 @@
 //              plus expert_bias[e] when given (selection only: auxiliary-loss-free balancing, DeepSeek-V3)
 //   groups     node-limited Top-k (DeepSeek-V3; Megatron-Core group_limited_topk): experts form G groups
 //              (contiguous blocks of n / G, or an explicit expert -> group map such as a topology's nodes);
-//              a group's score is the sum of its best floor(k / M) keys, the best M groups are kept and Top-k
-//              is taken among their experts.
+//              a group's score is the sum of its best max(1, floor(k / M)) keys (all of them if it has fewer;
+//              -inf if none is selectable), the best M groups are kept and Top-k is taken among their experts.
+//              (Megatron-Core sums floor(k / M) keys, so for k < M every group scores 0 and torch.topk's tie
+//              order decides; locmoe scores by the best key instead.) Groups may be empty (nodes without
+//              experts) and then are never kept while a group with experts is left.
 //   weights    softmax before Top-k: p_e (divided by their sum over the k chosen if renormalize);
 //              softmax after Top-k:  exp(l_e) / sum_{chosen} exp(l_c) (k = 1 gives 1);
 //              sigmoid:              s_e, divided by (sum_{chosen} s_c + 1e-20) when k > 1, as Megatron-Core;
@@ -26,12 +29,13 @@
 //   [floor(g n / G), floor((g + 1) n / G))); level two, splitmix64(id ^ seed) mod |group| inside it. Weight 1.
 // update_expert_bias (Megatron-Core get_updated_expert_bias): bias_e += rate * sign(mean_load - load_e).
 //
-// Preconditions (checked; errors name the argument): 1 <= k <= n <= max_experts; 1 <= M <= G <= n; the kept
-// groups hold at least k experts; a finite bias; token ids >= 0 (and < table size); domains in [0, G).
+// Preconditions (checked; errors name the argument): 1 <= k <= n <= max_experts; 1 <= M <= G <= max_experts;
+// floor(k / M) <= 64; the M smallest non-empty groups hold at least k experts together; a finite bias and scale;
+// token ids >= 0 (and < table size); domains in [0, G).
 // Returns the number of invalid tokens (errno_on_error: -1, as size_t, on bad arguments).
 // Cost: score_route O(n k) per token, one exp per score (SIMD for the softmax-before-Top-k path without bias
-// or groups, which is select.hpp's softmax_top_k); hash/rre O(1) per token. Node-limited routing allocates one
-// 24 KB group layout per call; nothing else allocates (a token's row lives on the stack, about 50 KB). Thread safety: no state; disjoint token ranges may run concurrently.
+// or groups, which is select.hpp's softmax_top_k); hash/rre O(1) per token. The generic path allocates one
+// workspace per call (about 90 KB for float); little stack. Thread safety: no state; disjoint token ranges may run concurrently.
 // Example: docs/api.md#routers.
 #pragma once
 
@@ -87,7 +91,7 @@ bool ranks_before(S a, std::size_t i, S b, std::size_t j) {
 
 /// Indices of the k best keys (-inf excluded), best first, into `chosen`; returns how many were found.
 template <class S>
-std::size_t best_keys(const S* key, std::size_t n, std::size_t k, const bool* allowed, std::size_t* chosen) {
+std::size_t best_keys(const S* key, std::size_t n, std::size_t k, const bool* allowed, std::uint16_t* chosen) {
   std::size_t found = 0;
   for (std::size_t e = 0; e < n; ++e) {
     if (key[e] == -std::numeric_limits<S>::infinity() || (allowed && !allowed[e])) continue;
@@ -97,7 +101,7 @@ std::size_t best_keys(const S* key, std::size_t n, std::size_t k, const bool* al
       chosen[pos] = chosen[pos - 1];
       --pos;
     }
-    chosen[pos] = e;
+    chosen[pos] = static_cast<std::uint16_t>(e);
   }
   return found;
 }
@@ -107,35 +111,37 @@ std::size_t group_of(const router_options<S>& o, std::size_t n, std::size_t e) {
   return o.expert_group ? static_cast<std::size_t>(o.expert_group[e]) : e * o.groups / n;
 }
 
-/// The experts of each group, listed once per call: group g holds members[offset[g] .. offset[g + 1]).
-struct group_layout {
+/// Per-call scratch of the generic router path, on the heap (about 21 n bytes for float, up to 4096 experts
+/// and groups): the experts of each group (group g holds members[offset[g] .. offset[g + 1])), and one
+/// token's scores, keys and choices.
+template <class S>
+struct route_workspace {
   std::array<std::uint16_t, simd::max_experts + 1> offset;
-  std::array<std::uint16_t, simd::max_experts> members;
+  std::array<std::uint16_t, simd::max_experts> members, chosen, best_groups;
+  std::array<S, simd::max_experts> score, key, group_score;
+  std::array<bool, simd::max_experts> allowed;
 
-  template <class S>
-  group_layout(const router_options<S>& o, std::size_t n) {
+  route_workspace(const router_options<S>& o, std::size_t n) {
+    if (o.groups == 0) return;
     offset.fill(0);
     for (std::size_t e = 0; e < n; ++e) ++offset[group_of(o, n, e) + 1];
     for (std::size_t g = 0; g < o.groups; ++g) offset[g + 1] = static_cast<std::uint16_t>(offset[g + 1] + offset[g]);
-    std::array<std::uint16_t, simd::max_experts> next;
-    std::copy(offset.begin(), offset.begin() + static_cast<std::ptrdiff_t>(o.groups), next.begin());
-    for (std::size_t e = 0; e < n; ++e) members[next[group_of(o, n, e)]++] = static_cast<std::uint16_t>(e);
+    std::copy(offset.begin(), offset.begin() + static_cast<std::ptrdiff_t>(o.groups), chosen.begin());  // cursors
+    for (std::size_t e = 0; e < n; ++e) members[chosen[group_of(o, n, e)]++] = static_cast<std::uint16_t>(e);
   }
 };
 
-/// Marks the experts of the best M groups (node-limited Top-k) in `allowed`; O(n) per token.
+/// Marks the experts of the best M groups (node-limited Top-k) in w.allowed; O(n) per token. A group's score is
+/// the sum of its best max(1, floor(k / M)) keys (fewer if it has fewer selectable experts; -inf if none).
 template <class S>
-void keep_best_groups(const router_options<S>& o, const group_layout& layout, const S* key, std::size_t n,
-                      bool* allowed) {
+void keep_best_groups(const router_options<S>& o, route_workspace<S>& w, std::size_t n) {
   constexpr S minus_inf = -std::numeric_limits<S>::infinity();
   const std::size_t per_group = std::max<std::size_t>(1, o.k / o.group_limit);  // <= 64, checked
-  std::array<S, simd::max_experts> group_score;
-  std::array<std::size_t, simd::max_experts> best;
   for (std::size_t g = 0; g < o.groups; ++g) {
     std::array<S, 64> top;  // the group's best keys, highest first (its members are in index order)
     std::size_t taken = 0;
-    for (std::size_t m = layout.offset[g]; m < layout.offset[g + 1]; ++m) {
-      const S v = key[layout.members[m]];
+    for (std::size_t m = w.offset[g]; m < w.offset[g + 1]; ++m) {
+      const S v = w.key[w.members[m]];
       if (v == minus_inf || (taken == per_group && !(v > top[taken - 1]))) continue;
       std::size_t pos = taken < per_group ? taken++ : per_group - 1;
       for (; pos > 0 && v > top[pos - 1]; --pos) top[pos] = top[pos - 1];
@@ -143,23 +149,21 @@ void keep_best_groups(const router_options<S>& o, const group_layout& layout, co
     }
     S sum = 0;
     for (std::size_t i = 0; i < taken; ++i) sum += top[i];
-    group_score[g] = taken ? sum : minus_inf;
+    w.group_score[g] = taken ? sum : minus_inf;
   }
-  const std::size_t kept = best_keys(group_score.data(), o.groups, o.group_limit, nullptr, best.data());
-  std::fill(allowed, allowed + n, false);
+  const std::size_t kept = best_keys(w.group_score.data(), o.groups, o.group_limit, nullptr, w.best_groups.data());
+  std::fill(w.allowed.begin(), w.allowed.begin() + static_cast<std::ptrdiff_t>(n), false);
   for (std::size_t i = 0; i < kept; ++i) {
-    for (std::size_t m = layout.offset[best[i]]; m < layout.offset[best[i] + 1]; ++m) allowed[layout.members[m]] = true;
+    const std::size_t g = w.best_groups[i];
+    for (std::size_t m = w.offset[g]; m < w.offset[g + 1]; ++m) w.allowed[w.members[m]] = true;
   }
 }
 
 /// One token: scores, keys, groups, Top-k and weights. Returns false for an invalid token.
 template <class S>
-bool route_token(const router_options<S>& o, const group_layout* layout, const S* logits, std::size_t n,
+bool route_token(const router_options<S>& o, route_workspace<S>& w, const S* logits, std::size_t n,
                  expert_index* indices, S* weights, S* scores_out) {
   constexpr S minus_inf = -std::numeric_limits<S>::infinity();
-  std::array<S, simd::max_experts> score, key;
-  std::array<bool, simd::max_experts> allowed;
-  std::array<std::size_t, simd::max_experts> chosen;
   S max_logit = minus_inf;
   for (std::size_t e = 0; e < n; ++e) {
     const S l = logits[e];
@@ -169,32 +173,37 @@ bool route_token(const router_options<S>& o, const group_layout* layout, const S
   if (max_logit == minus_inf) return false;
   if (o.score == score_function::softmax) {
     S sum = 0;
-    for (std::size_t e = 0; e < n; ++e) sum += (score[e] = std::exp(logits[e] - max_logit));
-    for (std::size_t e = 0; e < n; ++e) score[e] /= sum;
+    for (std::size_t e = 0; e < n; ++e) sum += (w.score[e] = std::exp(logits[e] - max_logit));
+    for (std::size_t e = 0; e < n; ++e) w.score[e] /= sum;
   } else {
-    for (std::size_t e = 0; e < n; ++e) score[e] = logits[e] == minus_inf ? S(0) : sigmoid(logits[e]);
+    for (std::size_t e = 0; e < n; ++e) w.score[e] = logits[e] == minus_inf ? S(0) : sigmoid(logits[e]);
   }
   const bool by_logit = o.score == score_function::softmax && !o.softmax_before_topk;
   for (std::size_t e = 0; e < n; ++e) {
-    key[e] = logits[e] == minus_inf ? minus_inf : (by_logit ? logits[e] : score[e]);
-    if (o.expert_bias && key[e] != minus_inf) key[e] += o.expert_bias[e];
+    w.key[e] = logits[e] == minus_inf ? minus_inf : (by_logit ? logits[e] : w.score[e]);
+    if (o.expert_bias && w.key[e] != minus_inf) w.key[e] += o.expert_bias[e];
   }
-  if (layout) keep_best_groups(o, *layout, key.data(), n, allowed.data());
-  const std::size_t found = best_keys(key.data(), n, o.k, layout ? allowed.data() : nullptr, chosen.data());
-  S sum = 0, chosen_max = found ? logits[chosen[0]] : S(0);
+  if (o.groups > 0) keep_best_groups(o, w, n);
+  const std::size_t found = best_keys(w.key.data(), n, o.k, o.groups > 0 ? w.allowed.data() : nullptr, w.chosen.data());
+  // Softmax over the chosen logits (after Top-k, or renormalized before it): exp(l_e - m) / sum exp(l_c - m),
+  // m the largest chosen logit, which a bias need not put first; this never forms 0 / 0.
+  const bool over_chosen = by_logit || (o.score == score_function::softmax && o.renormalize);
+  S chosen_max = minus_inf;
+  for (std::size_t i = 0; i < found; ++i) chosen_max = std::max(chosen_max, logits[w.chosen[i]]);
+  S sum = 0;
   for (std::size_t i = 0; i < found; ++i) {
-    const std::size_t e = chosen[i];
-    weights[i] = by_logit ? std::exp(logits[e] - chosen_max) : score[e];
+    const std::size_t e = w.chosen[i];
+    weights[i] = over_chosen ? std::exp(logits[e] - chosen_max) : w.score[e];
     sum += weights[i];
   }
   S divisor = 1;
-  if (by_logit || (o.score == score_function::softmax && o.renormalize)) divisor = sum;
+  if (over_chosen) divisor = sum;
   if (o.score == score_function::sigmoid && o.k > 1) divisor = sum + S(sigmoid_renormalize_epsilon);
   for (std::size_t i = 0; i < o.k; ++i) {
-    indices[i] = i < found ? static_cast<expert_index>(chosen[i]) : no_expert;
+    indices[i] = i < found ? static_cast<expert_index>(w.chosen[i]) : no_expert;
     weights[i] = i < found ? weights[i] / divisor * o.scale : S(0);
   }
-  if (scores_out) std::copy(score.begin(), score.begin() + static_cast<std::ptrdiff_t>(n), scores_out);
+  if (scores_out) std::copy(w.score.begin(), w.score.begin() + static_cast<std::ptrdiff_t>(n), scores_out);
   return true;
 }
 
@@ -219,14 +228,16 @@ bool check_router_options(const char* fn, const router_options<S>& o, std::size_
     }
     return true;
   }
-  if (o.groups > n) return raise<Policy>(errc::domain, fn, "groups", o.groups, "must satisfy 1 <= G <= n", false);
+  if (o.groups > max_experts) {
+    return raise<Policy>(errc::domain, fn, "groups", o.groups, "must satisfy 1 <= G <= max_experts (4096)", false);
+  }
   if (o.group_limit < 1 || o.group_limit > o.groups) {
     return raise<Policy>(errc::domain, fn, "group_limit", o.group_limit, "must satisfy 1 <= M <= G (groups)", false);
   }
   if (o.k / o.group_limit > 64) {
     return raise<Policy>(errc::domain, fn, "k", o.k, "k / group_limit must be <= 64", false);
   }
-  std::array<std::size_t, simd::max_experts> size{};
+  std::vector<std::size_t> size(o.groups, 0);
   for (std::size_t e = 0; e < n; ++e) {
     if (o.expert_group && (o.expert_group[e] < 0 || static_cast<std::size_t>(o.expert_group[e]) >= o.groups)) {
       return raise<Policy>(errc::domain, fn, "expert_group",
@@ -236,7 +247,7 @@ bool check_router_options(const char* fn, const router_options<S>& o, std::size_
     ++size[group_of(o, n, e)];
   }
   // Empty groups (nodes without experts) are never kept while a group with experts is left.
-  const auto first = size.begin(), last = size.begin() + static_cast<std::ptrdiff_t>(o.groups);
+  const auto first = size.begin(), last = size.end();
   const auto nonempty = std::partition(first, last, [](std::size_t s) { return s > 0; });
   std::sort(first, nonempty);
   const std::size_t kept_groups = std::min<std::size_t>(o.group_limit, static_cast<std::size_t>(nonempty - first));
@@ -292,12 +303,11 @@ std::size_t score_route(const matrix_view<In>& logits, const router_options<deta
     return detail::run_select<S>(logits, range, {options.k, true, options.renormalize}, out.probabilities,
                                  out.indices, out.weights);
   }
-  std::unique_ptr<detail::group_layout> layout;
-  if (options.groups > 0) layout = std::make_unique<detail::group_layout>(options, n);
+  const auto workspace = std::make_unique<detail::route_workspace<S>>(options, n);
   std::size_t invalid = 0;
   for (std::size_t t = range.begin; t < range.end; ++t) {
     S* scores = out.probabilities.present() ? out.probabilities.row(t) : nullptr;
-    if (!detail::route_token(options, layout.get(), logits.row(t), n, out.indices.row(t), out.weights.row(t), scores)) {
+    if (!detail::route_token(options, *workspace, logits.row(t), n, out.indices.row(t), out.weights.row(t), scores)) {
       ++invalid;
       std::fill(out.indices.row(t), out.indices.row(t) + options.k, no_expert);
       std::fill(out.weights.row(t), out.weights.row(t) + options.k, S(0));
@@ -339,12 +349,20 @@ std::size_t hash_route(const Id* token_ids, std::size_t tokens, std::size_t n, c
 }
 
 /// Roller et al.'s balanced assignment: token ids by decreasing frequency (ties: lower id), each to the expert
-/// with the least total frequency so far (ties: lower index). Returns table[id] = expert for every id.
+/// with the least total frequency so far (ties: lower index). Returns table[id] = expert for every id
+/// (empty on bad arguments under errno_on_error). Frequencies must be finite and >= 0.
 template <class Count, class Policy = default_policy>
 std::vector<expert_index> balanced_hash_table(const std::vector<Count>& frequencies, std::size_t n,
                                               const Policy& = Policy{}) {
   constexpr const char* fn = "locmoe::balanced_hash_table";
   if (!detail::check_selection<Policy>(fn, n, 1, true)) return {};
+  for (std::size_t id = 0; id < frequencies.size(); ++id) {
+    const double f = static_cast<double>(frequencies[id]);
+    if (!(f >= 0 && f < std::numeric_limits<double>::infinity())) {
+      return detail::raise<Policy>(errc::domain, fn, "frequencies", "[" + std::to_string(id) + "] = " + detail::to_text(frequencies[id]),
+                                   "every frequency must be finite and >= 0", std::vector<expert_index>{});
+    }
+  }
   std::vector<std::size_t> order(frequencies.size());
   std::iota(order.begin(), order.end(), std::size_t{0});
   std::stable_sort(order.begin(), order.end(),
@@ -389,15 +407,22 @@ std::size_t rre_route(const Id* token_ids, const Domain* domains, std::size_t to
 
 /// Auxiliary-loss-free balancing (DeepSeek-V3; Megatron-Core get_updated_expert_bias):
 /// bias_e += rate * sign(mean_e(load) - load_e), for loads [n] counted before capacity drops.
-template <class S, class Count>
-void update_expert_bias(S* bias, const Count* load, std::size_t n, S rate) {
+/// Preconditions: n >= 1, bias and load not null, rate finite. Returns false (errno policy) on bad arguments.
+template <class S, class Count, class Policy = default_policy>
+bool update_expert_bias(S* bias, const Count* load, std::size_t n, S rate, const Policy& = Policy{}) {
+  constexpr const char* fn = "locmoe::update_expert_bias";
+  if (n < 1) return detail::raise<Policy>(errc::domain, fn, "n", n, "must be >= 1", false);
+  if (!bias) return detail::raise<Policy>(errc::domain, fn, "bias", "null", "must not be null", false);
+  if (!load) return detail::raise<Policy>(errc::domain, fn, "load", "null", "must not be null", false);
+  if (!std::isfinite(rate)) return detail::raise<Policy>(errc::domain, fn, "rate", rate, "must be finite", false);
   double mean = 0;
   for (std::size_t e = 0; e < n; ++e) mean += static_cast<double>(load[e]);
-  mean /= static_cast<double>(n == 0 ? 1 : n);
+  mean /= static_cast<double>(n);
   for (std::size_t e = 0; e < n; ++e) {
     const double offset = mean - static_cast<double>(load[e]);
     bias[e] += offset > 0 ? rate : (offset < 0 ? -rate : S(0));
   }
+  return true;
 }
 
 }  // namespace locmoe

@@ -10,7 +10,7 @@
 // tokens have no local expert, which the locality loss and the statistics count and report.
 //
 // Preconditions (checked, errors name the argument): ranks >= 1, 1 <= ranks_per_node, ranks divisible by
-// ranks_per_node, experts >= 1; explicit maps: node ids >= 0, every expert on a rank in [0, R).
+// ranks_per_node, experts >= 1; explicit maps: node ids in [0, R), every expert on a rank in [0, R).
 // Cost: construction O(R + n); every query O(1). Immutable after construction; safe to share across threads.
 // Example: docs/api.md#topology.
 #pragma once
@@ -52,9 +52,10 @@ class topology {
     check_count(fn, "node_of_rank.size()", static_cast<std::int64_t>(node_of_rank_.size()));
     check_count(fn, "rank_of_expert.size()", static_cast<std::int64_t>(rank_of_expert_.size()));
     for (std::size_t r = 0; r < node_of_rank_.size(); ++r) {
-      if (node_of_rank_[r] < 0) {
-        detail::raise<throw_on_error>(errc::domain, fn, "node_of_rank", "[" + std::to_string(r) +
-                                      "] = " + std::to_string(node_of_rank_[r]), "node ids must be >= 0", 0);
+      if (node_of_rank_[r] < 0 || static_cast<std::size_t>(node_of_rank_[r]) >= node_of_rank_.size()) {
+        detail::raise<throw_on_error>(errc::domain, fn, "node_of_rank",
+                                      "[" + std::to_string(r) + "] = " + std::to_string(node_of_rank_[r]),
+                                      "node ids must be in [0, ranks): every node holds a rank", 0);
       }
       nodes_ = std::max<std::size_t>(nodes_, static_cast<std::size_t>(node_of_rank_[r]) + 1);
     }

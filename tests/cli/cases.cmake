@@ -87,12 +87,12 @@ locmoe_cli_test("route --json, position policy" EXIT 0 ARGS route ${logits} --js
   --token-rank "${route_data}/token_rank_8.npy"
   JSON_KEYS capacity tokens_per_expert kept_per_expert expert slot weight aux_loss z_loss loc_loss grad_logits stats
   JSON_VALUES capacity=2 tokens_per_expert.0=3 kept_per_expert.0=2 expert.2.0=-1 slot.2.0=-1 expert.1.0=0 slot.1.0=1
-              aux_loss=0.01090106 loc_loss=0.01227377 z_loss=4.806688 stats.dropped=1 stats.drop_rate=0.125 stats.node_local_fraction=0.8571428)
+              aux_loss~0.01090106 loc_loss~0.01227377 z_loss~4.806688 stats.dropped=1 stats.drop_rate=0.125 stats.node_local_fraction~0.8571428)
 locmoe_cli_test("route --drop-policy probs keeps the highest weights" EXIT 0 ARGS route ${logits} --json --drop-policy probs
   JSON_VALUES expert.0.0=-1 expert.2.0=0 slot.1.0=0 slot.2.0=1)
 locmoe_cli_test("route --no-drop and --capacity" EXIT 0 ARGS route ${logits} --json --no-drop JSON_VALUES capacity=3 stats.dropped=0)
 locmoe_cli_test("route --capacity 0 drops everything" EXIT 0 ARGS route ${logits} --json --capacity 0
-  JSON_VALUES capacity=0 stats.kept=0 stats.drop_rate=1)
+  JSON_VALUES capacity=0 stats.kept=0 stats.drop_rate=1.0)
 locmoe_cli_test("route --local-overflow moves a drop to a local expert" EXIT 0 ARGS route ${logits} --json --local-overflow
   --ranks 2 --ranks-per-node 1 --expert-rank "${route_data}/expert_rank_4.npy"
   JSON_VALUES expert.2.0=2 slot.2.0=1 stats.rerouted=1 stats.dropped=0)
@@ -108,9 +108,9 @@ locmoe_cli_test("route --hidden through GrAP" EXIT 0 ARGS route --hidden "${rout
   JSON_VALUES routed_expert.0.0=3 experts=4)
 locmoe_cli_test("route explicit expert ranks" EXIT 0 ARGS route ${logits} --json --ranks 2 --ranks-per-node 1
   --expert-rank "${route_data}/expert_rank_4.npy" --token-rank "${route_data}/token_rank_8.npy"
-  JSON_VALUES stats.node_local_fraction=0.142857142)
+  JSON_VALUES stats.node_local_fraction~0.142857142)
 locmoe_cli_test("route empty batch" EXIT 0 ARGS route --logits "${npy_data}/f4_0x8.npy" --json
-  JSON_VALUES tokens=0 capacity=0 aux_loss=0)
+  JSON_VALUES tokens=0 capacity=0 aux_loss=0.0)
 locmoe_cli_test("bad: route malformed npy" ${bad} ARGS route --logits "${npy_data}/bad_magic.npy" STDERR_REGEX "--logits .*bad magic")
 locmoe_cli_test("bad: route truncated npy" ${bad} ARGS route --logits "${npy_data}/f4_truncated.npy" STDERR_REGEX "--logits .*truncated")
 locmoe_cli_test("bad: route float64 logits" ${bad} ARGS route --logits "${npy_data}/f8_3x4.npy" STDERR_REGEX "--logits .*float32")
@@ -131,3 +131,10 @@ locmoe_cli_test("bad: route ranks per node" ${bad} ARGS route ${logits} --ranks 
 locmoe_cli_test("bad: route capacity factor" ${bad} ARGS route ${logits} --capacity-factor 0 STDERR_REGEX "--capacity-factor = 0")
 locmoe_cli_test("bad: route expert bias not 1-D" ${bad} ARGS route ${logits} --expert-bias "${npy_data}/f4_3x4.npy"
   STDERR_REGEX "--expert-bias .*1-D")
+locmoe_cli_test("bad: route flag for another router" ${bad} ARGS route ${logits} --domain "${route_data}/domain_8.npy"
+  STDERR_REGEX "--domain: only the rre router takes it")
+locmoe_cli_test("bad: route seed without hash" ${bad} ARGS route ${logits} --seed 3 STDERR_REGEX "--seed: only the hash and rre")
+locmoe_cli_test("bad: route huge top-k" ${bad} ARGS route ${logits} --top-k 4000000000000000000
+  STDERR_REGEX "--top-k = 4000000000000000000: must satisfy 1 <= k <= n \\(4 experts\\)")
+locmoe_cli_test("bad: route ranks per node negative" ${bad} ARGS route ${logits} --ranks-per-node -3
+  STDERR_REGEX "--ranks-per-node = -3: must be >= 1")

@@ -1,7 +1,8 @@
 # Run one locmoe command and check its exit status and output.
 #   cmake -DEXE=... -DARGS="a;b;c" -DEXIT=2 [-DSTDOUT_EMPTY=1] [-DSTDOUT_REGEX=...] [-DSTDERR_REGEX=...]
 #         [-DSTDERR_ONE_LINE=1] [-DJSON_KEYS="k1;k2"] [-DJSON_VALUES="expert.2.0=-1;capacity=2"] -P check.cmake
-# JSON_VALUES: a path of keys and array indices joined by '.', '=', and the value's text (a prefix for reals).
+# JSON_VALUES: a path of keys and array indices joined by '.', then '=' and the exact text, or '~' and the leading
+# digits of a real.
 # List arguments arrive joined with '|'.
 foreach(list_var ARGS JSON_KEYS JSON_NULL JSON_VALUES)
   if(DEFINED ${list_var})
@@ -44,17 +45,27 @@ if(DEFINED JSON_NULL)
   endforeach()
 endif()
 foreach(check IN LISTS JSON_VALUES)
-  string(FIND "${check}" "=" eq)
-  string(SUBSTRING "${check}" 0 ${eq} path)
-  math(EXPR value_start "${eq} + 1")
-  string(SUBSTRING "${check}" ${value_start} -1 want)
+  # path=text: the value's text exactly; path~digits: a real whose text starts with these digits.
+  string(REGEX MATCH "^([^=~]+)([=~])(.*)$" parsed "${check}")
+  if(NOT parsed)
+    message(FATAL_ERROR "bad JSON_VALUES entry '${check}'")
+  endif()
+  set(path "${CMAKE_MATCH_1}")
+  set(how "${CMAKE_MATCH_2}")
+  set(want "${CMAKE_MATCH_3}")
   string(REPLACE "." ";" path "${path}")
   string(JSON got ERROR_VARIABLE json_error GET "${out}" ${path})
   if(json_error)
     message(FATAL_ERROR "JSON has no '${path}': ${json_error}\n${context}")
   endif()
-  string(FIND "${got}" "${want}" at)
-  if(NOT at EQUAL 0)
-    message(FATAL_ERROR "JSON '${path}' is '${got}', expected '${want}'\n${context}")
+  if(how STREQUAL "=")
+    if(NOT got STREQUAL want)
+      message(FATAL_ERROR "JSON '${path}' is '${got}', expected exactly '${want}'\n${context}")
+    endif()
+  else()
+    string(FIND "${got}" "${want}" at)
+    if(NOT at EQUAL 0 OR NOT want MATCHES "\\.[0-9][0-9][0-9]")
+      message(FATAL_ERROR "JSON '${path}' is '${got}', expected a real starting '${want}' (3+ decimals)\n${context}")
+    endif()
   endif()
 endforeach()
