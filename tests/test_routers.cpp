@@ -213,6 +213,28 @@ TEST_CASE("score_route: explicit groups (a topology's nodes) equal contiguous gr
   CHECK(contiguous.weights[0] == doctest::Approx(s6 / (s6 + s0 + s1 + 1e-20)).epsilon(1e-14));
 }
 
+TEST_CASE("score_route: node-limited on the paper's 256-NPU cluster (32 nodes, 16 experts on 16 of them)") {
+  const topology topo = topology::uniform(256, 8, 16);
+  std::mt19937 rng(3);
+  const std::size_t tokens = 200;
+  const std::vector<double> logits = random_logits(rng, tokens * 16, 0);
+  router_options<double> o;
+  o.k = 2;
+  o.groups = topo.nodes();
+  o.group_limit = 1;
+  o.expert_group = topo.node_of_expert_map().data();
+  o.score = score_function::sigmoid;
+  // A node with experts holds exactly one here, so M = 1 leaves one expert: k = 2 cannot be met.
+  CHECK_THROWS_WITH_AS(run_route(logits, tokens, 16, o), doctest::Contains("must hold at least k experts"), error);
+  o.group_limit = 2;
+  const routed two = run_route(logits, tokens, 16, o);
+  check_same(two, reference_route(logits, tokens, 16, o));
+  for (std::size_t t = 0; t < tokens; ++t) {
+    CHECK(topo.node_of_expert(static_cast<std::size_t>(two.indices[t * 2])) !=
+          topo.node_of_expert(static_cast<std::size_t>(two.indices[t * 2 + 1])));
+  }
+}
+
 TEST_CASE("score_route: the SIMD path equals the generic path; float equals double to rounding") {
   std::mt19937 rng(7);
   const std::size_t tokens = 300, n = 64;
