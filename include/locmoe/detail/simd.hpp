@@ -119,15 +119,16 @@ S tree_sum(Arch, const xsimd::batch<S, Arch> (&sums)[Registers]) noexcept {
   return lane[0];
 }
 
-/// The largest lane of v, by halving (log2(width) steps instead of a chain of width - 1 compares). Exact, so
-/// the order does not matter. NaN-free input.
-template <class S, class Arch>
-S lane_max(const xsimd::batch<S, Arch>& v) noexcept {
+/// The largest (Largest) or smallest lane of v, by halving: log2(width) steps instead of a chain of width - 1
+/// compares. Exact, so the order does not matter. NaN-free input.
+template <bool Largest, class S, class Arch>
+S lane_extreme(const xsimd::batch<S, Arch>& v) noexcept {
   constexpr std::size_t width = xsimd::batch<S, Arch>::size;
   alignas(virtual_bytes) S lane[width];
   v.store_aligned(lane);
   for (std::size_t half = width / 2; half > 0; half /= 2)
-    for (std::size_t i = 0; i < half; ++i) lane[i] = lane[i + half] > lane[i] ? lane[i + half] : lane[i];
+    for (std::size_t i = 0; i < half; ++i)
+      lane[i] = (Largest ? lane[i + half] > lane[i] : lane[i + half] < lane[i]) ? lane[i + half] : lane[i];
   return lane[0];
 }
 
@@ -208,7 +209,7 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
     bad = bad || xsimd::isnan(s) || (s == batch(infinity));
     maxima = xsimd::max(maxima, s);
   }
-  const S maximum = lane_max(maxima);
+  const S maximum = lane_extreme<true>(maxima);
   if (xsimd::any(bad) || maximum == -infinity) {
     for (std::size_t c = 0; c < k; ++c) {
       out.indices[c] = no_expert;
@@ -229,20 +230,36 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
     out.weights[0] = maximum;
     chosen = 1;
   } else if (k > 1 && k <= small_k) {
-    // Repeated SIMD maximum, each winner masked with -inf and restored after: O(k n / width), no branches
-    // on the data; the first index holding the maximum wins, as above.
-    S best = maximum;
-    while (chosen < k && best != -infinity) {
-      std::size_t j = 0;
-      while (row[j] != best) ++j;
-      out.indices[chosen] = static_cast<expert_index>(j);
-      out.weights[chosen++] = row[j];
-      row[j] = -infinity;
-      batch next = batch(-infinity);
-      for (std::size_t i = 0; i < padded; i += width) next = xsimd::max(next, batch::load_aligned(row + i));
-      best = lane_max(next);
+    // Walk the order (score desc, index asc) k steps with SIMD: each step takes the largest score among the
+    // entries after the previous choice, then its first index. The row is only read (no masking stores).
+    alignas(virtual_bytes) S iota_lane[width];
+    for (std::size_t i = 0; i < width; ++i) iota_lane[i] = static_cast<S>(i);
+    const batch iota = batch::load_aligned(iota_lane), minus_inf(-infinity), none(static_cast<S>(padded));
+    std::size_t at = 0;
+    while (row[at] != maximum) ++at;
+    S value = maximum;
+    out.indices[0] = static_cast<expert_index>(at);
+    out.weights[0] = row[at];
+    for (chosen = 1; chosen < k; ++chosen) {
+      const batch v(value), a(static_cast<S>(at));
+      batch next = minus_inf;
+      for (std::size_t i = 0; i < padded; i += width) {
+        const batch s = batch::load_aligned(row + i), index = iota + batch(static_cast<S>(i));
+        next = xsimd::max(next, xsimd::select((s < v) || ((s == v) && (index > a)), s, minus_inf));
+      }
+      const S best = lane_extreme<true>(next);
+      if (best == -infinity) break;  // fewer than k selectable experts
+      const batch b(best), later = xsimd::select(b < v, batch(S(-1)), a);  // best < value: any index
+      batch first = none;
+      for (std::size_t i = 0; i < padded; i += width) {
+        const batch s = batch::load_aligned(row + i), index = iota + batch(static_cast<S>(i));
+        first = xsimd::min(first, xsimd::select((s == b) && (index > later), index, none));
+      }
+      at = static_cast<std::size_t>(lane_extreme<false>(first));
+      value = best;
+      out.indices[chosen] = static_cast<expert_index>(at);
+      out.weights[chosen] = row[at];
     }
-    for (std::size_t c = 0; c < chosen; ++c) row[out.indices[c]] = out.weights[c];
   } else if (k > small_k) {
     for (std::size_t j = 0; j < n; ++j) {
       const S s = row[j];
