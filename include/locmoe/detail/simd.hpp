@@ -198,7 +198,7 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
   constexpr S infinity = std::numeric_limits<S>::infinity();
   const std::size_t padded = round_up(n, lanes);
   const std::size_t k = settings.k;
-  constexpr std::size_t small_k = 8;  // up to here, k SIMD maxima beat the insertion list
+  constexpr std::size_t small_k = 8;  // up to k = 8 and n >= 4 k (measured), the SIMD walk beats the insertion list
   for (std::size_t j = n; j < padded; ++j) row[j] = -infinity;
 
   // Pass 1: validity and the maximum (max is exact, so its order does not matter).
@@ -229,7 +229,7 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
     out.indices[0] = static_cast<expert_index>(best);
     out.weights[0] = maximum;
     chosen = 1;
-  } else if (k > 1 && k <= small_k) {
+  } else if (k > 1 && k <= small_k && 4 * k <= n) {
     // Walk the order (score desc, index asc) k steps with SIMD: each step takes the largest score among the
     // entries after the previous choice, then its first index. The row is only read (no masking stores).
     alignas(virtual_bytes) S iota_lane[width];
@@ -260,7 +260,7 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
       out.indices[chosen] = static_cast<expert_index>(at);
       out.weights[chosen] = row[at];
     }
-  } else if (k > small_k) {
+  } else if (k > 1) {
     for (std::size_t j = 0; j < n; ++j) {
       const S s = row[j];
       if (s == -infinity || (chosen == k && !(s > out.weights[k - 1]))) continue;
