@@ -101,9 +101,10 @@ struct locality_value : loss_value<S> {
 
 namespace detail {
 
-/// A row's probabilities for the losses: the caller's softmax, or recomputed into `buffer`. Null: not a valid row.
+/// A row's normalized sigmoid scores q = s / (sum s + 1e-20), s = sigmoid(l), into `buffer` (Megatron-Core's aux
+/// scores); null for a token that is skipped (NaN or +inf, all -inf, or a first choice of no_expert).
 template <class S>
-const S* loss_row(const loss_inputs<S>& in, std::size_t t, score_function score, S* buffer) {
+const S* sigmoid_row(const loss_inputs<S>& in, std::size_t t, S* buffer) {
   const S* l = in.logits.row(t);
   const std::size_t n = in.logits.cols;
   if (in.indices.present() && in.indices(t, 0) == no_expert) return nullptr;
@@ -113,35 +114,31 @@ const S* loss_row(const loss_inputs<S>& in, std::size_t t, score_function score,
     max_logit = std::max(max_logit, l[e]);
   }
   if (max_logit == -std::numeric_limits<S>::infinity()) return nullptr;
-  if (score == score_function::softmax && in.probabilities.present()) return in.probabilities.row(t);
   S sum = 0;
   for (std::size_t e = 0; e < n; ++e) {
-    buffer[e] = score == score_function::softmax ? std::exp(l[e] - max_logit)
-                                                 : (l[e] == -std::numeric_limits<S>::infinity() ? S(0) : sigmoid(l[e]));
+    buffer[e] = l[e] == -std::numeric_limits<S>::infinity() ? S(0) : sigmoid(l[e]);
     sum += buffer[e];
   }
-  if (score == score_function::sigmoid) sum += S(sigmoid_renormalize_epsilon);
+  sum += S(sigmoid_renormalize_epsilon);
   for (std::size_t e = 0; e < n; ++e) buffer[e] /= sum;
   return buffer;
 }
 
-/// Adds dL/dl_t for dL/dq_ti = g_i, q = the row's scores (softmax p, or normalized sigmoid).
+/// Adds dL/dl_t given dL/dq_ti = g_i for the normalized sigmoid q: s_j (1 - s_j) (g_j - q . g) / (sum s + 1e-20).
 template <class S>
-void add_score_backward(const S* l, const S* q, const double* g, std::size_t n, score_function score, S* grad) {
-  double dot = 0;
-  for (std::size_t i = 0; i < n; ++i) dot += static_cast<double>(q[i]) * g[i];
-  if (score == score_function::softmax) {
-    for (std::size_t j = 0; j < n; ++j) grad[j] += static_cast<S>(static_cast<double>(q[j]) * (g[j] - dot));
-    return;
-  }
-  double total = 0;  // sum_j s_j + eps, recovered exactly as Megatron-Core forms it
-  std::array<double, simd::max_experts> s;
+void add_sigmoid_backward(const S* l, const S* q, const double* g, std::size_t n, S* grad) {
+  auto s = [&](std::size_t j) {
+    return l[j] == -std::numeric_limits<S>::infinity() ? 0.0 : static_cast<double>(sigmoid(l[j]));
+  };
+  double dot = 0, total = sigmoid_renormalize_epsilon;
   for (std::size_t j = 0; j < n; ++j) {
-    s[j] = l[j] == -std::numeric_limits<S>::infinity() ? 0.0 : static_cast<double>(sigmoid(l[j]));
-    total += s[j];
+    dot += static_cast<double>(q[j]) * g[j];
+    total += s(j);
   }
-  total += sigmoid_renormalize_epsilon;
-  for (std::size_t j = 0; j < n; ++j) grad[j] += static_cast<S>(s[j] * (1 - s[j]) * (g[j] - dot) / total);
+  for (std::size_t j = 0; j < n; ++j) {
+    const double sj = s(j);
+    grad[j] += static_cast<S>(sj * (1 - sj) * (g[j] - dot) / total);
+  }
 }
 
 template <class Policy, class S>
@@ -244,10 +241,10 @@ loss_value<S> aux_sigmoid(const loss_inputs<S>& in, const aux_loss_options<S>& o
   const std::size_t tokens = in.logits.rows, n = in.logits.cols;
   const std::size_t k_used = o.normalization == aux_normalization::first_choice ? 1 : in.indices.cols;
   std::vector<double> mean_q(n, 0.0), count(n, 0.0), g(n);
-  std::array<S, max_experts> buffer;
+  std::vector<S> buffer(n);
   loss_value<S> v;
   for (std::size_t t = 0; t < tokens; ++t) {
-    const S* q = loss_row(in, t, score_function::sigmoid, buffer.data());
+    const S* q = sigmoid_row(in, t, buffer.data());
     if (!q) continue;
     ++v.tokens;
     for (std::size_t e = 0; e < n; ++e) mean_q[e] += static_cast<double>(q[e]);
@@ -267,8 +264,8 @@ loss_value<S> aux_sigmoid(const loss_inputs<S>& in, const aux_loss_options<S>& o
   v.value = static_cast<S>(scale * value);
   if (grad.present()) {
     for (std::size_t t = 0; t < tokens; ++t) {
-      const S* q = loss_row(in, t, score_function::sigmoid, buffer.data());
-      if (q) add_score_backward(in.logits.row(t), q, g.data(), n, score_function::sigmoid, grad.row(t));
+      const S* q = sigmoid_row(in, t, buffer.data());
+      if (q) add_sigmoid_backward(in.logits.row(t), q, g.data(), n, grad.row(t));
     }
   }
   return v;
