@@ -324,6 +324,17 @@ void for_each_valid_run(const loss_inputs<S>& in, bool with_lse, const rank_map&
   }
 }
 
+/// sum_e a_e b_e with 8 interleaved partial sums (a fixed order; independent chains the compiler can vectorize).
+template <class S>
+S dot8(const S* a, const S* b, std::size_t n) noexcept {
+  S part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::size_t e = 0;
+  for (; e + 8 <= n; e += 8)
+    for (std::size_t j = 0; j < 8; ++j) part[j] += a[e + j] * b[e + j];
+  for (std::size_t j = 0; e < n; ++e, ++j) part[j] += a[e] * b[e];
+  return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+}
+
 /// The fused softmax terms. Pass 1: counts, sum of lse^2 and the sums of p per source rank (in float over a
 /// run, then double); pass 2: grad_t += p_t * (G_r - p_t . G_r + 2 z lse_t / T_v), with G_r = dL/dp for rank r
 /// (aux and locality together). Arguments are checked by the caller.
@@ -359,12 +370,13 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
     rank_tokens[r] += rows;
     z_sum += lse.template cast<double>().square().sum();
     const auto ri = static_cast<Eigen::Index>(r);
-    Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> run_sum(run_sum_buffer.data(), N);  // row by row: contiguous
-    run_sum = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(in.probabilities.row(t0), N);
+    S* run_sum = run_sum_buffer.data();  // plain loops: elementwise, so the compiler vectorizes them
+    std::copy(in.probabilities.row(t0), in.probabilities.row(t0) + n, run_sum);
     for (std::size_t t = t0 + 1; t < t0 + rows; ++t) {
-      run_sum += Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(in.probabilities.row(t), N);
+      const S* p = in.probabilities.row(t);
+      for (std::size_t e = 0; e < n; ++e) run_sum[e] += p[e];
     }
-    sum_p.row(ri) += run_sum.template cast<double>();
+    for (std::size_t e = 0; e < n; ++e) sum_p(ri, static_cast<Eigen::Index>(e)) += static_cast<double>(run_sum[e]);
     for (std::size_t t = t0; t < t0 + rows; ++t) {
       for (std::size_t j = 0; j < (in.indices.present() ? in.indices.cols : 0); ++j) {
         const expert_index e = in.indices(t, j);
@@ -433,13 +445,12 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
   const Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> gs = g.template cast<S>();
   const double z_factor = terms.z ? 2.0 * static_cast<double>(o.z_coeff) / tv : 0.0;
   for_each_valid_run(in, terms.z, rank_of, [&](std::size_t r, std::size_t t0, std::size_t rows, const auto& lse) {
-    using row = Eigen::Matrix<S, 1, Eigen::Dynamic>;
-    const auto gr = gs.row(static_cast<Eigen::Index>(r));
-    for (std::size_t i = 0; i < rows; ++i) {  // row by row: contiguous, vectorized
-      const Eigen::Map<const row> p(in.probabilities.row(t0 + i), N);
-      Eigen::Map<row> dl(grad.row(t0 + i), N);
-      const S shift = static_cast<S>(z_factor * static_cast<double>(lse[static_cast<Eigen::Index>(i)])) - p.dot(gr);
-      dl.array() += p.array() * (gr.array() + shift);
+    const S* gr = gs.data() + r * n;
+    for (std::size_t i = 0; i < rows; ++i) {  // plain loops over a row (n is small: no per-row Eigen setup)
+      const S* p = in.probabilities.row(t0 + i);
+      S* dl = grad.row(t0 + i);
+      const S shift = static_cast<S>(z_factor * static_cast<double>(lse[static_cast<Eigen::Index>(i)])) - dot8(p, gr, n);
+      for (std::size_t e = 0; e < n; ++e) dl[e] += p[e] * (gr[e] + shift);
     }
   });
   return out;
