@@ -5,6 +5,7 @@
 #include <locmoe/assign.hpp>
 #include <locmoe/capacity.hpp>
 #include <locmoe/config.hpp>
+#include <locmoe/dispatch.hpp>
 #include <locmoe/error.hpp>
 #include <locmoe/gating.hpp>
 #include <locmoe/losses.hpp>
