@@ -181,6 +181,20 @@ void check_padded_rows(const std::string& what, const std::vector<bool>& pad, co
   }
 }
 
+/// One loss against a result block: the value (`field` and `field`_f64) and the gradients `grad`/`grad_f64`,
+/// float32 and float64 runs, and zero gradient rows for padded tokens.
+template <class Float, class Double>
+void check_loss_and_grad(tally& tl, const std::string& what, const json& res, const char* field, double ours_f,
+                         double ours_d, const Float& f, const Double& d, const std::vector<bool>& pad,
+                         std::size_t experts) {
+  close(tl, what + " " + field, ours_f, res.at(field).get<double>(), loss_tol_f32);
+  close(tl, what + " " + field + "_f64", ours_d, res.at(std::string(field) + "_f64").get<double>(), mc_tol_f64);
+  close_matrix(tl, what + " grad", f.grad, flat(res.at("grad")), grad_tol_f32);
+  close_matrix(tl, what + " grad_f64", d.grad, flat(res.at("grad_f64")), mc_tol_f64);
+  check_padded_rows(what, pad, f.grad, flat(res.at("grad")), experts);
+  check_padded_rows(what + " f64", pad, d.grad, flat(res.at("grad_f64")), experts);
+}
+
 }  // namespace
 
 TEST_CASE("Megatron-Core aux loss: peers/mcore_aux_loss") {
@@ -207,12 +221,7 @@ TEST_CASE("Megatron-Core aux loss: peers/mcore_aux_loss") {
       const auto f = losses<float>(l, idx, k, coeff, all_choices, score);
       const auto d = losses<double>(l, idx, k, coeff, all_choices, score);  // f64: the float32 routing map, as the peer
       CHECK(static_cast<double>(f.tokens) == res.at("total_num_tokens").get<double>());
-      close(tl, what + " loss", f.aux, res.at("loss").get<double>(), loss_tol_f32);
-      close(tl, what + " loss_f64", d.aux, res.at("loss_f64").get<double>(), mc_tol_f64);
-      close_matrix(tl, what + " grad", f.grad, flat(res.at("grad")), grad_tol_f32);
-      close_matrix(tl, what + " grad_f64", d.grad, flat(res.at("grad_f64")), mc_tol_f64);
-      check_padded_rows(what, pad, f.grad, flat(res.at("grad")), l.experts);
-      check_padded_rows(what + " f64", pad, d.grad, flat(res.at("grad_f64")), l.experts);
+      check_loss_and_grad(tl, what, res, "loss", f.aux, d.aux, f, d, pad, l.experts);
       ++tl.cases;
     }
   }
@@ -233,12 +242,7 @@ TEST_CASE("Megatron-Core z-loss: peers/mcore_z_loss") {
       mask_padding(idx, 1, pad);
       const auto f = losses<float>(l, idx, 1, 0, all_choices, locmoe::score_function::softmax, coeff);
       const auto d = losses<double>(l, idx, 1, 0, all_choices, locmoe::score_function::softmax, coeff);
-      close(tl, what + " z_loss", f.z, res.at("z_loss").get<double>(), loss_tol_f32);
-      close(tl, what + " z_loss_f64", d.z, res.at("z_loss_f64").get<double>(), mc_tol_f64);
-      close_matrix(tl, what + " grad", f.grad, flat(res.at("grad")), grad_tol_f32);
-      close_matrix(tl, what + " grad_f64", d.grad, flat(res.at("grad_f64")), mc_tol_f64);
-      check_padded_rows(what, pad, f.grad, flat(res.at("grad")), l.experts);
-      check_padded_rows(what + " f64", pad, d.grad, flat(res.at("grad_f64")), l.experts);
+      check_loss_and_grad(tl, what, res, "z_loss", f.z, d.z, f, d, pad, l.experts);
       ++tl.cases;
     }
   }
