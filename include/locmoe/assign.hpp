@@ -162,20 +162,22 @@ class capacity_assigner {
     if (options_.renormalize_kept) renormalize(out);
 
     // Statistics.
+    // Without a topology everything is local; with one, the maps are read directly (checked above).
     const topology* topo = context.topo;
+    const std::int32_t* rank_of_expert = topo ? topo->rank_of_expert_map().data() : nullptr;
+    const std::int32_t* node_of_expert = topo ? topo->node_of_expert_map().data() : nullptr;
+    const std::int32_t* node_of_rank = topo ? topo->node_of_rank_map().data() : nullptr;
     std::int64_t node_local = 0, rank_local = 0;
     for (std::size_t t = 0; t < tokens; ++t) {
       const std::size_t r = source_rank(context, t, tokens);
-      if (topo && topo->experts_on_node(static_cast<std::size_t>(topo->node_of_rank(r))) == 0) {
-        ++stats.tokens_without_local_expert;
-      }
+      const std::int32_t node = topo ? node_of_rank[r] : 0;
+      if (topo && topo->experts_on_node(static_cast<std::size_t>(node)) == 0) ++stats.tokens_without_local_expert;
       for (std::size_t j = 0; j < k; ++j) {
         const expert_index e = out.expert(t, j);
         if (e == no_expert) continue;
         ++stats.kept;
-        const auto ue = static_cast<std::size_t>(e);
-        node_local += !topo || topo->is_local(ue, r);
-        rank_local += !topo || static_cast<std::size_t>(topo->rank_of_expert(ue)) == r;
+        node_local += !topo || node_of_expert[e] == node;
+        rank_local += !topo || static_cast<std::size_t>(rank_of_expert[e]) == r;
       }
     }
     stats.dropped = stats.routed - stats.kept;
