@@ -168,8 +168,9 @@ class capacity_assigner {
     const std::int32_t* node_of_expert = topo ? topo->node_of_expert_map().data() : nullptr;
     const std::int32_t* node_of_rank = topo ? topo->node_of_rank_map().data() : nullptr;
     std::int64_t node_local = 0, rank_local = 0;
+    const detail::rank_map source = ranks_of(context, tokens);
     for (std::size_t t = 0; t < tokens; ++t) {
-      const std::size_t r = source_rank(context, t, tokens);
+      const std::size_t r = source.rank(t);
       const std::int32_t node = topo ? node_of_rank[r] : 0;
       if (topo && topo->experts_on_node(static_cast<std::size_t>(node)) == 0) ++stats.tokens_without_local_expert;
       for (std::size_t j = 0; j < k; ++j) {
@@ -244,18 +245,17 @@ class capacity_assigner {
     }
   }
 
-  std::size_t source_rank(const assignment_context<S>& context, std::size_t t, std::size_t tokens) const {
-    if (context.token_rank) return static_cast<std::size_t>(context.token_rank[t]);
-    const std::size_t ranks = context.topo ? context.topo->ranks() : 1;
-    return tokens ? t * ranks / tokens : 0;
+  static detail::rank_map ranks_of(const assignment_context<S>& context, std::size_t tokens) {
+    return {context.token_rank, context.topo ? context.topo->ranks() : 1, tokens};
   }
 
   void reroute(const matrix_view<const expert_index>& indices, const assignment_outputs<S>& out,
                const assignment_context<S>& context, std::int64_t capacity, assignment_stats& stats) {
     const std::size_t tokens = indices.rows, k = indices.cols;
     const topology* topo = context.topo;
+    const detail::rank_map source = ranks_of(context, tokens);
     for (std::size_t t = 0; t < tokens; ++t) {
-      const std::size_t r = source_rank(context, t, tokens);
+      const std::size_t r = source.rank(t);
       const std::int32_t node = topo ? topo->node_of_rank(r) : 0;
       for (std::size_t j = 0; j < k; ++j) {
         if (indices(t, j) == no_expert || out.expert(t, j) != no_expert) continue;
@@ -314,29 +314,11 @@ class capacity_assigner {
     if (options_.capacity > static_cast<std::int64_t>(INT32_MAX)) {
       detail::raise<P>(errc::overflow, fn, "capacity", options_.capacity, "must be < 2^31 (slots are int32)", 0);
     }
-    for (std::size_t t = 0; t < tokens; ++t) {
-      for (std::size_t j = 0; j < k; ++j) {
-        const expert_index e = indices(t, j);
-        if (e < no_expert || e >= static_cast<expert_index>(n_)) {
-          detail::raise<P>(errc::domain, fn, "indices",
-                           "(" + std::to_string(t) + ", " + std::to_string(j) + ") = " + std::to_string(e),
-                           "every index must be an expert in [0, n) or no_expert (-1)", 0);
-        }
-      }
-    }
+    detail::check_indices<P>(fn, indices, n_);
     if (context.topo && context.topo->experts() != n_) {
       detail::raise<P>(errc::domain, fn, "topology", context.topo->experts(), "must place exactly n experts", 0);
     }
-    const std::size_t ranks = context.topo ? context.topo->ranks() : 1;
-    if (context.token_rank) {
-      for (std::size_t t = 0; t < tokens; ++t) {
-        if (context.token_rank[t] < 0 || static_cast<std::size_t>(context.token_rank[t]) >= ranks) {
-          detail::raise<P>(errc::domain, fn, "token_rank",
-                           "[" + std::to_string(t) + "] = " + std::to_string(context.token_rank[t]),
-                           "every token's rank must be in [0, ranks)", 0);
-        }
-      }
-    }
+    detail::check_token_ranks<P>(fn, context.token_rank, tokens, context.topo ? context.topo->ranks() : 1);
     if (options_.local_overflow) {
       if (!context.scores.present() && tokens > 0) {
         detail::raise<P>(errc::domain, fn, "scores", "null", "must be passed, [T x n], when local_overflow is on", 0);

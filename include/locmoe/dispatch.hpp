@@ -77,14 +77,12 @@ inline dispatch_plan build_dispatch_plan(const matrix_view<const expert_index>& 
   plan.send_tokens.assign(ranks * ranks, 0);
   plan.expert.resize(tokens * k);
   plan.slot.resize(tokens * k);
+  detail::check_token_ranks<P>(fn, token_rank, tokens, ranks);
+  const detail::rank_map source{token_rank, ranks, tokens};
   std::vector<unsigned char> taken(n * plan.capacity, 0);
   std::vector<std::size_t> rank_of_pair;
   for (std::size_t t = 0; t < tokens; ++t) {
-    const std::size_t src = token_rank ? static_cast<std::size_t>(token_rank[t]) : t * ranks / tokens;
-    if (token_rank && (token_rank[t] < 0 || src >= ranks)) {
-      detail::raise<P>(errc::domain, fn, "token_rank", "[" + std::to_string(t) + "] = " + std::to_string(token_rank[t]),
-                       "every token's rank must be in [0, ranks)", 0);
-    }
+    const std::size_t src = source.rank(t);
     for (std::size_t j = 0; j < k; ++j) {
       const expert_index e = expert(t, j);
       const slot_index s = slot(t, j);

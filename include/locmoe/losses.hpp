@@ -151,17 +151,9 @@ bool check_loss_inputs(const char* fn, const loss_inputs<S>& in, bool need_indic
       return raise<Policy>(errc::domain, fn, "indices", shape_text(in.indices.rows, in.indices.cols),
                            "must have k columns, 1 <= k <= n", false);
     }
-    if (!check_view<Policy>(fn, "indices", in.indices, tokens, in.indices.cols, "")) return false;
-    for (std::size_t t = 0; t < tokens; ++t) {
-      for (std::size_t j = 0; j < in.indices.cols; ++j) {
-        const expert_index e = in.indices(t, j);
-        if (e < no_expert || e >= static_cast<expert_index>(n)) {
-          return raise<Policy>(errc::domain, fn, "indices",
-                               "(" + std::to_string(t) + ", " + std::to_string(j) + ") = " + std::to_string(e),
-                               "every index must be an expert in [0, n) or no_expert (-1)", false);
-        }
-      }
-    }
+    if (!check_view<Policy>(fn, "indices", in.indices, tokens, in.indices.cols, "") ||
+        !check_indices<Policy>(fn, in.indices, n))
+      return false;
   }
   if (in.probabilities.present() &&
       !check_view<Policy>(fn, "probabilities", in.probabilities, tokens, n, "must have n columns"))
@@ -222,17 +214,8 @@ bool check_locality(const char* fn, const locality_loss_options<S>& o, std::size
   if (o.topo->experts() != n) {
     return raise<Policy>(errc::domain, fn, "topo", o.topo->experts(), "must place exactly n experts", false);
   }
-  if (!check_coeff<Policy>(fn, coeff_name, o.coeff)) return false;
-  if (o.token_rank) {
-    for (std::size_t t = 0; t < tokens; ++t) {
-      if (o.token_rank[t] < 0 || static_cast<std::size_t>(o.token_rank[t]) >= o.topo->ranks()) {
-        return raise<Policy>(errc::domain, fn, "token_rank",
-                             "[" + std::to_string(t) + "] = " + std::to_string(o.token_rank[t]),
-                             "every token's rank must be in [0, ranks)", false);
-      }
-    }
-  }
-  return true;
+  return check_coeff<Policy>(fn, coeff_name, o.coeff) &&
+         check_token_ranks<Policy>(fn, o.token_rank, tokens, o.topo->ranks());
 }
 
 /// The aux loss with sigmoid scores (Megatron-Core): row by row, its own pass (not on the fused path).
@@ -270,28 +253,6 @@ loss_value<S> aux_sigmoid(const loss_inputs<S>& in, const aux_loss_options<S>& o
   }
   return v;
 }
-
-/// The source rank of each token: token_rank[t], or contiguous blocks (t on rank floor(t R / T)), or 0 without a
-/// topology; run_end(t, limit) is the first row after t, up to limit, on another rank.
-struct rank_map {
-  const std::int32_t* token_rank = nullptr;
-  std::size_t ranks = 1, tokens = 0;
-
-  std::size_t rank(std::size_t t) const noexcept {
-    if (token_rank) return static_cast<std::size_t>(token_rank[t]);
-    return ranks == 1 ? 0 : t * ranks / tokens;
-  }
-  std::size_t run_end(std::size_t t, std::size_t limit) const noexcept {
-    if (token_rank) {
-      std::size_t end = t + 1;
-      while (end < limit && token_rank[end] == token_rank[t]) ++end;
-      return end;
-    }
-    if (ranks == 1) return limit;
-    const std::size_t next = rank(t) + 1;  // first row of rank r + 1: ceil((r + 1) T / R)
-    return std::min(limit, (next * tokens + ranks - 1) / ranks);
-  }
-};
 
 /// Calls fn(rank, first_row, rows, lse) for each run of at most 64 consecutive valid tokens of one source rank
 /// (`lse` per row when `with_lse`, else zeros). Valid: softmax row not all 0 (select.hpp zeroes invalid tokens)

@@ -117,4 +117,41 @@ class topology {
   std::size_t nodes_ = 0;
 };
 
+namespace detail {
+
+/// The source rank of each token: token_rank[t], or contiguous blocks (t on rank floor(t R / T)); run_end(t,
+/// limit) is the first row after t, up to limit, on another rank. Shared by assign, losses and dispatch.
+struct rank_map {
+  const std::int32_t* token_rank = nullptr;
+  std::size_t ranks = 1, tokens = 0;
+
+  std::size_t rank(std::size_t t) const noexcept {
+    if (token_rank) return static_cast<std::size_t>(token_rank[t]);
+    return ranks == 1 ? 0 : t * ranks / tokens;
+  }
+  std::size_t run_end(std::size_t t, std::size_t limit) const noexcept {
+    if (token_rank) {
+      std::size_t end = t + 1;
+      while (end < limit && token_rank[end] == token_rank[t]) ++end;
+      return end;
+    }
+    if (ranks == 1) return limit;
+    const std::size_t next = rank(t) + 1;  // first row of rank r + 1: ceil((r + 1) T / R)
+    return std::min(limit, (next * tokens + ranks - 1) / ranks);
+  }
+};
+
+/// Every token_rank[t] (when given) in [0, ranks); reports the first that is not.
+template <class Policy>
+bool check_token_ranks(const char* fn, const std::int32_t* token_rank, std::size_t tokens, std::size_t ranks) {
+  for (std::size_t t = 0; token_rank && t < tokens; ++t) {
+    if (token_rank[t] < 0 || static_cast<std::size_t>(token_rank[t]) >= ranks) {
+      return raise<Policy>(errc::domain, fn, "token_rank", "[" + std::to_string(t) + "] = " + std::to_string(token_rank[t]),
+                           "every token's rank must be in [0, ranks)", false);
+    }
+  }
+  return true;
+}
+
+}  // namespace detail
 }  // namespace locmoe

@@ -138,6 +138,24 @@ bool check_view(const char* function, const char* argument, const matrix_view<T>
   return true;
 }
 
+/// Every entry of indices [T x k] an expert in [0, n) or no_expert; reports the first that is not.
+template <class Policy>
+bool check_indices(const char* function, const matrix_view<const expert_index>& indices, std::size_t n) {
+  for (std::size_t t = 0; t < indices.rows; ++t) {
+    for (std::size_t j = 0; j < indices.cols; ++j) {
+      const expert_index e = indices(t, j);
+      if (e < no_expert || e >= static_cast<expert_index>(n)) {
+        Policy::report(error_report{errc::domain, function, "indices",
+                                    "(" + std::to_string(t) + ", " + std::to_string(j) + ") = " + std::to_string(e),
+                                    "every index must be an expert in [0, n) or no_expert (-1)"},
+                       0);
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
 /// [begin, end) clipped to the rows; reports a begin past the end.
 template <class Policy>
 bool resolve_range(const char* function, token_range& range, std::size_t rows) {
