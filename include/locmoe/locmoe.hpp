@@ -7,6 +7,7 @@
 #include <locmoe/config.hpp>
 #include <locmoe/dispatch.hpp>
 #include <locmoe/error.hpp>
+#include <locmoe/exchange.hpp>
 #include <locmoe/gating.hpp>
 #include <locmoe/losses.hpp>
 #include <locmoe/reference.hpp>
