@@ -76,5 +76,6 @@ auto checked(const flag_names& flags, Compute compute) {
 /// Subcommands: each registers itself on the app and returns the function that runs it.
 void add_capacity_commands(CLI::App& app);
 void add_route_command(CLI::App& app);
+void add_simulate_command(CLI::App& app);
 
 }  // namespace locmoe::cli

@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   locmoe::cli::add_capacity_commands(app);
   locmoe::cli::add_route_command(app);
+  locmoe::cli::add_simulate_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {

@@ -278,11 +278,14 @@ struct comm_model {
   link_cost intra_node;
   link_cost inter_node;
 
-  /// Ascend 910 servers (Atlas 800 model 9000, 8 NPUs) on RoCE: the paper's clusters. Figures and sources:
-  /// docs/theory.md#the-communication-model.
-  static comm_model ascend_910() noexcept { return {{2e-6, 30e9}, {10e-6, 12.5e9}}; }
-  /// NVIDIA DGX A100 (NVSwitch inside the node, one HDR InfiniBand port per GPU). Sources as above.
-  static comm_model dgx_a100() noexcept { return {{2e-6, 300e9}, {5e-6, 25e9}}; }
+  /// Ascend 910A servers (Atlas 800 model 9000: 8 NPUs, one 100 Gb/s RoCE port each): the paper's clusters.
+  /// Bandwidths: Huawei msprof's reference link speeds for this chip (HCCS 18 GB/s, RDMA 12.5 GB/s); latencies:
+  /// NCCL's tuning model (3.4 us on NVLink, 9.6 us on the network), for want of a published HCCL figure.
+  /// Sources and quotes: docs/theory.md#the-communication-model.
+  static comm_model ascend_910() noexcept { return {{3.4e-6, 18e9}, {9.6e-6, 12.5e9}}; }
+  /// NVIDIA DGX A100: NVLink 3 through NVSwitch (300 GB/s per direction per GPU), one 200 Gb/s HDR InfiniBand
+  /// port per GPU (25 GB/s); latencies as above.
+  static comm_model dgx_a100() noexcept { return {{3.4e-6, 300e9}, {9.6e-6, 25e9}}; }
 
   const link_cost& operator[](link_class c) const noexcept { return c == link_class::intra_node ? intra_node : inter_node; }
 };
