@@ -58,8 +58,20 @@ comm_model model_of(const simulate_settings& s) {
 
 double change(double value, double reference) { return reference > 0 ? value / reference - 1 : 0.0; }
 
+/// Switch's result, the reference of the "vs switch" columns; null when switch was not run.
+const sim::router_result* switch_of(const sim::cluster_result& c) {
+  for (const sim::router_result& r : c.routers) {
+    if (r.router == "switch") return &r;
+  }
+  return nullptr;
+}
+
 nlohmann::ordered_json to_json(const sim::cluster_result& c, const simulate_settings& s) {
-  const sim::router_result& sw = c.routers[1];
+  const sim::router_result* sw = switch_of(c);
+  const auto versus = [sw](double value, double sim::router_result::*field) -> nlohmann::ordered_json {
+    if (!sw) return nullptr;
+    return change(value, sw->*field);
+  };
   nlohmann::ordered_json j;
   j["preset"] = c.spec.preset;
   j["nodes"] = c.spec.nodes;
@@ -87,8 +99,9 @@ nlohmann::ordered_json to_json(const sim::cluster_result& c, const simulate_sett
                             {"a2a_seconds_flat", r.a2a_seconds_flat},
                             {"a2a_seconds_groupwise", r.a2a_seconds_groupwise},
                             {"a2a_seconds_two_level", r.a2a_seconds_two_level},
-                            {"change_flat_vs_switch", change(r.a2a_seconds_flat, sw.a2a_seconds_flat)},
-                            {"change_groupwise_vs_switch", change(r.a2a_seconds_groupwise, sw.a2a_seconds_groupwise)}});
+                            {"change_flat_vs_switch", versus(r.a2a_seconds_flat, &sim::router_result::a2a_seconds_flat)},
+                            {"change_groupwise_vs_switch",
+                             versus(r.a2a_seconds_groupwise, &sim::router_result::a2a_seconds_groupwise)}});
   }
   return j;
 }
@@ -98,16 +111,24 @@ const char* const csv_header =
     "drop_rate,capacity,affinity,a2a_seconds_flat,a2a_seconds_groupwise,a2a_seconds_two_level,change_flat_vs_switch,"
     "change_groupwise_vs_switch";
 
+/// A change against switch as text: empty when switch was not run.
+std::string versus_text(const sim::router_result* sw, double value, double sim::router_result::*field) {
+  if (!sw) return "";
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%.6f", change(value, sw->*field));
+  return buffer;
+}
+
 void print_csv(const sim::cluster_result& c) {
-  const sim::router_result& sw = c.routers[1];
+  const sim::router_result* sw = switch_of(c);
   for (const sim::router_result& r : c.routers) {
-    std::printf("%s,%lld,%lld,%lld,%s,%lld,%.6f,%.6f,%.6f,%.6f,%.6f,%lld,%.6f,%.6e,%.6e,%.6e,%.6f,%.6f\n", c.spec.preset.c_str(),
+    std::printf("%s,%lld,%lld,%lld,%s,%lld,%.6f,%.6f,%.6f,%.6f,%.6f,%lld,%.6f,%.6e,%.6e,%.6e,%s,%s\n", c.spec.preset.c_str(),
                 static_cast<long long>(c.spec.nodes), static_cast<long long>(c.spec.ranks_per_node),
                 static_cast<long long>(c.spec.experts), r.router.c_str(), static_cast<long long>(r.top_k),
                 r.inter_node_share, r.intra_node_share, r.rank_local_share, r.max_mean_load, r.drop_rate,
                 static_cast<long long>(r.capacity), r.affinity, r.a2a_seconds_flat, r.a2a_seconds_groupwise,
-                r.a2a_seconds_two_level, change(r.a2a_seconds_flat, sw.a2a_seconds_flat),
-                change(r.a2a_seconds_groupwise, sw.a2a_seconds_groupwise));
+                r.a2a_seconds_two_level, versus_text(sw, r.a2a_seconds_flat, &sim::router_result::a2a_seconds_flat).c_str(),
+                versus_text(sw, r.a2a_seconds_groupwise, &sim::router_result::a2a_seconds_groupwise).c_str());
   }
 }
 
@@ -125,13 +146,19 @@ void print_table(const sim::cluster_result& c, const simulate_settings& s) {
               m.inter_node.bytes_per_second * 1e-9, static_cast<long long>(s.sim.token_bytes));
   std::printf("%-13s %2s %10s %9s %7s %8s %8s %11s %9s %11s %9s %11s\n", "router", "k", "inter-node", "max/mean", "drop",
               "capacity", "affinity", "a2a flat", "vs switch", "a2a group", "vs switch", "a2a 2-level");
-  const sim::router_result& sw = c.routers[1];
+  const sim::router_result* sw = switch_of(c);
+  const auto versus = [sw](double value, double sim::router_result::*field) {
+    char buffer[32] = "      n/a";
+    if (sw) std::snprintf(buffer, sizeof buffer, "%+8.1f%%", 100 * change(value, sw->*field));
+    return std::string(buffer);
+  };
   for (const sim::router_result& r : c.routers) {
-    std::printf("%-13s %2lld %9.1f%% %9.2f %6.1f%% %8lld %8.3f %8.1f us %+8.1f%% %8.1f us %+8.1f%% %8.1f us\n", r.router.c_str(),
+    std::printf("%-13s %2lld %9.1f%% %9.2f %6.1f%% %8lld %8.3f %8.1f us %s %8.1f us %s %8.1f us\n", r.router.c_str(),
                 static_cast<long long>(r.top_k), 100 * r.inter_node_share, r.max_mean_load, 100 * r.drop_rate,
                 static_cast<long long>(r.capacity), r.affinity, r.a2a_seconds_flat * 1e6,
-                100 * change(r.a2a_seconds_flat, sw.a2a_seconds_flat), r.a2a_seconds_groupwise * 1e6,
-                100 * change(r.a2a_seconds_groupwise, sw.a2a_seconds_groupwise), r.a2a_seconds_two_level * 1e6);
+                versus(r.a2a_seconds_flat, &sim::router_result::a2a_seconds_flat).c_str(), r.a2a_seconds_groupwise * 1e6,
+                versus(r.a2a_seconds_groupwise, &sim::router_result::a2a_seconds_groupwise).c_str(),
+                r.a2a_seconds_two_level * 1e6);
   }
 }
 
@@ -203,6 +230,7 @@ void add_simulate_command(CLI::App& app) {
   cmd->add_option("--inter-bandwidth", s->inter_bandwidth, "inter-node GB/s per rank (default: the machine's)");
   cmd->add_option("--intra-latency", s->intra_latency, "intra-node latency per message, us (default: the machine's)");
   cmd->add_option("--inter-latency", s->inter_latency, "inter-node latency per message, us (default: the machine's)");
+  cmd->add_option("--routers", s->sim.routers, "routers to run (comma-separated)")->delimiter(',')->capture_default_str();
   cmd->add_flag("--json", s->json, "JSON on stdout (an array when several clusters are simulated)");
   cmd->add_flag("--csv", s->csv, "CSV on stdout, one row per cluster and router");
   cmd->add_flag("--quiet", s->quiet, "no progress display on a terminal");

@@ -290,6 +290,12 @@ void check_settings(const cluster& c, const settings& s) {
   require(s.task_coeff >= 0 && std::isfinite(s.task_coeff), "--task-coeff", text(s.task_coeff), "must be finite and >= 0");
   require(s.learning_rate > 0 && std::isfinite(s.learning_rate), "--learning-rate", text(s.learning_rate),
           "must be finite and > 0");
+  const auto all = settings::router_names();
+  require(!s.routers.empty(), "--routers", "", "must name at least one router");
+  for (const std::string& r : s.routers) {
+    require(std::find(all.begin(), all.end(), r) != all.end(), "--routers", r,
+            "must be among hash, switch, rre, locmoe, node-limited");
+  }
   require(s.eval_fraction > 0 && s.eval_fraction <= 1, "--eval-fraction", text(s.eval_fraction),
           "must satisfy 0 < fraction <= 1");
 }
@@ -320,7 +326,9 @@ cluster_result simulate(const cluster& spec, const settings& s, const progress_c
   std::size_t group_limit = 0;
   for (std::size_t held = 0; held < static_cast<std::size_t>(s.node_limited_k); held += sizes[group_limit++]) {}
 
-  const std::vector<std::string> names = {"hash", "switch", "rre", "locmoe", "node-limited"};
+  const std::vector<std::string> names = settings::router_names();
+  std::vector<bool> run(names.size(), false);
+  for (std::size_t i = 0; i < names.size(); ++i) run[i] = std::find(s.routers.begin(), s.routers.end(), names[i]) != s.routers.end();
   const auto r = static_cast<std::size_t>(s.adapter_rank), k_nl = static_cast<std::size_t>(s.node_limited_k);
   // Learned routers: switch, locmoe, node-limited (slots 1, 3, 4); the same seed gives them the same adapter start.
   std::vector<std::unique_ptr<learned_router>> learned(names.size());
@@ -356,6 +364,7 @@ cluster_result simulate(const cluster& spec, const settings& s, const progress_c
     stream.draw(step, ranks, x, ids, domains);
     const const_map X(x.data(), ix(tokens), ix(f));
     for (std::size_t which = 0; which < names.size(); ++which) {
+      if (!run[which]) continue;
       affinity.noalias() = X * specialty[which].transpose();
       learned_router* lr = learned[which].get();
       const std::size_t k = which == 4 ? k_nl : 1;
@@ -427,6 +436,7 @@ cluster_result simulate(const cluster& spec, const settings& s, const progress_c
   }
   cluster_result result{spec, {}};
   for (std::size_t which = 0; which < names.size(); ++which) {
+    if (!run[which]) continue;
     const window& w = sums[which];
     const double steps = static_cast<double>(w.steps);
     router_result rr;

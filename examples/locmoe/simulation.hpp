@@ -39,6 +39,9 @@ struct settings {
   double specialization_rate = 0.05;   ///< how fast an expert's specialty follows the tokens it keeps
   double eval_fraction = 0.25;
   comm_model model = comm_model::ascend_910();
+  std::vector<std::string> routers = router_names();  ///< which to run (any of router_names())
+
+  static std::vector<std::string> router_names() { return {"hash", "switch", "rre", "locmoe", "node-limited"}; }
 };
 
 /// One router's averages over the evaluation window.
@@ -56,7 +59,7 @@ struct router_result {
 
 struct cluster_result {
   cluster spec;
-  std::vector<router_result> routers;  ///< in the order hash, switch, rre, locmoe, node-limited
+  std::vector<router_result> routers;  ///< those run, in the order of settings::router_names()
 };
 
 /// Called after every step with (steps done, steps in all, router being trained).

@@ -138,3 +138,38 @@ locmoe_cli_test("bad: route huge top-k" ${bad} ARGS route ${logits} --top-k 4000
   STDERR_REGEX "--top-k = 4000000000000000000: must satisfy 1 <= k <= n \\(4 experts\\)")
 locmoe_cli_test("bad: route ranks per node negative" ${bad} ARGS route ${logits} --ranks-per-node -3
   STDERR_REGEX "--ranks-per-node = -3: must be >= 1")
+
+# simulate: short runs (a few steps, few tokens) so the suite stays fast; the values are those of the model.
+set(sim_fast --steps 4 --tokens-per-rank 8)
+locmoe_cli_test("simulate table on the 64N preset" EXIT 0 ARGS simulate ${sim_fast}
+  STDOUT_REGEX "64N: 8 nodes x 8 ranks, 16 experts.*router.*inter-node.*hash.*switch.*rre.*locmoe.*node-limited")
+locmoe_cli_test("simulate --json has the documented fields" EXIT 0 ARGS simulate ${sim_fast} --json
+  JSON_KEYS preset nodes ranks_per_node experts routers routers.0.inter_node_share routers.0.max_mean_load
+            routers.0.drop_rate routers.0.capacity routers.0.a2a_seconds_flat routers.0.a2a_seconds_groupwise
+  JSON_VALUES preset=64N nodes=8 ranks_per_node=8 experts=16 routers.0.router=hash routers.1.router=switch
+              routers.2.router=rre routers.3.router=locmoe routers.4.router=node-limited routers.4.top_k=2
+              routers.0.capacity=40 routers.4.capacity=80 routers.1.change_flat_vs_switch=0.0)
+locmoe_cli_test("simulate 256N: half the nodes host no expert" EXIT 0
+  ARGS simulate --preset 256N --steps 2 --tokens-per-rank 2 --json --routers hash
+  JSON_VALUES nodes=32 routers.0.router=hash routers.0.capacity=40 JSON_NULL routers.0.change_flat_vs_switch)
+locmoe_cli_test("simulate several presets gives a JSON array" EXIT 0
+  ARGS simulate --preset 64N,128N --steps 2 --tokens-per-rank 2 --json --routers rre
+  JSON_VALUES 0.preset=64N 1.preset=128N 1.nodes=16)
+locmoe_cli_test("simulate --csv: header and one row per router" EXIT 0
+  ARGS simulate ${sim_fast} --csv --routers switch,locmoe
+  STDOUT_REGEX "^preset,nodes,ranks_per_node,experts,router,top_k,inter_node_share,[^\n]*\n64N,8,8,16,switch,1,[^\n]*\n64N,8,8,16,locmoe,1,[^\n]*\n$")
+locmoe_cli_test("simulate a custom cluster on DGX A100 links" EXIT 0
+  ARGS simulate --nodes 2 --ranks-per-node 4 --experts 8 --machine dgx-a100 ${sim_fast} --json
+  JSON_VALUES preset=custom model.inter_node_bytes_per_second=25000000000.0)
+locmoe_cli_test("bad: simulate unknown preset" ${bad} ARGS simulate --preset 512N
+  STDERR_REGEX "--preset = 512N: must be 64N, 128N or 256N")
+locmoe_cli_test("bad: simulate partial custom cluster" ${bad} ARGS simulate --nodes 4
+  STDERR_REGEX "give all three")
+locmoe_cli_test("bad: simulate features fewer than experts" ${bad} ARGS simulate --features 8
+  STDERR_REGEX "--features = 8: must satisfy experts <= features")
+locmoe_cli_test("bad: simulate zero steps" ${bad} ARGS simulate --steps 0 STDERR_REGEX "--steps = 0")
+locmoe_cli_test("bad: simulate negative bandwidth" ${bad} ARGS simulate --inter-bandwidth -3
+  STDERR_REGEX "--inter-bandwidth = -3: must be finite and > 0")
+locmoe_cli_test("bad: simulate unknown router" ${bad} ARGS simulate --routers switch,moe
+  STDERR_REGEX "--routers = moe")
+locmoe_cli_test("bad: simulate json and csv" ${bad} ARGS simulate --json --csv STDERR_REGEX "at most one")
