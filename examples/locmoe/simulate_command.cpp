@@ -81,6 +81,9 @@ nlohmann::ordered_json to_json(const sim::cluster_result& c, const simulate_sett
   j["tokens_per_rank"] = s.sim.tokens_per_rank;
   j["token_bytes"] = s.sim.token_bytes;
   j["seed"] = s.sim.seed;
+  j["aux_coeff"] = s.sim.aux_coeff;
+  j["loc_coeff"] = s.sim.locality_coeff;
+  j["capacity_factor"] = s.sim.capacity_factor;
   j["model"] = {{"intra_node_latency_seconds", s.sim.model.intra_node.latency_seconds},
                 {"intra_node_bytes_per_second", s.sim.model.intra_node.bytes_per_second},
                 {"inter_node_latency_seconds", s.sim.model.inter_node.latency_seconds},
@@ -109,7 +112,7 @@ nlohmann::ordered_json to_json(const sim::cluster_result& c, const simulate_sett
 const char* const csv_header =
     "preset,nodes,ranks_per_node,experts,router,top_k,inter_node_share,intra_node_share,rank_local_share,max_mean_load,"
     "drop_rate,capacity,affinity,a2a_seconds_flat,a2a_seconds_groupwise,a2a_seconds_two_level,change_flat_vs_switch,"
-    "change_groupwise_vs_switch";
+    "change_groupwise_vs_switch,aux_coeff,loc_coeff,capacity_factor,seed";
 
 /// A change against switch as text: empty when switch was not run.
 std::string versus_text(const sim::router_result* sw, double value, double sim::router_result::*field) {
@@ -119,16 +122,17 @@ std::string versus_text(const sim::router_result* sw, double value, double sim::
   return buffer;
 }
 
-void print_csv(const sim::cluster_result& c) {
+void print_csv(const sim::cluster_result& c, const sim::settings& s) {
   const sim::router_result* sw = switch_of(c);
   for (const sim::router_result& r : c.routers) {
-    std::printf("%s,%lld,%lld,%lld,%s,%lld,%.6f,%.6f,%.6f,%.6f,%.6f,%lld,%.6f,%.6e,%.6e,%.6e,%s,%s\n", c.spec.preset.c_str(),
+    std::printf("%s,%lld,%lld,%lld,%s,%lld,%.6f,%.6f,%.6f,%.6f,%.6f,%lld,%.6f,%.6e,%.6e,%.6e,%s,%s,%g,%g,%g,%llu\n", c.spec.preset.c_str(),
                 static_cast<long long>(c.spec.nodes), static_cast<long long>(c.spec.ranks_per_node),
                 static_cast<long long>(c.spec.experts), r.router.c_str(), static_cast<long long>(r.top_k),
                 r.inter_node_share, r.intra_node_share, r.rank_local_share, r.max_mean_load, r.drop_rate,
                 static_cast<long long>(r.capacity), r.affinity, r.a2a_seconds_flat, r.a2a_seconds_groupwise,
                 r.a2a_seconds_two_level, versus_text(sw, r.a2a_seconds_flat, &sim::router_result::a2a_seconds_flat).c_str(),
-                versus_text(sw, r.a2a_seconds_groupwise, &sim::router_result::a2a_seconds_groupwise).c_str());
+                versus_text(sw, r.a2a_seconds_groupwise, &sim::router_result::a2a_seconds_groupwise).c_str(), s.aux_coeff,
+                s.locality_coeff, s.capacity_factor, static_cast<unsigned long long>(s.seed));
   }
 }
 
@@ -190,7 +194,7 @@ void run_simulate(simulate_settings& s) {
     }
   } else if (s.csv) {
     std::printf("%s\n", csv_header);
-    for (const auto& r : results) print_csv(r);
+    for (const auto& r : results) print_csv(r, s.sim);
   } else {
     for (std::size_t i = 0; i < results.size(); ++i) {
       if (i) std::printf("\n");
