@@ -295,10 +295,9 @@ exchange_result run_exchange(const setup& s, locmoe::exchange_scheme scheme, con
   exchange_result result;
   result.sent_bytes.assign(stages, std::vector<std::int64_t>(ranks, 0));
 
+  const locmoe::exchange_router router(s.topo);
   std::vector<std::vector<locmoe::exchange_hop>> routes(ranks * ranks);  // [source][destination]
-  for (std::size_t r = 0; r < ranks * ranks; ++r) {
-    routes[r] = locmoe::exchange_route(s.topo, scheme, r / ranks, r % ranks);
-  }
+  for (std::size_t r = 0; r < ranks * ranks; ++r) routes[r] = router.route(scheme, r / ranks, r % ranks);
 
   row_store store;  // this rank's kept rows
   for (std::size_t p = 0; p < pairs; ++p) {

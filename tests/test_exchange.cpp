@@ -31,10 +31,12 @@ const exchange_scheme schemes[] = {exchange_scheme::flat, exchange_scheme::split
 
 TEST_CASE("exchange routes: every row reaches its rank through the scheme's stages and links") {
   for (const topology& topo : topologies()) {
+    const exchange_router router(topo);
     for (const exchange_scheme scheme : schemes) {
       for (std::size_t s = 0; s < topo.ranks(); ++s) {
         for (std::size_t t = 0; t < topo.ranks(); ++t) {
-          const auto hops = exchange_route(topo, scheme, s, t);
+          const auto hops = router.route(scheme, s, t);
+          CHECK(hops.size() == exchange_route(topo, scheme, s, t).size());
           CAPTURE(s);
           CAPTURE(t);
           if (s == t) {
@@ -58,6 +60,16 @@ TEST_CASE("exchange routes: every row reaches its rank through the scheme's stag
             if (crosses) CHECK(hops[h].stage == (scheme == exchange_scheme::two_level ? 1u : 0u));
           }
           CHECK(inter == (topo.node_of_rank(s) != topo.node_of_rank(t) ? 1 : 0));
+          // two_level crosses between the pair's gateways.
+          if (scheme == exchange_scheme::two_level && inter) {
+            const auto a = static_cast<std::size_t>(topo.node_of_rank(s)), b = static_cast<std::size_t>(topo.node_of_rank(t));
+            for (const exchange_hop& h : hops) {
+              if (h.stage == 1) {
+                CHECK(h.from == router.gateway(a, b));
+                CHECK(h.to == router.gateway(b, a));
+              }
+            }
+          }
         }
       }
     }

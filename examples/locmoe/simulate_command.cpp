@@ -104,7 +104,8 @@ nlohmann::ordered_json to_json(const sim::cluster_result& c, const simulate_sett
                             {"a2a_seconds_two_level", r.a2a_seconds_two_level},
                             {"change_flat_vs_switch", versus(r.a2a_seconds_flat, &sim::router_result::a2a_seconds_flat)},
                             {"change_groupwise_vs_switch",
-                             versus(r.a2a_seconds_groupwise, &sim::router_result::a2a_seconds_groupwise)}});
+                             versus(r.a2a_seconds_groupwise, &sim::router_result::a2a_seconds_groupwise)},
+                            {"load_per_expert", r.load_per_expert}});
   }
   return j;
 }

@@ -304,6 +304,7 @@ void check_settings(const cluster& c, const settings& s) {
 struct window {
   double kept = 0, inter = 0, intra = 0, local = 0, routed = 0, dropped = 0, load_ratio = 0, affinity = 0;
   double flat = 0, groupwise = 0, two_level = 0;
+  std::vector<double> load;
   std::int64_t steps = 0, capacity = 0;
 };
 
@@ -413,6 +414,8 @@ cluster_result simulate(const cluster& spec, const settings& s, const progress_c
         for (std::size_t p = 0; p < tokens * k; ++p) {
           if (expert[p] != no_expert) w.affinity += affinity(ix(p / k), expert[p]);
         }
+        w.load.resize(n, 0.0);
+        for (std::size_t e = 0; e < n; ++e) w.load[e] += static_cast<double>(per_expert[e]);
         w.capacity = stats.capacity;
         ++w.steps;
       }
@@ -452,6 +455,7 @@ cluster_result simulate(const cluster& spec, const settings& s, const progress_c
     rr.a2a_seconds_flat = w.flat / steps;
     rr.a2a_seconds_groupwise = w.groupwise / steps;
     rr.a2a_seconds_two_level = w.two_level / steps;
+    for (const double l : w.load) rr.load_per_expert.push_back(l / steps);
     result.routers.push_back(rr);
   }
   return result;

@@ -55,6 +55,7 @@ struct router_result {
   double drop_rate = 0;
   double affinity = 0;                 ///< mean affinity of kept choices (the task's reward)
   double a2a_seconds_flat = 0, a2a_seconds_groupwise = 0, a2a_seconds_two_level = 0;
+  std::vector<double> load_per_expert;  ///< mean choices routed to each expert per step (before capacity)
 };
 
 struct cluster_result {

@@ -16,9 +16,9 @@
 //                 node. The gateways of the pair (a, b) are g_a = rank pos b mod |a| of node a and g_b = rank
 //                 pos a mod |b| of node b. Stage 0: s -> g_a (rows for the own node go s -> t here); stage 1:
 //                 g_a -> g_b; stage 2: g_b -> t.
-// Every scheme delivers the rows of S[s][t] to t (exchange_route lists the hops; a hop to the same rank is
+// Every scheme delivers the rows of S[s][t] to t (exchange_router / exchange_route list the hops; a hop to the same rank is
 // skipped); bytes that stay on their rank (S[s][s]) never travel and are reported as local_bytes.
-// Cost: building O(R^2 * stages) time and memory; exchange_route O(1).
+// Cost: building O(R^2 * stages) time and memory; exchange_router O(R) once, then O(1) per route.
 //
 // The alpha-beta model (comm_model, model_exchange_time): in each stage a rank sends and receives over two link
 // classes, its intra-node links and its inter-node port, which work concurrently and in full duplex; on each
@@ -170,17 +170,36 @@ inline std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* fn) 
 
 }  // namespace detail
 
-/// The hops a row takes from rank `source` to rank `destination` (empty when they are the same rank). For
-/// split_gather with replicate_in_node the last hop is the row's copy for its destination; the All-Gather also
-/// sends it to the node's other ranks.
+/// Routes of rows under every scheme on one topology: builds the node layout once (O(R)), then each route is
+/// O(1). Holds a reference to the topology, which must outlive it.
+class exchange_router {
+ public:
+  explicit exchange_router(const topology& topo) : topo_(topo), layout_(topo) {}
+
+  /// The hops a row takes from rank `source` to rank `destination` (empty when they are the same rank). For
+  /// split_gather with replicate_in_node the last hop is the row's copy for its destination; the All-Gather
+  /// also sends it to the node's other ranks. Throws locmoe::error for a rank outside [0, R).
+  std::vector<exchange_hop> route(exchange_scheme scheme, std::size_t source, std::size_t destination) const {
+    constexpr const char* fn = "locmoe::exchange_route";
+    if (source >= topo_.ranks()) detail::raise<throw_on_error>(errc::domain, fn, "source", source, "must be a rank in [0, R)", 0);
+    if (destination >= topo_.ranks()) {
+      detail::raise<throw_on_error>(errc::domain, fn, "destination", destination, "must be a rank in [0, R)", 0);
+    }
+    return detail::route(topo_, layout_, scheme, source, destination);
+  }
+
+  /// two_level: the rank of node `from` that carries its traffic for node `to` (position to mod |from|).
+  std::int32_t gateway(std::size_t from, std::size_t to) const { return layout_.member(from, to); }
+
+ private:
+  const topology& topo_;
+  detail::node_layout layout_;
+};
+
+/// exchange_router(topo).route(scheme, source, destination): one route (O(R): prefer exchange_router for many).
 inline std::vector<exchange_hop> exchange_route(const topology& topo, exchange_scheme scheme, std::size_t source,
                                                 std::size_t destination) {
-  constexpr const char* fn = "locmoe::exchange_route";
-  if (source >= topo.ranks()) detail::raise<throw_on_error>(errc::domain, fn, "source", source, "must be a rank in [0, R)", 0);
-  if (destination >= topo.ranks()) {
-    detail::raise<throw_on_error>(errc::domain, fn, "destination", destination, "must be a rank in [0, R)", 0);
-  }
-  return detail::route(topo, detail::node_layout(topo), scheme, source, destination);
+  return exchange_router(topo).route(scheme, source, destination);
 }
 
 /// Builds the plan of a send matrix S ([R x R] bytes, source-major, entries >= 0) under options.scheme; throws
