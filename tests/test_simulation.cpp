@@ -112,34 +112,23 @@ TEST_CASE("simulate: same seed, same result; the routers' basic traits hold") {
 }
 
 TEST_CASE("simulate: bad settings name their flag") {
-  sim::settings s;
   const sim::cluster c{"custom", 2, 4, 8};
-  const auto fails = [&](sim::settings t, sim::cluster k, const char* flag) {
+  const auto fails = [&](void (*change)(sim::settings&), sim::cluster k, const char* flag) {
+    sim::settings t;
+    change(t);
     CHECK_THROWS_WITH_AS(sim::simulate(k, t), doctest::Contains(flag), usage_error);
   };
-  sim::settings t = s;
-  t.steps = 0;
-  fails(t, c, "--steps = 0");
-  t = s;
-  t.features = 4;
-  fails(t, c, "--features = 4");
-  t = s;
-  t.domains = 9;
-  fails(t, c, "--domains = 9");
-  t = s;
-  t.skew = 1.5;
-  fails(t, c, "--skew");
-  t = s;
-  t.learning_rate = std::nan("");
-  fails(t, c, "--learning-rate");
-  t = s;
-  t.tokens_per_rank = std::int64_t{1} << 30;
-  fails(t, c, "--tokens-per-rank");
-  fails(s, {"custom", 0, 4, 8}, "--nodes = 0");
-  fails(s, {"custom", 2, 4, 0}, "--experts = 0");
-  t = s;
-  t.node_limited_k = 9;
-  fails(t, c, "--node-limited-k = 9");
+  const auto keep = [](sim::settings&) {};
+  fails([](sim::settings& t) { t.steps = 0; }, c, "--steps = 0");
+  fails([](sim::settings& t) { t.features = 4; }, c, "--features = 4");
+  fails([](sim::settings& t) { t.domains = 9; }, c, "--domains = 9");
+  fails([](sim::settings& t) { t.skew = 1.5; }, c, "--skew");
+  fails([](sim::settings& t) { t.learning_rate = std::nan(""); }, c, "--learning-rate");
+  fails([](sim::settings& t) { t.tokens_per_rank = std::int64_t{1} << 30; }, c, "--tokens-per-rank");
+  fails([](sim::settings& t) { t.node_limited_k = 9; }, c, "--node-limited-k = 9");
+  fails([](sim::settings& t) { t.routers = {"switch", "moe"}; }, c, "--routers = moe");
+  fails(keep, {"custom", 0, 4, 8}, "--nodes = 0");
+  fails(keep, {"custom", 2, 4, 0}, "--experts = 0");
   CHECK_THROWS_WITH_AS(sim::preset_cluster("512N"), doctest::Contains("--preset = 512N"), usage_error);
   CHECK(sim::preset_cluster("256N").nodes == 32);
 }
