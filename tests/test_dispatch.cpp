@@ -1,12 +1,15 @@
 // dispatch.hpp: plans against counts taken directly from the assignment, dispatch + combine against a
-// per-token reference with a toy expert, and the rules a plan's inputs must follow.
+// per-token reference with a toy expert, combine bit for bit against the plain zero-then-add loop (k = 1, 2,
+// 3: its one-row, two-row and general paths), and the rules a plan's inputs must follow.
 #include <locmoe/dispatch.hpp>
 
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <random>
+#include <tuple>
 #include <vector>
 
 using namespace locmoe;
@@ -108,6 +111,148 @@ TEST_CASE("dispatch and combine: a toy expert through the buffers equals the per
     for (std::size_t j = 0; j < k; ++j) dropped += expert[t * k + j] == no_expert;
   }
   CHECK(dropped > 0);
+}
+
+namespace {
+
+struct toy_assignment {
+  std::vector<expert_index> expert;
+  std::vector<slot_index> slot;
+};
+
+// A random assignment of `tokens` x k choices to n experts with capacity C, slots in token order: the choices
+// past capacity are dropped, and every fifth token has all its choices dropped.
+toy_assignment random_assignment(std::size_t tokens, std::size_t k, std::size_t n, std::size_t capacity,
+                                 std::mt19937& rng) {
+  std::vector<expert_index> expert(tokens * k, no_expert);
+  std::vector<slot_index> slot(tokens * k, -1);
+  std::vector<slot_index> load(n, 0);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    std::vector<expert_index> perm(n);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    for (std::size_t j = 0; j < k && t % 5 != 4; ++j) {
+      const auto e = static_cast<std::size_t>(perm[j]);
+      if (static_cast<std::size_t>(load[e]) == capacity) continue;
+      expert[t * k + j] = perm[j];
+      slot[t * k + j] = load[e]++;
+    }
+  }
+  return {expert, slot};
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("combine equals zeroing then adding each kept row in choice order, bit for bit", T, float, double) {
+  const topology topo = topology::uniform(2, 1, 6);
+  std::mt19937 rng(7);
+  std::normal_distribution<T> normal;
+  // k = 1, 2, 3: the one-row, two-row and general paths; d from one element to rows longer than the prefetch
+  // distance; rows 16-byte aligned or not (pad); plain and non-temporal stores (LOCMOE_STREAMING_STORE_BYTES).
+  for (const std::size_t k : {1, 2, 3}) {
+    for (const std::size_t d : {1, 7, 37, 64, 1100}) {
+      for (const std::size_t pad : {0, 1}) {
+        CAPTURE(k);
+        CAPTURE(d);
+        CAPTURE(pad);
+        const std::size_t tokens = 23, n = 6, capacity = 3, stride = d + pad;
+        const toy_assignment toy = random_assignment(tokens, k, n, capacity, rng);
+        const std::vector<expert_index>& expert = toy.expert;
+        const std::vector<slot_index>& slot = toy.slot;
+        const dispatch_plan plan = build_dispatch_plan(matrix_view<const expert_index>(expert.data(), tokens, k),
+                                                       matrix_view<const slot_index>(slot.data(), tokens, k),
+                                                       static_cast<std::int64_t>(capacity), topo);
+        std::vector<T> buffer(plan.buffer_rows() * stride), weight(tokens * k), want(tokens * stride, T(-1));
+        for (std::size_t i = 0; i < buffer.size(); ++i) {
+          buffer[i] = i % 5 == 0 ? T(-0.0) : i % 5 == 1 ? T(0) : normal(rng);
+        }
+        for (std::size_t i = 0; i < weight.size(); ++i) weight[i] = i % 7 == 3 ? T(-1) : normal(rng);  // -1: -0 rows
+        std::size_t kept = 0, without = 0;
+        for (std::size_t t = 0; t < tokens; ++t) {
+          T* out = want.data() + t * stride;
+          std::fill(out, out + d, T(0));
+          std::size_t kept_here = 0;
+          for (std::size_t j = 0; j < k; ++j) {
+            const expert_index e = expert[t * k + j];
+            if (e == no_expert) continue;
+            ++kept_here;
+            const std::size_t row = static_cast<std::size_t>(e) * capacity + static_cast<std::size_t>(slot[t * k + j]);
+            for (std::size_t c = 0; c < d; ++c) out[c] += weight[t * k + j] * buffer[row * stride + c];
+          }
+          kept += kept_here;
+          without += kept_here == 0;
+        }
+        CHECK(kept == plan.order.size());
+        CHECK(without >= tokens / 5);
+        CHECK(kept < tokens * k - tokens / 5 * k);  // some choices dropped for capacity, not only whole tokens
+        const matrix_view<const T> buffer_view(buffer.data(), plan.buffer_rows(), d, stride);
+        const matrix_view<const T> weight_view(weight.data(), tokens, k);
+        for (const bool streaming : {false, true}) {
+          CAPTURE(streaming);
+          std::vector<T> y(tokens * stride, T(-1));
+          const matrix_view<T> y_view(y.data(), tokens, d, stride);
+          if (streaming) {
+            detail::combine_rows(plan, buffer_view, weight_view, y_view, true);
+          } else {
+            combine(plan, buffer_view, weight_view, y_view);  // small: plain stores
+          }
+          CHECK(std::memcmp(y.data(), want.data(), y.size() * sizeof(T)) == 0);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("dispatch copies each kept row to its buffer row and no other", T, float, double, bf16) {
+  const topology topo = topology::uniform(4, 2, 8);
+  std::mt19937 rng(8);
+  const std::size_t tokens = 40, k = 2, n = 8, capacity = 6;
+  const toy_assignment toy = random_assignment(tokens, k, n, capacity, rng);
+  const std::vector<expert_index>& expert = toy.expert;
+  const std::vector<slot_index>& slot = toy.slot;
+  const std::vector<std::int32_t> token_rank = [&] {  // ranks not in blocks: the order sorts them
+    std::vector<std::int32_t> r(tokens);
+    for (std::size_t t = 0; t < tokens; ++t) r[t] = static_cast<std::int32_t>((t * 7) % 4);
+    return r;
+  }();
+  const dispatch_plan plan = build_dispatch_plan(matrix_view<const expert_index>(expert.data(), tokens, k),
+                                                 matrix_view<const slot_index>(slot.data(), tokens, k),
+                                                 static_cast<std::int64_t>(capacity), topo, token_rank.data());
+  for (std::size_t i = 1; i < plan.order.size(); ++i) {  // (source rank, expert, slot) ascending
+    const auto key = [&](std::int64_t pair) {
+      const auto p = static_cast<std::size_t>(pair);
+      return std::make_tuple(token_rank[p / k], expert[p], slot[p]);
+    };
+    REQUIRE(key(plan.order[i - 1]) < key(plan.order[i]));
+  }
+  // Rows of 13 elements, and rows longer than the prefetch distance (4 KiB); aligned or not (pad); plain and
+  // non-temporal stores.
+  for (const std::size_t d : {13, 2100}) {
+    for (const std::size_t pad : {0, 1}) {
+      for (const bool streaming : {false, true}) {
+        CAPTURE(d);
+        CAPTURE(pad);
+        CAPTURE(streaming);
+        const std::size_t stride = d + pad;
+        std::vector<T> x(tokens * d), buffer(plan.buffer_rows() * stride, T(-7));
+        for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(static_cast<float>(i % 4093) * 0.25f);
+        const matrix_view<const T> x_view(x.data(), tokens, d);
+        const matrix_view<T> buffer_view(buffer.data(), plan.buffer_rows(), d, stride);
+        if (streaming) {
+          detail::dispatch_rows(plan, x_view, buffer_view, true);
+        } else {
+          dispatch(plan, x_view, buffer_view);  // small: memcpy
+        }
+        std::vector<T> want(plan.buffer_rows() * stride, T(-7));
+        for (std::size_t p = 0; p < tokens * k; ++p) {
+          if (expert[p] == no_expert) continue;
+          const std::size_t row = static_cast<std::size_t>(expert[p]) * capacity + static_cast<std::size_t>(slot[p]);
+          std::copy(x.data() + p / k * d, x.data() + (p / k + 1) * d, want.data() + row * stride);
+        }
+        CHECK(std::memcmp(buffer.data(), want.data(), buffer.size() * sizeof(T)) == 0);
+      }
+    }
+  }
 }
 
 TEST_CASE("dispatch plan: bad inputs name the rule") {

@@ -16,7 +16,13 @@
 // choices (0 for a token with none), summing in choice order: deterministic.
 // Preconditions (checked; errors name the argument): shapes agree; experts in [-1, n), slots in [-1, C) and
 // -1 together; no two pairs on one (expert, slot); token ranks in [0, R); token_bytes * counts fit int64.
-// Cost: building O(T k log(T k)) (a sort), O(R^2 + T k) memory; dispatch/combine one pass over the kept rows.
+// Cost: building O(T k + n C + R^2) time and memory (a counting sort); dispatch and combine one pass over the
+// rows they read and write. Speed (docs/benchmarks.md#dispatch-and-combine): the rows read are scattered, so the
+// hardware prefetcher starts over at each one; combine, and dispatch when it streams, prefetch 4 KiB ahead, on
+// into the next row. A call that writes at least LOCMOE_STREAMING_STORE_BYTES (default 32 MiB, more than a
+// last-level cache keeps) writes with x86 non-temporal stores, which skip reading each destination line first,
+// as glibc's memcpy does for large copies; a smaller call writes plainly and leaves its output in cache. No path
+// changes a value: combine does the same operations in the same order on all of them.
 // Example: docs/api.md#dispatch-plans.
 #pragma once
 
@@ -29,10 +35,23 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__) || defined(_M_X64) || (defined(_M_IX86_FP) && _M_IX86_FP >= 2)
+#  include <emmintrin.h>
+#  define LOCMOE_DETAIL_SSE2 1
+#else
+#  define LOCMOE_DETAIL_SSE2 0
+#endif
+
+// Bytes one dispatch or combine call writes from which it writes them with non-temporal stores (x86 only).
+#ifndef LOCMOE_STREAMING_STORE_BYTES
+#  define LOCMOE_STREAMING_STORE_BYTES (std::size_t{32} << 20)
+#endif
 
 namespace locmoe {
 
@@ -79,8 +98,11 @@ inline dispatch_plan build_dispatch_plan(const matrix_view<const expert_index>& 
   plan.slot.resize(tokens * k);
   detail::check_token_ranks<P>(fn, token_rank, tokens, ranks);
   const detail::rank_map source{token_rank, ranks, tokens};
-  std::vector<unsigned char> taken(n * plan.capacity, 0);
-  std::vector<std::size_t> rank_of_pair;
+  const std::vector<std::int32_t>& rank_of_expert = topo.rank_of_expert_map();
+  const std::vector<std::int32_t>& node_of_rank = topo.node_of_rank_map();
+  // pair_at[e C + s]: the kept pair t k + j on (expert e, slot s), -1 while free (T k < 2^31, checked above).
+  std::vector<std::int32_t> pair_at(n * plan.capacity, -1);
+  std::vector<std::int64_t> kept_from(ranks, 0);  // kept pairs per source rank
   for (std::size_t t = 0; t < tokens; ++t) {
     const std::size_t src = source.rank(t);
     for (std::size_t j = 0; j < k; ++j) {
@@ -88,43 +110,40 @@ inline dispatch_plan build_dispatch_plan(const matrix_view<const expert_index>& 
       const slot_index s = slot(t, j);
       plan.expert[t * k + j] = e;
       plan.slot[t * k + j] = s;
-      const std::string where = "(" + std::to_string(t) + ", " + std::to_string(j) + ")";
       if (e == no_expert && s == -1) continue;
+      const auto where = [&] { return "(" + std::to_string(t) + ", " + std::to_string(j) + ")"; };
       if (e < 0 || static_cast<std::size_t>(e) >= n || s < 0 || static_cast<std::size_t>(s) >= plan.capacity) {
-        detail::raise<P>(errc::domain, fn, "expert/slot", where + " = " + std::to_string(e) + "/" + std::to_string(s),
+        detail::raise<P>(errc::domain, fn, "expert/slot", where() + " = " + std::to_string(e) + "/" + std::to_string(s),
                          "a kept choice needs an expert in [0, n) and a slot in [0, C); a dropped one -1/-1", 0);
       }
-      unsigned char& used = taken[static_cast<std::size_t>(e) * plan.capacity + static_cast<std::size_t>(s)];
-      if (used) {
-        detail::raise<P>(errc::domain, fn, "slot", where + " = " + std::to_string(s),
+      std::int32_t& pair = pair_at[static_cast<std::size_t>(e) * plan.capacity + static_cast<std::size_t>(s)];
+      if (pair >= 0) {
+        detail::raise<P>(errc::domain, fn, "slot", where() + " = " + std::to_string(s),
                          "two choices share one (expert, slot)", 0);
       }
-      used = 1;
-      const auto dst = static_cast<std::size_t>(topo.rank_of_expert(static_cast<std::size_t>(e)));
+      pair = static_cast<std::int32_t>(t * k + j);
+      const auto dst = static_cast<std::size_t>(rank_of_expert[static_cast<std::size_t>(e)]);
       ++plan.send_tokens[src * ranks + dst];
+      ++kept_from[src];
       if (dst == src) {
         ++plan.intra_rank;
-      } else if (topo.node_of_rank(dst) == topo.node_of_rank(src)) {
+      } else if (node_of_rank[dst] == node_of_rank[src]) {
         ++plan.intra_node;
       } else {
         ++plan.inter_node;
       }
-      plan.order.push_back(static_cast<std::int64_t>(t * k + j));
-      rank_of_pair.push_back(src);
     }
   }
-  // Sort the kept pairs by (source rank, expert, slot): a key of small integers, exact and stable.
-  std::vector<std::size_t> index(plan.order.size());
-  for (std::size_t i = 0; i < index.size(); ++i) index[i] = i;
-  std::sort(index.begin(), index.end(), [&](std::size_t a, std::size_t b) {
-    const auto pa = static_cast<std::size_t>(plan.order[a]), pb = static_cast<std::size_t>(plan.order[b]);
-    if (rank_of_pair[a] != rank_of_pair[b]) return rank_of_pair[a] < rank_of_pair[b];
-    if (plan.expert[pa] != plan.expert[pb]) return plan.expert[pa] < plan.expert[pb];
-    return plan.slot[pa] < plan.slot[pb];
-  });
-  std::vector<std::int64_t> sorted(index.size());
-  for (std::size_t i = 0; i < index.size(); ++i) sorted[i] = plan.order[index[i]];
-  plan.order = std::move(sorted);
+  // Order by (source rank, expert, slot): buffer rows e C + s ascending are (expert, slot) ascending, so one
+  // walk over the rows, each pair appended to its source rank's range, sorts them (a counting sort).
+  std::vector<std::int64_t> next(ranks, 0);  // next free place of each source rank's range
+  for (std::size_t r = 1; r < ranks; ++r) next[r] = next[r - 1] + kept_from[r - 1];
+  plan.order.resize(ranks == 0 ? 0 : static_cast<std::size_t>(next[ranks - 1] + kept_from[ranks - 1]));
+  for (const std::int32_t pair : pair_at) {
+    if (pair < 0) continue;
+    const std::size_t src = source.rank(static_cast<std::size_t>(pair) / k);
+    plan.order[static_cast<std::size_t>(next[src]++)] = pair;
+  }
   plan.send_bytes.resize(plan.send_tokens.size());
   for (std::size_t i = 0; i < plan.send_tokens.size(); ++i) {
     if (token_bytes > 0 && plan.send_tokens[i] > std::numeric_limits<std::int64_t>::max() / token_bytes) {
@@ -142,6 +161,198 @@ void check_rows(const char* fn, const char* argument, const matrix_view<T>& v, s
   check_view<throw_on_error>(fn, argument, v, rows, d, "must have d columns, as the other operand");
 }
 
+/// The expert-buffer row e C + slot of the kept pair p = t k + j.
+inline std::size_t buffer_row(const dispatch_plan& plan, std::size_t pair) noexcept {
+  return static_cast<std::size_t>(plan.expert[pair]) * plan.capacity + static_cast<std::size_t>(plan.slot[pair]);
+}
+
+/// How far ahead of the element being read the rows are prefetched: the best of 1-16 KiB measured.
+inline constexpr std::size_t prefetch_bytes = 4096;
+
+inline void prefetch(const void* p) noexcept {
+#if LOCMOE_DETAIL_SSE2
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#elif defined(__GNUC__)
+  __builtin_prefetch(p);
+#else
+  static_cast<void>(p);
+#endif
+}
+
+/// Prefetches the element `offset + ahead` of `row` [size], or past its end the same distance into `next` (null:
+/// nothing); element type T, any size.
+template <class T>
+void prefetch_ahead(const T* row, const T* next, std::size_t offset, std::size_t ahead, std::size_t size) noexcept {
+  const std::size_t target = offset + ahead;
+  if (target < size) {
+    prefetch(row + target);
+  } else if (next && target - size < size) {
+    prefetch(next + (target - size));
+  }
+}
+
+/// Whether a call that writes `bytes` writes them with non-temporal stores.
+inline bool use_streaming_stores(std::size_t bytes) noexcept {
+  return LOCMOE_DETAIL_SSE2 && bytes >= LOCMOE_STREAMING_STORE_BYTES;
+}
+
+/// Stores the 64 bytes at `from` to `to` (16-byte aligned): non-temporal where Streaming, else plainly.
+template <bool Streaming>
+void store_64(void* to, const void* from) noexcept {
+#if LOCMOE_DETAIL_SSE2
+  if constexpr (Streaming) {
+    const auto* src = static_cast<const __m128i*>(from);
+    auto* dst = static_cast<__m128i*>(to);
+    const __m128i v0 = _mm_loadu_si128(src), v1 = _mm_loadu_si128(src + 1);
+    const __m128i v2 = _mm_loadu_si128(src + 2), v3 = _mm_loadu_si128(src + 3);
+    _mm_stream_si128(dst, v0);
+    _mm_stream_si128(dst + 1, v1);
+    _mm_stream_si128(dst + 2, v2);
+    _mm_stream_si128(dst + 3, v3);
+    return;
+  }
+#endif
+  std::memcpy(to, from, 64);
+}
+
+/// Orders the non-temporal stores before whatever the caller does next (they are weakly ordered).
+inline void streaming_fence() noexcept {
+#if LOCMOE_DETAIL_SSE2
+  _mm_sfence();
+#endif
+}
+
+/// Copies one row of `bytes` with non-temporal stores, prefetching ahead through it and into `next`.
+inline void copy_row_streaming(const unsigned char* from, std::size_t bytes, unsigned char* to,
+                               const unsigned char* next) noexcept {
+  if (bytes == 0) return;
+  std::size_t c = std::min(bytes, (16 - reinterpret_cast<std::uintptr_t>(to) % 16) % 16);  // up to 16-byte alignment
+  std::memcpy(to, from, c);
+  for (; c + 64 <= bytes; c += 64) {
+    prefetch_ahead(from, next, c, prefetch_bytes, bytes);
+    store_64<true>(to + c, from + c);
+  }
+  std::memcpy(to + c, from + c, bytes - c);
+}
+
+/// The first two kept choices of a token: rows (null: none) and weights, and the choice after the second.
+template <class T>
+struct first_kept {
+  const T* a = nullptr;
+  const T* b = nullptr;
+  T wa = 0, wb = 0;
+  std::size_t rest = 0;
+};
+
+template <class T, class W>
+first_kept<T> first_two_kept(const dispatch_plan& plan, const matrix_view<const T>& buffer,
+                             const matrix_view<const W>& weight, std::size_t t) {
+  const std::size_t k = plan.top_k;
+  first_kept<T> kept;
+  for (std::size_t j = 0; j < k && !kept.b; ++j) {
+    if (plan.expert[t * k + j] == no_expert) continue;
+    const T* row = buffer.row(buffer_row(plan, t * k + j));
+    (kept.a ? kept.b : kept.a) = row;
+    (kept.b ? kept.wb : kept.wa) = static_cast<T>(weight(t, j));
+    kept.rest = j + 1;
+  }
+  return kept;
+}
+
+/// out[c] = value(c) for c in [0, d), in 64-byte chunks from the first 16-byte aligned element (non-temporal
+/// where Streaming), prefetching the rows of `now` and then of `next` ahead.
+template <bool Streaming, class T, class Value>
+void write_row(T* out, std::size_t d, const first_kept<T>& now, const first_kept<T>& next, const Value& value) {
+  constexpr std::size_t chunk = 64 / sizeof(T), ahead = prefetch_bytes / sizeof(T);
+  std::size_t c = 0;
+  for (; c < d && reinterpret_cast<std::uintptr_t>(out + c) % 16 != 0; ++c) out[c] = value(c);
+  for (; c + chunk <= d; c += chunk) {
+    if (now.a) prefetch_ahead(now.a, next.a, c, ahead, d);
+    if (now.b) prefetch_ahead(now.b, next.b, c, ahead, d);
+    alignas(16) T values[chunk];
+    for (std::size_t i = 0; i < chunk; ++i) values[i] = value(c + i);
+    store_64<Streaming>(out + c, values);
+  }
+  for (; c < d; ++c) out[c] = value(c);
+}
+
+/// out = token t's weighted sum of its kept rows in choice order, ((0 + w_0 r_0) + w_1 r_1) + ...: the same
+/// operations as zeroing out and adding each row, with the first two rows in one pass. "T(0) +" is not a
+/// no-op: the sum starts at +0, and +0 + (-0) is +0, so out never holds a -0 that the sum does not.
+template <bool Streaming, class T, class W>
+void combine_token(const dispatch_plan& plan, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+                   std::size_t t, const first_kept<T>& now, const first_kept<T>& next, T* out) {
+  const std::size_t k = plan.top_k, d = buffer.cols;
+  const T* a = now.a;
+  const T* b = now.b;
+  const T wa = now.wa, wb = now.wb;
+  if (!a) {
+    write_row<Streaming>(out, d, now, next, [](std::size_t) { return T(0); });
+  } else if (!b) {
+    write_row<Streaming>(out, d, now, next, [a, wa](std::size_t c) { return T(0) + wa * a[c]; });
+  } else {
+    const auto two = [a, b, wa, wb](std::size_t c) {
+      T sum = T(0) + wa * a[c];
+      sum += wb * b[c];
+      return sum;
+    };
+    if (now.rest == k) {
+      write_row<Streaming>(out, d, now, next, two);
+      return;
+    }
+    write_row<false>(out, d, now, next, two);  // more rows follow: out is read back, keep it in cache
+    for (std::size_t j = now.rest; j < k; ++j) {
+      if (plan.expert[t * k + j] == no_expert) continue;
+      const T* row = buffer.row(buffer_row(plan, t * k + j));
+      const T w = static_cast<T>(weight(t, j));
+      for (std::size_t c = 0; c < d; ++c) out[c] += w * row[c];
+    }
+  }
+}
+
+/// dispatch's copies, with non-temporal stores or without (the tests run both).
+template <class T>
+void dispatch_rows(const dispatch_plan& plan, const matrix_view<const T>& x, const matrix_view<T>& buffer,
+                   bool streaming) {
+  const std::size_t d = x.cols, k = plan.top_k, pairs = plan.order.size();
+  const auto source = [&](std::size_t i) { return x.row(static_cast<std::size_t>(plan.order[i]) / k); };
+  const auto target = [&](std::size_t i) {
+    return buffer.row(buffer_row(plan, static_cast<std::size_t>(plan.order[i])));
+  };
+  // In plan order (expert-major), the buffer is written front to back.
+  if constexpr (std::is_trivially_copyable_v<T>) {
+    for (std::size_t i = 0; i < pairs; ++i) {
+      if (streaming) {
+        const T* next = i + 1 < pairs ? source(i + 1) : nullptr;
+        copy_row_streaming(reinterpret_cast<const unsigned char*>(source(i)), d * sizeof(T),
+                           reinterpret_cast<unsigned char*>(target(i)), reinterpret_cast<const unsigned char*>(next));
+      } else if (d > 0) {
+        std::memcpy(target(i), source(i), d * sizeof(T));  // a software prefetch did not help memcpy here
+      }
+    }
+    if (streaming) streaming_fence();
+  } else {
+    for (std::size_t i = 0; i < pairs; ++i) std::copy(source(i), source(i) + d, target(i));
+  }
+}
+
+/// combine's sums, with non-temporal stores or without (the tests run both).
+template <class T, class W>
+void combine_rows(const dispatch_plan& plan, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+                  const matrix_view<T>& y, bool streaming) {
+  first_kept<T> next = plan.tokens > 0 ? first_two_kept(plan, buffer, weight, 0) : first_kept<T>{};
+  for (std::size_t t = 0; t < plan.tokens; ++t) {
+    const first_kept<T> now = next;
+    next = t + 1 < plan.tokens ? first_two_kept(plan, buffer, weight, t + 1) : first_kept<T>{};
+    if (streaming) {
+      combine_token<true>(plan, buffer, weight, t, now, next, y.row(t));
+    } else {
+      combine_token<false>(plan, buffer, weight, t, now, next, y.row(t));
+    }
+  }
+  if (streaming) streaming_fence();
+}
+
 }  // namespace detail
 
 /// Gathers x [T x d] into the expert buffer [n C x d]: buffer[e C + slot] = x[t] for every kept pair.
@@ -150,11 +361,7 @@ void dispatch(const dispatch_plan& plan, const matrix_view<const T>& x, const ma
   constexpr const char* fn = "locmoe::dispatch";
   detail::check_rows(fn, "x", x, plan.tokens, x.cols);
   detail::check_rows(fn, "buffer", buffer, plan.buffer_rows(), x.cols);
-  for (const std::int64_t pair : plan.order) {
-    const auto p = static_cast<std::size_t>(pair);
-    const std::size_t row = static_cast<std::size_t>(plan.expert[p]) * plan.capacity + static_cast<std::size_t>(plan.slot[p]);
-    std::copy(x.row(p / plan.top_k), x.row(p / plan.top_k) + x.cols, buffer.row(row));
-  }
+  detail::dispatch_rows(plan, x, buffer, detail::use_streaming_stores(plan.order.size() * x.cols * sizeof(T)));
 }
 
 /// y[t] = sum over t's kept choices j, in order, of weight[t][j] * buffer[e_tj C + slot_tj]; 0 without any.
@@ -162,22 +369,13 @@ template <class T, class W>
 void combine(const dispatch_plan& plan, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
              const matrix_view<T>& y) {
   static_assert(std::is_floating_point_v<T>, "combine: rows are float or double (sums need the precision)");
+  static_assert(64 % sizeof(T) == 0, "combine: rows are written in 64-byte chunks");
   constexpr const char* fn = "locmoe::combine";
   const std::size_t d = y.cols, k = plan.top_k;
   detail::check_rows(fn, "buffer", buffer, plan.buffer_rows(), d);
   detail::check_view<throw_on_error>(fn, "weight", weight, plan.tokens, k, "must be [T x k]");
   detail::check_rows(fn, "y", y, plan.tokens, d);
-  for (std::size_t t = 0; t < plan.tokens; ++t) {
-    T* out = y.row(t);
-    std::fill(out, out + d, T(0));
-    for (std::size_t j = 0; j < k; ++j) {
-      const expert_index e = plan.expert[t * k + j];
-      if (e == no_expert) continue;
-      const T* in = buffer.row(static_cast<std::size_t>(e) * plan.capacity + static_cast<std::size_t>(plan.slot[t * k + j]));
-      const T w = static_cast<T>(weight(t, j));
-      for (std::size_t c = 0; c < d; ++c) out[c] += w * in[c];
-    }
-  }
+  detail::combine_rows(plan, buffer, weight, y, detail::use_streaming_stores(plan.tokens * d * sizeof(T)));
 }
 
 }  // namespace locmoe

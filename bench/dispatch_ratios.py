@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Runs bench/bench_dispatch.cpp's binary with repetitions and prints, per shape, the median bytes/s of
+dispatch and combine as a ratio to the memcpy of the same bytes (memcpy_<family>), from wall-clock time
+(bytes_per_second) and from CPU time (the same bytes, so the ratio of median CPU times; it leaves out the time
+the thread waited for a core on a busy machine), and plan_build's median tokens/s. Usage:
+    bench/dispatch_ratios.py build/default/bench/locmoe_bench_dispatch [--repetitions 5] [--min-time 0.2]
+Needs only the Python standard library."""
+import argparse
+import json
+import re
+import subprocess
+import sys
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("binary")
+    p.add_argument("--repetitions", type=int, default=5)
+    p.add_argument("--filter", default=".")
+    p.add_argument("--min-time", default="0.2")
+    a = p.parse_args()
+    out = subprocess.run([a.binary, f"--benchmark_filter={a.filter}", f"--benchmark_repetitions={a.repetitions}",
+                          "--benchmark_enable_random_interleaving=true", "--benchmark_report_aggregates_only=true",
+                          f"--benchmark_min_time={a.min_time}", "--benchmark_format=json"],
+                         check=True, capture_output=True, text=True).stdout
+    medians = {}  # (family, shape) -> the median run's counters
+    for b in json.loads(out)["benchmarks"]:
+        if b.get("aggregate_name") == "median" or (a.repetitions == 1 and b.get("run_type") == "iteration"):
+            m = re.match(r"([a-z0-9_]+)/(T:\d+/d:\d+/n:\d+/k:\d+)", b["name"])
+            medians[(m.group(1), m.group(2))] = b
+    shapes = sorted({s for _, s in medians})
+    print(f"{'ratio to memcpy (wall, cpu)':38} " + " ".join(f"{s:>26}" for s in shapes))
+    for family in ("dispatch_f32", "dispatch_bf16", "combine_f32"):
+        cells = []
+        for s in shapes:
+            x, ref = medians.get((family, s)), medians.get(("memcpy_" + family, s))
+            if not (x and ref):
+                cells.append(f"{'-':>26}")
+                continue
+            wall, cpu = x["bytes_per_second"] / ref["bytes_per_second"], ref["cpu_time"] / x["cpu_time"]
+            cells.append(f"{wall:18.3f}, {cpu:.3f}")
+        print(f"{family + ' / memcpy_' + family:38} " + " ".join(cells))
+    print()
+    for family in ("memcpy_dispatch_f32", "memcpy_dispatch_bf16", "memcpy_combine_f32"):
+        cells = [f"{medians[(family, s)]['bytes_per_second'] / 1e9:21.1f} GB/s" if (family, s) in medians
+                 else f"{'-':>26}" for s in shapes]
+        print(f"{family:38} " + " ".join(cells))
+    cells = [f"{medians[('plan_build', s)]['items_per_second'] / 1e6:17.1f} M tokens/s" if ("plan_build", s) in medians
+             else f"{'-':>26}" for s in shapes]
+    print(f"{'plan_build':38} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
