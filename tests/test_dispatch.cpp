@@ -275,3 +275,31 @@ TEST_CASE("dispatch plan: bad inputs name the rule") {
   CHECK(empty.order.empty());
   CHECK(empty.intra_rank + empty.intra_node + empty.inter_node == 0);
 }
+
+TEST_CASE("dispatch plan: order packs each source rank's rows by destination rank, then expert and slot") {
+  // Experts 0 and 2 live on rank 1, experts 1 and 3 on rank 0: expert order is not destination order.
+  const topology topo({0, 0}, {1, 0, 1, 0});
+  const std::size_t tokens = 6, k = 1;
+  const std::vector<expert_index> expert = {0, 1, 2, 3, 1, 0};
+  const std::vector<slot_index> slot = {0, 0, 0, 0, 1, 1};
+  const std::vector<std::int32_t> token_rank = {0, 0, 0, 1, 1, 1};
+  const dispatch_plan plan = build_dispatch_plan(matrix_view<const expert_index>(expert.data(), tokens, k),
+                                                 matrix_view<const slot_index>(slot.data(), tokens, k), 2, topo,
+                                                 token_rank.data(), 4);
+  // Rank 0's tokens 0 (e0 -> r1), 1 (e1 -> r0), 2 (e2 -> r1): to rank 0 first {1}, then rank 1 {0, 2}.
+  // Rank 1's tokens 3 (e3 -> r0), 4 (e1 -> r0), 5 (e0 -> r1): to rank 0 {4 (e1), 3 (e3)}, then rank 1 {5}.
+  const std::vector<std::int64_t> want = {1, 0, 2, 4, 3, 5};
+  CHECK(plan.order == want);
+  const std::vector<std::int64_t> offset = {0, 1, 3, 5, 6};
+  CHECK(plan.send_offset == offset);
+  for (std::size_t src = 0; src < 2; ++src) {
+    for (std::size_t dst = 0; dst < 2; ++dst) {
+      CHECK(plan.send_offset[src * 2 + dst + 1] - plan.send_offset[src * 2 + dst] == plan.sent(src, dst));
+      for (auto i = plan.send_offset[src * 2 + dst]; i < plan.send_offset[src * 2 + dst + 1]; ++i) {
+        const auto p = static_cast<std::size_t>(plan.order[static_cast<std::size_t>(i)]);
+        CHECK(static_cast<std::size_t>(token_rank[p]) == src);
+        CHECK(static_cast<std::size_t>(topo.rank_of_expert(static_cast<std::size_t>(expert[p]))) == dst);
+      }
+    }
+  }
+}

@@ -9,8 +9,10 @@
 //     (row-major [R x R]), and the same in bytes for a token of `token_bytes`;
 //   - intra_rank, intra_node and inter_node totals (tokens): the traffic that stays on the device, crosses
 //     the intra-node links, and crosses the inter-node network;
-//   - order: every kept (token, choice) pair as t k + j, sorted by (source rank, expert, slot): the gather
-//     order of each source rank's send buffer, expert-major, and so also the receive order of each expert.
+//   - order: every kept (token, choice) pair as t k + j, sorted by (source rank, destination rank, expert,
+//     slot): the packing order of each source rank's send buffer for an All-to-All (one contiguous range per
+//     destination, send_offset[src R + dst] to send_offset[src R + dst + 1]), expert-major inside a range, and so
+//     also the receive order of each expert.
 // dispatch(x -> buffer) copies row x[t] to buffer[e C + slot] for each kept pair (rows of unused slots are
 // left untouched); combine(buffer -> y) sets y[t] = sum_j weight[t][j] buffer[e_tj C + slot_tj] over t's kept
 // choices (0 for a token with none), summing in choice order: deterministic.
@@ -60,7 +62,9 @@ struct dispatch_plan {
   std::vector<std::int64_t> send_tokens;  ///< [R x R], source-major
   std::vector<std::int64_t> send_bytes;   ///< [R x R], send_tokens * token_bytes
   std::int64_t intra_rank = 0, intra_node = 0, inter_node = 0;  ///< kept choices by where they travel
-  std::vector<std::int64_t> order;        ///< kept pairs t k + j, by (source rank, expert, slot)
+  std::vector<std::int64_t> order;        ///< kept pairs t k + j, by (source rank, destination rank, expert, slot)
+  std::vector<std::int64_t> send_offset;  ///< [R x R + 1]: src -> dst pairs are order[send_offset[src R + dst]]
+                                          ///< up to order[send_offset[src R + dst + 1]], exclusive
   std::vector<expert_index> expert;       ///< [T x k] copy of the assignment's experts (-1: dropped)
   std::vector<slot_index> slot;           ///< [T x k] copy of its slots
 
@@ -102,7 +106,6 @@ inline dispatch_plan build_dispatch_plan(const matrix_view<const expert_index>& 
   const std::vector<std::int32_t>& node_of_rank = topo.node_of_rank_map();
   // pair_at[e C + s]: the kept pair t k + j on (expert e, slot s), -1 while free (T k < 2^31, checked above).
   std::vector<std::int32_t> pair_at(n * plan.capacity, -1);
-  std::vector<std::int64_t> kept_from(ranks, 0);  // kept pairs per source rank
   for (std::size_t t = 0; t < tokens; ++t) {
     const std::size_t src = source.rank(t);
     for (std::size_t j = 0; j < k; ++j) {
@@ -124,7 +127,6 @@ inline dispatch_plan build_dispatch_plan(const matrix_view<const expert_index>& 
       pair = static_cast<std::int32_t>(t * k + j);
       const auto dst = static_cast<std::size_t>(rank_of_expert[static_cast<std::size_t>(e)]);
       ++plan.send_tokens[src * ranks + dst];
-      ++kept_from[src];
       if (dst == src) {
         ++plan.intra_rank;
       } else if (node_of_rank[dst] == node_of_rank[src]) {
@@ -134,15 +136,19 @@ inline dispatch_plan build_dispatch_plan(const matrix_view<const expert_index>& 
       }
     }
   }
-  // Order by (source rank, expert, slot): buffer rows e C + s ascending are (expert, slot) ascending, so one
-  // walk over the rows, each pair appended to its source rank's range, sorts them (a counting sort).
-  std::vector<std::int64_t> next(ranks, 0);  // next free place of each source rank's range
-  for (std::size_t r = 1; r < ranks; ++r) next[r] = next[r - 1] + kept_from[r - 1];
-  plan.order.resize(ranks == 0 ? 0 : static_cast<std::size_t>(next[ranks - 1] + kept_from[ranks - 1]));
-  for (const std::int32_t pair : pair_at) {
+  // Order by (source rank, destination rank, expert, slot): buffer rows e C + s ascending are (expert, slot)
+  // ascending, so one walk over the rows, each pair appended to its (source, destination) range, sorts them (a
+  // counting sort). send_offset[src R + dst] is where that range starts.
+  plan.send_offset.assign(ranks * ranks + 1, 0);
+  for (std::size_t i = 0; i < ranks * ranks; ++i) plan.send_offset[i + 1] = plan.send_offset[i] + plan.send_tokens[i];
+  std::vector<std::int64_t> next(plan.send_offset.begin(), plan.send_offset.end() - 1);  // next free place
+  plan.order.resize(static_cast<std::size_t>(plan.send_offset.back()));
+  for (std::size_t row = 0; row < pair_at.size(); ++row) {
+    const std::int32_t pair = pair_at[row];
     if (pair < 0) continue;
     const std::size_t src = source.rank(static_cast<std::size_t>(pair) / k);
-    plan.order[static_cast<std::size_t>(next[src]++)] = pair;
+    const auto dst = static_cast<std::size_t>(rank_of_expert[row / plan.capacity]);
+    plan.order[static_cast<std::size_t>(next[src * ranks + dst]++)] = pair;
   }
   plan.send_bytes.resize(plan.send_tokens.size());
   for (std::size_t i = 0; i < plan.send_tokens.size(); ++i) {
@@ -319,7 +325,8 @@ void dispatch_rows(const dispatch_plan& plan, const matrix_view<const T>& x, con
   const auto target = [&](std::size_t i) {
     return buffer.row(buffer_row(plan, static_cast<std::size_t>(plan.order[i])));
   };
-  // In plan order (expert-major), the buffer is written front to back.
+  // In plan order (expert-major in each source -> destination range), the buffer is written front to back
+  // when experts are placed in blocks.
   if constexpr (std::is_trivially_copyable_v<T>) {
     for (std::size_t i = 0; i < pairs; ++i) {
       if (streaming) {
