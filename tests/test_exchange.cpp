@@ -170,7 +170,11 @@ TEST_CASE("exchange plans on 2 nodes of 2 ranks, worked by hand") {
   const std::vector<transfer> gather = {{0, 1, 20}, {1, 0, 22}, {2, 3, 63}, {3, 2, 114}};
   REQUIRE(ag.stages[1].transfers.size() == gather.size());
   CHECK(ag.stages[1].name == "intra-node all-gather");
-  for (std::size_t i = 0; i < gather.size(); ++i) CHECK(ag.stages[1].transfers[i].bytes == gather[i].bytes);
+  for (std::size_t i = 0; i < gather.size(); ++i) {
+    CHECK(ag.stages[1].transfers[i].source == gather[i].source);
+    CHECK(ag.stages[1].transfers[i].destination == gather[i].destination);
+    CHECK(ag.stages[1].transfers[i].bytes == gather[i].bytes);
+  }
 
   // two_level: gateway of (node 0 -> node 1) is position 1 of node 0 (rank 1), of node 1 for node 0 position 0
   // (rank 2); of (1 -> 0): rank 2 (position 0 of node 1) sends to rank 1 (position 1 of node 0).
@@ -211,6 +215,59 @@ TEST_CASE("exchange plans on 2 nodes of 2 ranks, worked by hand") {
   // Stage 2: rank 2 sends 80 B: 1.8 us.
   CHECK(tt.stages[2].seconds == doctest::Approx(1.8e-6).epsilon(1e-12));
   CHECK(tt.seconds == doctest::Approx(27.4e-6).epsilon(1e-12));
+  // split_gather stage 0 (inter): rank 1 sends 90 B and receives 14 B: 10 + 9 = 19 us (rank 3 ties: 90 in);
+  // stage 1 (intra): rank 2 sends 34 B, receives 51 B: 1 + 0.51 = 1.51 us (rank 3 ties).
+  const exchange_time ts = model_exchange_time(sg, topo, model);
+  REQUIRE(ts.stages.size() == 2);
+  CHECK(ts.stages[0].seconds == doctest::Approx(19e-6).epsilon(1e-12));
+  CHECK(ts.stages[0].slowest_rank == 1);
+  CHECK(ts.stages[0].bottleneck == link_class::inter_node);
+  CHECK(ts.stages[1].seconds == doctest::Approx(1.51e-6).epsilon(1e-12));
+  CHECK(ts.stages[1].slowest_rank == 2);
+  CHECK(ts.stages[1].bottleneck == link_class::intra_node);
+  CHECK(ts.seconds == doctest::Approx(20.51e-6).epsilon(1e-12));
+}
+
+TEST_CASE("exchange plans move whole rows: stage by stage, every rank ends with exactly its rows") {
+  unsigned seed = 40;
+  for (const topology& topo : topologies()) {
+    const std::size_t R = topo.ranks();
+    const std::int64_t row_bytes = 3;
+    auto rows = random_sends(R, seed++);  // rows per (source, destination)
+    for (auto& v : rows) v %= 7;
+    std::vector<std::int64_t> bytes(rows.size());
+    for (std::size_t i = 0; i < rows.size(); ++i) bytes[i] = rows[i] * row_bytes;
+    const exchange_router router(topo);
+    for (const exchange_scheme scheme : schemes) {
+      CAPTURE(static_cast<int>(scheme));
+      const exchange_plan plan = build_exchange_plan(bytes, topo, {scheme, false});
+      // Each row: (current rank, destination, source); moved along its route one stage at a time.
+      struct row { std::size_t at, destination, source; };
+      std::vector<row> all;
+      for (std::size_t s = 0; s < R; ++s) {
+        for (std::size_t t = 0; t < R; ++t) {
+          for (std::int64_t i = 0; i < rows[s * R + t]; ++i) all.push_back({s, t, s});
+        }
+      }
+      for (std::size_t stage = 0; stage < plan.stages.size(); ++stage) {
+        std::vector<std::int64_t> moved(R * R, 0);
+        for (row& r : all) {
+          for (const exchange_hop& h : router.route(scheme, r.source, r.destination)) {
+            if (h.stage != stage) continue;
+            REQUIRE(static_cast<std::size_t>(h.from) == r.at);  // the row is where the hop starts
+            moved[r.at * R + static_cast<std::size_t>(h.to)] += row_bytes;
+            r.at = static_cast<std::size_t>(h.to);
+          }
+        }
+        std::vector<std::int64_t> planned(R * R, 0);
+        for (const transfer& m : plan.stages[stage].transfers) {
+          planned[static_cast<std::size_t>(m.source) * R + static_cast<std::size_t>(m.destination)] = m.bytes;
+        }
+        CHECK(moved == planned);
+      }
+      for (const row& r : all) CHECK(r.at == r.destination);
+    }
+  }
 }
 
 TEST_CASE("exchange plans and the model refuse bad input") {
@@ -227,6 +284,15 @@ TEST_CASE("exchange plans and the model refuse bad input") {
   // ... and meet on the gateway of two_level's stage 0 (0 -> 1 carries S[0][1] + S[0][2] + S[0][3]).
   CHECK_THROWS_WITH_AS(build_exchange_plan(S, topo, {exchange_scheme::two_level, false}), doctest::Contains("int64"), error);
   CHECK_THROWS_AS(exchange_route(topo, exchange_scheme::flat, 4, 0), error);
+  CHECK_THROWS_WITH_AS(build_exchange_plan(std::vector<std::int64_t>(16, 1), topo, {static_cast<exchange_scheme>(7), false}),
+                       doctest::Contains("options.scheme = 7"), error);
+  CHECK_THROWS_WITH_AS(exchange_route(topo, static_cast<exchange_scheme>(-1), 0, 1), doctest::Contains("scheme"), error);
+  const exchange_router router(topo);
+  CHECK(router.gateway(0, 1) == 1);
+  CHECK(router.gateway(1, 0) == 2);
+  CHECK_THROWS_WITH_AS(router.gateway(2, 0), doctest::Contains("from = 2"), error);
+  const topology gap({0, 0, 2}, {0, 1, 2});  // node 1 holds no rank
+  CHECK_THROWS_WITH_AS(exchange_router(gap).gateway(0, 1), doctest::Contains("to = 1"), error);
   CHECK_THROWS_WITH_AS(exchange_route(topo, exchange_scheme::flat, 0, 9), doctest::Contains("destination"), error);
 
   const exchange_plan plan = build_exchange_plan(std::vector<std::int64_t>(16, 1), topo);
@@ -238,6 +304,16 @@ TEST_CASE("exchange plans and the model refuse bad input") {
   CHECK_THROWS_WITH_AS(model_exchange_time(plan, topo, m), doctest::Contains("model.intra_node.latency_seconds"), error);
   CHECK_THROWS_WITH_AS(model_exchange_time(plan, topology::uniform(8, 2, 4), comm_model::ascend_910()),
                        doctest::Contains("topo"), error);
+  // Same number of ranks, other nodes: the link classes would be wrong.
+  CHECK_THROWS_WITH_AS(model_exchange_time(plan, topology::uniform(4, 1, 4), comm_model::ascend_910()),
+                       doctest::Contains("the topology the plan was built on"), error);
+  exchange_plan broken = plan;
+  broken.stages[0].transfers[3].destination = 9;
+  CHECK_THROWS_WITH_AS(model_exchange_time(broken, topo, comm_model::ascend_910()),
+                       doctest::Contains("plan = stages[0].transfers[3]"), error);
+  broken = plan;
+  broken.stages[0].transfers[0].bytes = -5;
+  CHECK_THROWS_WITH_AS(model_exchange_time(broken, topo, comm_model::ascend_910()), doctest::Contains("bytes > 0"), error);
   // An empty exchange costs nothing.
   const exchange_plan none = build_exchange_plan(std::vector<std::int64_t>(16, 0), topo, {exchange_scheme::two_level, false});
   const exchange_time t0 = model_exchange_time(none, topo, comm_model::ascend_910());

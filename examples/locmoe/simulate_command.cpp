@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -19,7 +20,7 @@ namespace {
 struct simulate_settings {
   std::string presets = "64N", machine = "ascend-910";
   std::int64_t nodes = 0, ranks_per_node = 0, experts = 0;
-  double intra_bandwidth = 0, inter_bandwidth = 0, intra_latency = -1, inter_latency = -1;  // 0 / -1: the machine's
+  std::optional<double> intra_bandwidth, inter_bandwidth, intra_latency, inter_latency;  // unset: the machine's
   std::int64_t seed = 1;
   bool json = false, csv = false, quiet = false;
   sim::settings sim;
@@ -42,12 +43,12 @@ std::vector<sim::cluster> clusters(const simulate_settings& s) {
 
 comm_model model_of(const simulate_settings& s) {
   comm_model m = s.machine == "dgx-a100" ? comm_model::dgx_a100() : comm_model::ascend_910();
-  const auto set = [](double value, double scale, double& target, const char* flag, bool latency) {
-    if (latency ? value == -1 : value == 0) return;
-    if (!std::isfinite(value) || (latency ? value < 0 : value <= 0)) {
-      throw usage_error(std::string(flag) + " = " + detail::to_text(value) + ": must be finite and " + (latency ? ">= 0" : "> 0"));
+  const auto set = [](const std::optional<double>& value, double scale, double& target, const char* flag, bool latency) {
+    if (!value) return;
+    if (!std::isfinite(*value) || (latency ? *value < 0 : *value <= 0)) {
+      throw usage_error(std::string(flag) + " = " + detail::to_text(*value) + ": must be finite and " + (latency ? ">= 0" : "> 0"));
     }
-    target = value * scale;
+    target = *value * scale;
   };
   set(s.intra_bandwidth, 1e9, m.intra_node.bytes_per_second, "--intra-bandwidth", false);
   set(s.inter_bandwidth, 1e9, m.inter_node.bytes_per_second, "--inter-bandwidth", false);
@@ -84,6 +85,13 @@ nlohmann::ordered_json to_json(const sim::cluster_result& c, const simulate_sett
   j["aux_coeff"] = s.sim.aux_coeff;
   j["loc_coeff"] = s.sim.locality_coeff;
   j["capacity_factor"] = s.sim.capacity_factor;
+  j["task_coeff"] = s.sim.task_coeff;
+  j["learning_rate"] = s.sim.learning_rate;
+  j["features"] = s.sim.features;
+  j["topics"] = s.sim.topics;
+  j["domains"] = s.sim.domains;
+  j["skew"] = s.sim.skew;
+  j["noise"] = s.sim.noise;
   j["model"] = {{"intra_node_latency_seconds", s.sim.model.intra_node.latency_seconds},
                 {"intra_node_bytes_per_second", s.sim.model.intra_node.bytes_per_second},
                 {"inter_node_latency_seconds", s.sim.model.inter_node.latency_seconds},
@@ -97,6 +105,7 @@ nlohmann::ordered_json to_json(const sim::cluster_result& c, const simulate_sett
                             {"rank_local_share", r.rank_local_share},
                             {"max_mean_load", r.max_mean_load},
                             {"drop_rate", r.drop_rate},
+                            {"capacity_used", r.capacity_used},
                             {"capacity", r.capacity},
                             {"affinity", r.affinity},
                             {"a2a_seconds_flat", r.a2a_seconds_flat},
@@ -113,7 +122,7 @@ nlohmann::ordered_json to_json(const sim::cluster_result& c, const simulate_sett
 const char* const csv_header =
     "preset,nodes,ranks_per_node,experts,router,top_k,inter_node_share,intra_node_share,rank_local_share,max_mean_load,"
     "drop_rate,capacity,affinity,a2a_seconds_flat,a2a_seconds_groupwise,a2a_seconds_two_level,change_flat_vs_switch,"
-    "change_groupwise_vs_switch,aux_coeff,loc_coeff,capacity_factor,seed";
+    "change_groupwise_vs_switch,aux_coeff,loc_coeff,capacity_factor,seed,capacity_used,skew";
 
 /// A change against switch as text: empty when switch was not run.
 std::string versus_text(const sim::router_result* sw, double value, double sim::router_result::*field) {
@@ -126,14 +135,14 @@ std::string versus_text(const sim::router_result* sw, double value, double sim::
 void print_csv(const sim::cluster_result& c, const sim::settings& s) {
   const sim::router_result* sw = switch_of(c);
   for (const sim::router_result& r : c.routers) {
-    std::printf("%s,%lld,%lld,%lld,%s,%lld,%.6f,%.6f,%.6f,%.6f,%.6f,%lld,%.6f,%.6e,%.6e,%.6e,%s,%s,%g,%g,%g,%llu\n", c.spec.preset.c_str(),
+    std::printf("%s,%lld,%lld,%lld,%s,%lld,%.6f,%.6f,%.6f,%.6f,%.6f,%lld,%.6f,%.6e,%.6e,%.6e,%s,%s,%g,%g,%g,%llu,%.6f,%g\n", c.spec.preset.c_str(),
                 static_cast<long long>(c.spec.nodes), static_cast<long long>(c.spec.ranks_per_node),
                 static_cast<long long>(c.spec.experts), r.router.c_str(), static_cast<long long>(r.top_k),
                 r.inter_node_share, r.intra_node_share, r.rank_local_share, r.max_mean_load, r.drop_rate,
                 static_cast<long long>(r.capacity), r.affinity, r.a2a_seconds_flat, r.a2a_seconds_groupwise,
                 r.a2a_seconds_two_level, versus_text(sw, r.a2a_seconds_flat, &sim::router_result::a2a_seconds_flat).c_str(),
                 versus_text(sw, r.a2a_seconds_groupwise, &sim::router_result::a2a_seconds_groupwise).c_str(), s.aux_coeff,
-                s.locality_coeff, s.capacity_factor, static_cast<unsigned long long>(s.seed));
+                s.locality_coeff, s.capacity_factor, static_cast<unsigned long long>(s.seed), r.capacity_used, s.skew);
   }
 }
 

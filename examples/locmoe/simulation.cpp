@@ -355,7 +355,9 @@ cluster_result simulate(const cluster& spec, const settings& s, const progress_c
   std::vector<std::int64_t> ids;
   std::vector<std::int32_t> domains;
   std::vector<window> sums(names.size());
-  const auto eval_start = static_cast<std::int64_t>(std::floor(static_cast<double>(s.steps) * (1 - s.eval_fraction)));
+  // At least the last step is evaluated, however small the fraction.
+  const auto eval_start = std::min<std::int64_t>(
+      s.steps - 1, static_cast<std::int64_t>(std::floor(static_cast<double>(s.steps) * (1 - s.eval_fraction))));
   std::vector<expert_index> choice, expert;
   std::vector<slot_index> slot;
   std::vector<double> weight, kept_weight;
@@ -451,6 +453,7 @@ cluster_result simulate(const cluster& spec, const settings& s, const progress_c
     rr.rank_local_share = w.kept > 0 ? w.local / w.kept : 0;
     rr.max_mean_load = w.load_ratio / steps;
     rr.drop_rate = w.routed > 0 ? w.dropped / w.routed : 0;
+    rr.capacity_used = w.capacity > 0 ? w.kept / (steps * static_cast<double>(n) * static_cast<double>(w.capacity)) : 0;
     rr.affinity = w.kept > 0 ? w.affinity / w.kept : 0;
     rr.a2a_seconds_flat = w.flat / steps;
     rr.a2a_seconds_groupwise = w.groupwise / steps;

@@ -53,6 +53,7 @@ struct router_result {
   double rank_local_share = 0;         ///< staying on the device
   double max_mean_load = 0;            ///< max / mean of the tokens routed to each expert (before capacity)
   double drop_rate = 0;
+  double capacity_used = 0;            ///< kept choices / (n C): how full the expert buffers are
   double affinity = 0;                 ///< mean affinity of kept choices (the task's reward)
   double a2a_seconds_flat = 0, a2a_seconds_groupwise = 0, a2a_seconds_two_level = 0;
   std::vector<double> load_per_expert;  ///< mean choices routed to each expert per step (before capacity)
@@ -63,7 +64,7 @@ struct cluster_result {
   std::vector<router_result> routers;  ///< those run, in the order of settings::router_names()
 };
 
-/// Called after every step with (steps done, steps in all, router being trained).
+/// Called after every step with (steps done, steps in all).
 using progress_callback = std::function<void(std::int64_t, std::int64_t)>;
 
 /// Checks the settings against the cluster (throws usage_error naming the flag) and runs the simulation.

@@ -11,7 +11,7 @@
 //                 stage 1: p -> t inside node b (rows for the own node go s -> t here). With
 //                 replicate_in_node, stage 1 is the paper's All-Gather: every rank of node b receives every row
 //                 bound for node b (experts sharded over the node, as with the paper's tensor parallelism).
-//   two_level     HetuMoE's hierarchical All-to-All (also Tutel's 2DH family): aggregate by destination node
+//   two_level     HetuMoE's hierarchical All-to-All: aggregate by destination node
 //                 inside the source node, one inter-node message per node pair, scatter inside the destination
 //                 node. The gateways of the pair (a, b) are g_a = rank pos b mod |a| of node a and g_b = rank
 //                 pos a mod |b| of node b. Stage 0: s -> g_a (rows for the own node go s -> t here); stage 1:
@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace locmoe {
@@ -80,15 +81,13 @@ struct exchange_stage {
 struct exchange_plan {
   exchange_options options;
   std::size_t ranks = 0, nodes = 0;
+  std::vector<std::int32_t> node_of_rank;  ///< the topology's map the plan was built on
   std::vector<exchange_stage> stages;
   std::int64_t local_bytes = 0;  ///< sum of S[r][r]: rows that stay on their rank
+  std::array<std::int64_t, link_class_count> total_bytes{};  ///< by link_class, over the stages (fits int64: checked)
 
   /// Bytes over one link class, summed over the stages.
-  std::int64_t bytes(link_class c) const noexcept {
-    std::int64_t sum = 0;
-    for (const exchange_stage& s : stages) sum += s.bytes[static_cast<std::size_t>(c)];
-    return sum;
-  }
+  std::int64_t bytes(link_class c) const noexcept { return total_bytes[static_cast<std::size_t>(c)]; }
 };
 
 /// One hop of a row: in stage `stage`, from rank `from` to rank `to`.
@@ -117,6 +116,12 @@ struct node_layout {
     return m[index % m.size()];
   }
 };
+
+inline void check_scheme(const char* fn, const char* argument, exchange_scheme s) {
+  if (s != exchange_scheme::flat && s != exchange_scheme::split_gather && s != exchange_scheme::two_level) {
+    raise<throw_on_error>(errc::domain, fn, argument, static_cast<int>(s), "must be flat, split_gather or two_level", 0);
+  }
+}
 
 inline std::size_t stage_count(exchange_scheme s) noexcept {
   return s == exchange_scheme::flat ? 1 : s == exchange_scheme::split_gather ? 2 : 3;
@@ -175,12 +180,14 @@ inline std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* fn) 
 class exchange_router {
  public:
   explicit exchange_router(const topology& topo) : topo_(topo), layout_(topo) {}
+  exchange_router(topology&&) = delete;  // it keeps a reference: the topology must outlive the router
 
   /// The hops a row takes from rank `source` to rank `destination` (empty when they are the same rank). For
   /// split_gather with replicate_in_node the last hop is the row's copy for its destination; the All-Gather
   /// also sends it to the node's other ranks. Throws locmoe::error for a rank outside [0, R).
   std::vector<exchange_hop> route(exchange_scheme scheme, std::size_t source, std::size_t destination) const {
     constexpr const char* fn = "locmoe::exchange_route";
+    detail::check_scheme(fn, "scheme", scheme);
     if (source >= topo_.ranks()) detail::raise<throw_on_error>(errc::domain, fn, "source", source, "must be a rank in [0, R)", 0);
     if (destination >= topo_.ranks()) {
       detail::raise<throw_on_error>(errc::domain, fn, "destination", destination, "must be a rank in [0, R)", 0);
@@ -189,7 +196,16 @@ class exchange_router {
   }
 
   /// two_level: the rank of node `from` that carries its traffic for node `to` (position to mod |from|).
-  std::int32_t gateway(std::size_t from, std::size_t to) const { return layout_.member(from, to); }
+  /// Throws locmoe::error unless both are nodes that hold ranks.
+  std::int32_t gateway(std::size_t from, std::size_t to) const {
+    constexpr const char* fn = "locmoe::exchange_router::gateway";
+    for (const auto& [argument, node] : {std::pair<const char*, std::size_t>{"from", from}, {"to", to}}) {
+      if (node >= layout_.ranks_of_node.size() || layout_.ranks_of_node[node].empty()) {
+        detail::raise<throw_on_error>(errc::domain, fn, argument, node, "must be a node that holds ranks", 0);
+      }
+    }
+    return layout_.member(from, to);
+  }
 
  private:
   const topology& topo_;
@@ -212,6 +228,7 @@ inline exchange_plan build_exchange_plan(const std::vector<std::int64_t>& send_b
     detail::raise<throw_on_error>(errc::domain, fn, "send_bytes", send_bytes.size(),
                                   "must hold R x R entries (R = topology ranks)", 0);
   }
+  detail::check_scheme(fn, "options.scheme", options.scheme);
   if (options.replicate_in_node && options.scheme != exchange_scheme::split_gather) {
     detail::raise<throw_on_error>(errc::domain, fn, "options.replicate_in_node", "true",
                                   "applies to the split_gather scheme only", 0);
@@ -231,6 +248,7 @@ inline exchange_plan build_exchange_plan(const std::vector<std::int64_t>& send_b
   plan.options = options;
   plan.ranks = ranks;
   plan.nodes = topo.nodes();
+  plan.node_of_rank = topo.node_of_rank_map();
   for (std::size_t s = 0; s < ranks; ++s) {
     for (std::size_t t = 0; t < ranks; ++t) {
       const std::int64_t bytes = send_bytes[s * ranks + t];
@@ -279,6 +297,7 @@ inline exchange_plan build_exchange_plan(const std::vector<std::int64_t>& send_b
         const auto c = static_cast<std::size_t>(topo.node_of_rank(from) == topo.node_of_rank(to) ? link_class::intra_node
                                                                                                   : link_class::inter_node);
         stage.bytes[c] = detail::checked_add(stage.bytes[c], bytes, fn);
+        plan.total_bytes[c] = detail::checked_add(plan.total_bytes[c], bytes, fn);
         ++stage.messages[c];
       }
     }
@@ -336,8 +355,22 @@ inline exchange_time model_exchange_time(const exchange_plan& plan, const topolo
                                     l.bytes_per_second, "must be finite and > 0", 0);
     }
   }
-  if (plan.ranks != topo.ranks()) {
-    detail::raise<throw_on_error>(errc::domain, fn, "topo", topo.ranks(), "must have the plan's number of ranks", 0);
+  if (plan.ranks != topo.ranks() || plan.node_of_rank != topo.node_of_rank_map()) {
+    detail::raise<throw_on_error>(errc::domain, fn, "topo", topo.ranks(),
+                                  "must be the topology the plan was built on (same ranks and nodes)", 0);
+  }
+  for (std::size_t i = 0; i < plan.stages.size(); ++i) {
+    for (std::size_t j = 0; j < plan.stages[i].transfers.size(); ++j) {
+      const transfer& m = plan.stages[i].transfers[j];
+      const auto in_range = [&](std::int32_t r) { return r >= 0 && static_cast<std::size_t>(r) < plan.ranks; };
+      if (!in_range(m.source) || !in_range(m.destination) || m.source == m.destination || m.bytes <= 0) {
+        const std::string where = "stages[" + std::to_string(i) + "].transfers[" + std::to_string(j) + "] = {" +
+                                  std::to_string(m.source) + ", " + std::to_string(m.destination) + ", " +
+                                  std::to_string(m.bytes) + "}";
+        detail::raise<throw_on_error>(errc::domain, fn, "plan", where,
+                                      "a transfer joins two different ranks in [0, R) and carries bytes > 0", 0);
+      }
+    }
   }
   exchange_time result;
   struct side { std::int64_t messages = 0, bytes = 0; };

@@ -157,10 +157,13 @@ locmoe_cli_test("simulate several presets gives a JSON array" EXIT 0
   JSON_VALUES 0.preset=64N 1.preset=128N 1.nodes=16)
 locmoe_cli_test("simulate --csv: header and one row per router" EXIT 0
   ARGS simulate ${sim_fast} --csv --routers switch,locmoe
-  STDOUT_REGEX "^preset,nodes,ranks_per_node,experts,router,top_k,inter_node_share,[^\n]*,loc_coeff,capacity_factor,seed\n64N,8,8,16,switch,1,[^\n]*\n64N,8,8,16,locmoe,1,[^\n]*,0.01,0.01,1.25,1\n$")
+  STDOUT_REGEX "^preset,nodes,ranks_per_node,experts,router,top_k,inter_node_share,[^\n]*,loc_coeff,capacity_factor,seed,capacity_used,skew\n64N,8,8,16,switch,1,[^\n]*\n64N,8,8,16,locmoe,1,[^\n]*,0.01,0.01,1.25,1,0\\.[0-9]+,0.7\n$")
 locmoe_cli_test("simulate a custom cluster on DGX A100 links" EXIT 0
   ARGS simulate --nodes 2 --ranks-per-node 4 --experts 8 --machine dgx-a100 ${sim_fast} --json
-  JSON_VALUES preset=custom model.inter_node_bytes_per_second=25000000000.0)
+  JSON_VALUES preset=custom model.inter_node_bytes_per_second=25000000000.0 skew~0.699)
+locmoe_cli_test("simulate link overrides, latency 0 allowed" EXIT 0
+  ARGS simulate ${sim_fast} --routers hash --json --intra-latency 0 --inter-bandwidth 50
+  JSON_VALUES model.intra_node_latency_seconds=0.0 model.inter_node_bytes_per_second=50000000000.0)
 locmoe_cli_test("bad: simulate unknown preset" ${bad} ARGS simulate --preset 512N
   STDERR_REGEX "--preset = 512N: must be 64N, 128N or 256N")
 locmoe_cli_test("bad: simulate partial custom cluster" ${bad} ARGS simulate --nodes 4
