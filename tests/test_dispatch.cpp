@@ -10,6 +10,7 @@
 #include <numeric>
 #include <random>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 using namespace locmoe;
@@ -187,14 +188,21 @@ TEST_CASE_TEMPLATE("combine equals zeroing then adding each kept row in choice o
         CHECK(kept < tokens * k - tokens / 5 * k);  // some choices dropped for capacity, not only whole tokens
         const matrix_view<const T> buffer_view(buffer.data(), plan.buffer_rows(), d, stride);
         const matrix_view<const T> weight_view(weight.data(), tokens, k);
-        for (const bool streaming : {false, true}) {
-          CAPTURE(streaming);
+        // The public call (small: plain stores), the non-temporal path, and token ranges as the backends
+        // split them (three pieces, each its own call).
+        for (const int mode : {0, 1, 2}) {
+          CAPTURE(mode);
           std::vector<T> y(tokens * stride, T(-1));
           const matrix_view<T> y_view(y.data(), tokens, d, stride);
-          if (streaming) {
-            detail::combine_rows(plan, buffer_view, weight_view, y_view, true);
+          const detail::pair_layout pairs = detail::pair_layout::of(plan);
+          if (mode == 0) {
+            combine(plan, buffer_view, weight_view, y_view);
+          } else if (mode == 1) {
+            detail::combine_rows(pairs, buffer_view, weight_view, y_view, 0, tokens, true);
           } else {
-            combine(plan, buffer_view, weight_view, y_view);  // small: plain stores
+            for (const auto& [begin, end] : {std::pair<std::size_t, std::size_t>{0, 5}, {5, 6}, {6, tokens}}) {
+              detail::combine_rows(pairs, buffer_view, weight_view, y_view, begin, end, false);
+            }
           }
           CHECK(std::memcmp(y.data(), want.data(), y.size() * sizeof(T)) == 0);
         }
@@ -229,19 +237,26 @@ TEST_CASE_TEMPLATE("dispatch copies each kept row to its buffer row and no other
   // non-temporal stores.
   for (const std::size_t d : {13, 2100}) {
     for (const std::size_t pad : {0, 1}) {
-      for (const bool streaming : {false, true}) {
+      for (const int mode : {0, 1, 2, 3}) {
         CAPTURE(d);
         CAPTURE(pad);
-        CAPTURE(streaming);
+        CAPTURE(mode);
         const std::size_t stride = d + pad;
         std::vector<T> x(tokens * d), buffer(plan.buffer_rows() * stride, T(-7));
         for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(static_cast<float>(i % 4093) * 0.25f);
         const matrix_view<const T> x_view(x.data(), tokens, d);
         const matrix_view<T> buffer_view(buffer.data(), plan.buffer_rows(), d, stride);
-        if (streaming) {
-          detail::dispatch_rows(plan, x_view, buffer_view, true);
+        // The public call (small: memcpy), the non-temporal path in plan order, and the backends' way: pairs in
+        // token order (no plan order) in three ranges, plain (mode 2) and non-temporal (mode 3).
+        const detail::pair_layout pairs = detail::pair_layout::of(plan);
+        if (mode == 0) {
+          dispatch(plan, x_view, buffer_view);
+        } else if (mode == 1) {
+          detail::dispatch_rows(pairs, plan.order.data(), 0, plan.order.size(), x_view, buffer_view, true);
         } else {
-          dispatch(plan, x_view, buffer_view);  // small: memcpy
+          for (const auto& [begin, end] : {std::pair<std::size_t, std::size_t>{0, 7}, {7, 8}, {8, tokens * k}}) {
+            detail::dispatch_rows(pairs, nullptr, begin, end, x_view, buffer_view, mode == 3);
+          }
         }
         std::vector<T> want(plan.buffer_rows() * stride, T(-7));
         for (std::size_t p = 0; p < tokens * k; ++p) {

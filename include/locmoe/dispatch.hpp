@@ -167,10 +167,22 @@ void check_rows(const char* fn, const char* argument, const matrix_view<T>& v, s
   check_view<throw_on_error>(fn, argument, v, rows, d, "must have d columns, as the other operand");
 }
 
-/// The expert-buffer row e C + slot of the kept pair p = t k + j.
-inline std::size_t buffer_row(const dispatch_plan& plan, std::size_t pair) noexcept {
-  return static_cast<std::size_t>(plan.expert[pair]) * plan.capacity + static_cast<std::size_t>(plan.slot[pair]);
-}
+/// Where the pairs p = t k + j of an assignment go: expert and slot arrays [T x k], C. What the kernels below
+/// read, from a plan or straight from an assignment (the backends).
+struct pair_layout {
+  const expert_index* expert = nullptr;
+  const slot_index* slot = nullptr;
+  std::size_t tokens = 0, top_k = 1, capacity = 0;
+
+  static pair_layout of(const dispatch_plan& plan) noexcept {
+    return {plan.expert.data(), plan.slot.data(), plan.tokens, plan.top_k, plan.capacity};
+  }
+  bool kept(std::size_t pair) const noexcept { return expert[pair] != no_expert; }
+  /// The expert-buffer row e C + slot of the kept pair.
+  std::size_t row(std::size_t pair) const noexcept {
+    return static_cast<std::size_t>(expert[pair]) * capacity + static_cast<std::size_t>(slot[pair]);
+  }
+};
 
 /// How far ahead of the element being read the rows are prefetched: the best of 1-16 KiB measured.
 inline constexpr std::size_t prefetch_bytes = 4096;
@@ -251,13 +263,13 @@ struct first_kept {
 };
 
 template <class T, class W>
-first_kept<T> first_two_kept(const dispatch_plan& plan, const matrix_view<const T>& buffer,
+first_kept<T> first_two_kept(const pair_layout& pairs, const matrix_view<const T>& buffer,
                              const matrix_view<const W>& weight, std::size_t t) {
-  const std::size_t k = plan.top_k;
+  const std::size_t k = pairs.top_k;
   first_kept<T> kept;
   for (std::size_t j = 0; j < k && !kept.b; ++j) {
-    if (plan.expert[t * k + j] == no_expert) continue;
-    const T* row = buffer.row(buffer_row(plan, t * k + j));
+    if (!pairs.kept(t * k + j)) continue;
+    const T* row = buffer.row(pairs.row(t * k + j));
     (kept.a ? kept.b : kept.a) = row;
     (kept.b ? kept.wb : kept.wa) = static_cast<T>(weight(t, j));
     kept.rest = j + 1;
@@ -286,9 +298,9 @@ void write_row(T* out, std::size_t d, const first_kept<T>& now, const first_kept
 /// operations as zeroing out and adding each row, with the first two rows in one pass. "T(0) +" is not a
 /// no-op: the sum starts at +0, and +0 + (-0) is +0, so out never holds a -0 that the sum does not.
 template <bool Streaming, class T, class W>
-void combine_token(const dispatch_plan& plan, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+void combine_token(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                    std::size_t t, const first_kept<T>& now, const first_kept<T>& next, T* out) {
-  const std::size_t k = plan.top_k, d = buffer.cols;
+  const std::size_t k = pairs.top_k, d = buffer.cols;
   const T* a = now.a;
   const T* b = now.b;
   const T wa = now.wa, wb = now.wb;
@@ -308,53 +320,61 @@ void combine_token(const dispatch_plan& plan, const matrix_view<const T>& buffer
     }
     write_row<false>(out, d, now, next, two);  // more rows follow: out is read back, keep it in cache
     for (std::size_t j = now.rest; j < k; ++j) {
-      if (plan.expert[t * k + j] == no_expert) continue;
-      const T* row = buffer.row(buffer_row(plan, t * k + j));
+      if (!pairs.kept(t * k + j)) continue;
+      const T* row = buffer.row(pairs.row(t * k + j));
       const T w = static_cast<T>(weight(t, j));
       for (std::size_t c = 0; c < d; ++c) out[c] += w * row[c];
     }
   }
 }
 
-/// dispatch's copies, with non-temporal stores or without (the tests run both).
+/// dispatch's copies of the kept pairs order[i] for i in [begin, end) (order null: the pairs p in [begin, end),
+/// dropped ones skipped), with non-temporal stores or without (the tests run both).
 template <class T>
-void dispatch_rows(const dispatch_plan& plan, const matrix_view<const T>& x, const matrix_view<T>& buffer,
-                   bool streaming) {
-  const std::size_t d = x.cols, k = plan.top_k, pairs = plan.order.size();
-  const auto source = [&](std::size_t i) { return x.row(static_cast<std::size_t>(plan.order[i]) / k); };
-  const auto target = [&](std::size_t i) {
-    return buffer.row(buffer_row(plan, static_cast<std::size_t>(plan.order[i])));
+void dispatch_rows(const pair_layout& pairs, const std::int64_t* order, std::size_t begin, std::size_t end,
+                   const matrix_view<const T>& x, const matrix_view<T>& buffer, bool streaming) {
+  const std::size_t d = x.cols, k = pairs.top_k;
+  const auto pair = [&](std::size_t i) { return order ? static_cast<std::size_t>(order[i]) : i; };
+  const auto next_kept = [&](std::size_t i) {  // the first index after i whose pair is kept, or end
+    for (++i; i < end && !pairs.kept(pair(i)); ++i) {}
+    return i;
   };
   // In plan order (expert-major in each source -> destination range), the buffer is written front to back
   // when experts are placed in blocks.
-  if constexpr (std::is_trivially_copyable_v<T>) {
-    for (std::size_t i = 0; i < pairs; ++i) {
+  for (std::size_t i = begin < end && pairs.kept(pair(begin)) ? begin : next_kept(begin); i < end;) {
+    const std::size_t after = next_kept(i);
+    const T* from = x.row(pair(i) / k);
+    T* to = buffer.row(pairs.row(pair(i)));
+    if constexpr (std::is_trivially_copyable_v<T>) {
       if (streaming) {
-        const T* next = i + 1 < pairs ? source(i + 1) : nullptr;
-        copy_row_streaming(reinterpret_cast<const unsigned char*>(source(i)), d * sizeof(T),
-                           reinterpret_cast<unsigned char*>(target(i)), reinterpret_cast<const unsigned char*>(next));
+        const T* next = after < end ? x.row(pair(after) / k) : nullptr;
+        copy_row_streaming(reinterpret_cast<const unsigned char*>(from), d * sizeof(T),
+                           reinterpret_cast<unsigned char*>(to), reinterpret_cast<const unsigned char*>(next));
       } else if (d > 0) {
-        std::memcpy(target(i), source(i), d * sizeof(T));  // a software prefetch did not help memcpy here
+        std::memcpy(to, from, d * sizeof(T));  // a software prefetch did not help memcpy here
       }
+    } else {
+      std::copy(from, from + d, to);
     }
+    i = after;
+  }
+  if constexpr (std::is_trivially_copyable_v<T>) {
     if (streaming) streaming_fence();
-  } else {
-    for (std::size_t i = 0; i < pairs; ++i) std::copy(source(i), source(i) + d, target(i));
   }
 }
 
-/// combine's sums, with non-temporal stores or without (the tests run both).
+/// combine's sums for the tokens [begin, end), with non-temporal stores or without (the tests run both).
 template <class T, class W>
-void combine_rows(const dispatch_plan& plan, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
-                  const matrix_view<T>& y, bool streaming) {
-  first_kept<T> next = plan.tokens > 0 ? first_two_kept(plan, buffer, weight, 0) : first_kept<T>{};
-  for (std::size_t t = 0; t < plan.tokens; ++t) {
+void combine_rows(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+                  const matrix_view<T>& y, std::size_t begin, std::size_t end, bool streaming) {
+  first_kept<T> next = begin < end ? first_two_kept(pairs, buffer, weight, begin) : first_kept<T>{};
+  for (std::size_t t = begin; t < end; ++t) {
     const first_kept<T> now = next;
-    next = t + 1 < plan.tokens ? first_two_kept(plan, buffer, weight, t + 1) : first_kept<T>{};
+    next = t + 1 < end ? first_two_kept(pairs, buffer, weight, t + 1) : first_kept<T>{};
     if (streaming) {
-      combine_token<true>(plan, buffer, weight, t, now, next, y.row(t));
+      combine_token<true>(pairs, buffer, weight, t, now, next, y.row(t));
     } else {
-      combine_token<false>(plan, buffer, weight, t, now, next, y.row(t));
+      combine_token<false>(pairs, buffer, weight, t, now, next, y.row(t));
     }
   }
   if (streaming) streaming_fence();
@@ -368,7 +388,8 @@ void dispatch(const dispatch_plan& plan, const matrix_view<const T>& x, const ma
   constexpr const char* fn = "locmoe::dispatch";
   detail::check_rows(fn, "x", x, plan.tokens, x.cols);
   detail::check_rows(fn, "buffer", buffer, plan.buffer_rows(), x.cols);
-  detail::dispatch_rows(plan, x, buffer, detail::use_streaming_stores(plan.order.size() * x.cols * sizeof(T)));
+  detail::dispatch_rows(detail::pair_layout::of(plan), plan.order.data(), 0, plan.order.size(), x, buffer,
+                        detail::use_streaming_stores(plan.order.size() * x.cols * sizeof(T)));
 }
 
 /// y[t] = sum over t's kept choices j, in order, of weight[t][j] * buffer[e_tj C + slot_tj]; 0 without any.
@@ -382,7 +403,8 @@ void combine(const dispatch_plan& plan, const matrix_view<const T>& buffer, cons
   detail::check_rows(fn, "buffer", buffer, plan.buffer_rows(), d);
   detail::check_view<throw_on_error>(fn, "weight", weight, plan.tokens, k, "must be [T x k]");
   detail::check_rows(fn, "y", y, plan.tokens, d);
-  detail::combine_rows(plan, buffer, weight, y, detail::use_streaming_stores(plan.tokens * d * sizeof(T)));
+  detail::combine_rows(detail::pair_layout::of(plan), buffer, weight, y, 0, plan.tokens,
+                       detail::use_streaming_stores(plan.tokens * d * sizeof(T)));
 }
 
 }  // namespace locmoe
