@@ -1,0 +1,216 @@
+// locmoe/backend/cpu.hpp - the CPU backend: the router's device steps over token ranges on a thread_pool.
+//
+// A model of the backend concept (backend/backend.hpp). Every step splits its tokens (or pairs) into
+// contiguous ranges of at least `grain` rows, runs them on the pool, and gives results bit for bit equal to the
+// single-threaded library calls, whatever the thread count:
+//   route_grap / route_dense  the fused gate + softmax + Top-k (select.hpp's grap_route / dense_route on each
+//                             range; per-token results do not depend on the range)
+//   assign_slots              capacity slots under the position policy, in three passes: per-range counts per
+//                             expert, an exclusive scan over the ranges (expert by expert), then each range
+//                             numbers its choices from its offsets. The slots equal capacity_assigner's with
+//                             drop_policy::position and the same C.
+//   dispatch / combine        dispatch.hpp's kernels on pair and token ranges.
+// The stream is a tag: every call has finished when it returns. Calls allocate nothing; the workspace sizes are
+// given by *_workspace_size. Preconditions are checked before any thread starts (locmoe::error).
+// Cost: the single-threaded cost divided by the threads, plus one pool wake-up per pass.
+// Example: docs/api.md#device-backends.
+#pragma once
+
+#include <locmoe/backend/thread_pool.hpp>
+#include <locmoe/dispatch.hpp>
+#include <locmoe/gating.hpp>
+#include <locmoe/select.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+namespace locmoe {
+
+/// The CPU backend's stream: a tag (work runs on the pool and is finished when the call returns).
+struct cpu_stream {};
+
+/// What assign_slots reads and writes: choices [T x k] in, the kept expert/slot [T x k] (-1/-1 dropped) and
+/// the per-expert counts [n] (before and after capacity) out.
+struct slot_problem {
+  matrix_view<const expert_index> indices;
+  matrix_view<expert_index> expert;
+  matrix_view<slot_index> slot;
+  std::int64_t* tokens_per_expert = nullptr;  ///< [n], required
+  std::int64_t* kept_per_expert = nullptr;    ///< [n], required
+  std::size_t experts = 0;
+  std::int64_t capacity = 0;
+};
+
+class cpu_backend {
+ public:
+  using stream_type = cpu_stream;
+  static constexpr const char* name = "cpu";
+
+  /// Runs on `pool` (which must outlive the backend); ranges hold at least `grain` tokens.
+  explicit cpu_backend(thread_pool& pool, std::size_t grain = 256) : pool_(pool), grain_(std::max<std::size_t>(grain, 1)) {}
+
+  std::size_t threads() const noexcept { return pool_.threads(); }
+
+  /// Workspace bytes of route_dense for activations of type T (none for GrAP, nor for float/double dense).
+  template <class T>
+  std::size_t route_workspace_size(std::size_t d, std::size_t n) const noexcept {
+    return threads() * dense_workspace_size<detail::plain_t<T>>(d, n) * sizeof(accumulate_t<detail::plain_t<T>>);
+  }
+  /// Workspace bytes of assign_slots.
+  std::size_t slot_workspace_size(std::size_t tokens, std::size_t n) const noexcept {
+    return ranges(tokens).count * n * sizeof(std::int64_t);
+  }
+
+  /// Fused GrAP gate + softmax + Top-k; returns the invalid tokens (select.hpp's rules).
+  template <class T, class Real>
+  std::size_t route_grap(const grap_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
+                         const route_outputs<Real>& out, cpu_stream = {}) const {
+    // Check once on the calling thread (a throw on a worker would terminate).
+    if (grap_route(gate, x, options, out, token_range{0, 0}) == detail::failed) return detail::failed;
+    return sum_over_ranges(x.rows, [&](token_range r) { return grap_route(gate, x, options, out, r); });
+  }
+
+  /// Dense gate + softmax + Top-k (out.logits required); workspace: route_workspace_size<T>(d, n) bytes.
+  template <class T, class Real>
+  std::size_t route_dense(const dense_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
+                          const route_outputs<Real>& out, void* workspace, std::size_t workspace_bytes,
+                          cpu_stream = {}) const {
+    using E = detail::plain_t<T>;
+    const std::size_t d = x.cols, n = gate.weight.rows, per_task = dense_workspace_size<E>(d, n);
+    if (workspace_bytes < route_workspace_size<T>(d, n)) {
+      detail::raise<throw_on_error>(errc::domain, "locmoe::cpu_backend::route_dense", "workspace_bytes", workspace_bytes,
+                                    "must be >= route_workspace_size<T>(d, n)", 0);
+    }
+    Real* ws = static_cast<Real*>(workspace);
+    if (dense_route(gate, x, options, out, token_range{0, 0}, ws, per_task) == detail::failed) return detail::failed;
+    // One range per thread, so each task owns one slice of the workspace.
+    const std::size_t tasks = std::min(threads(), std::max<std::size_t>(1, x.rows / grain_));
+    std::atomic<std::size_t> invalid{0};
+    pool_.run(tasks, [&](std::size_t task) {
+      const token_range r{x.rows * task / tasks, x.rows * (task + 1) / tasks};
+      invalid += dense_route(gate, x, options, out, r, ws ? ws + task * per_task : nullptr, per_task);
+    });
+    return invalid.load();
+  }
+
+  /// Capacity slots under the position policy (see the header comment); workspace: slot_workspace_size bytes.
+  void assign_slots(const slot_problem& p, void* workspace, std::size_t workspace_bytes, cpu_stream = {}) const {
+    constexpr const char* fn = "locmoe::cpu_backend::assign_slots";
+    const std::size_t tokens = p.indices.rows, k = p.indices.cols, n = p.experts;
+    check_slot_problem(fn, p, workspace_bytes);
+    const range_split split = ranges(tokens);
+    auto* counts = static_cast<std::int64_t*>(workspace);  // [range][expert]
+    pool_.run(split.count, [&](std::size_t r) {
+      std::int64_t* c = counts + r * n;
+      std::fill(c, c + n, 0);
+      for (std::size_t t = split.begin(r); t < split.end(r); ++t) {
+        for (std::size_t j = 0; j < k; ++j) {
+          const expert_index e = p.indices(t, j);
+          if (e != no_expert) ++c[e];
+        }
+      }
+    });
+    for (std::size_t e = 0; e < n; ++e) {  // exclusive scan over the ranges, in range order
+      std::int64_t before = 0;
+      for (std::size_t r = 0; r < split.count; ++r) {
+        const std::int64_t here = counts[r * n + e];
+        counts[r * n + e] = before;
+        before += here;
+      }
+      p.tokens_per_expert[e] = before;
+      p.kept_per_expert[e] = std::min(before, p.capacity);
+    }
+    pool_.run(split.count, [&](std::size_t r) {
+      std::int64_t* next = counts + r * n;
+      for (std::size_t t = split.begin(r); t < split.end(r); ++t) {
+        for (std::size_t j = 0; j < k; ++j) {
+          const expert_index e = p.indices(t, j);
+          const std::int64_t s = e == no_expert ? p.capacity : next[e]++;
+          const bool kept = s < p.capacity;
+          p.expert(t, j) = kept ? e : no_expert;
+          p.slot(t, j) = kept ? static_cast<slot_index>(s) : -1;
+        }
+      }
+    });
+  }
+
+  /// buffer[e C + slot] = x[t] for every kept pair of `pairs`, split over pair ranges.
+  template <class T>
+  void dispatch(const detail::pair_layout& pairs, const matrix_view<const T>& x, const matrix_view<T>& buffer,
+                cpu_stream = {}) const {
+    const std::size_t all = pairs.tokens * pairs.top_k;
+    const bool streaming = detail::use_streaming_stores(all * x.cols * sizeof(T));
+    const range_split split = ranges(all);
+    pool_.run(split.count, [&](std::size_t r) {
+      detail::dispatch_rows(pairs, nullptr, split.begin(r), split.end(r), x, buffer, streaming);
+    });
+  }
+
+  /// y[t] = sum of t's kept rows times their weights, in choice order (dispatch.hpp's combine), over token ranges.
+  template <class T, class W>
+  void combine(const detail::pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+               const matrix_view<T>& y, cpu_stream = {}) const {
+    const bool streaming = detail::use_streaming_stores(pairs.tokens * y.cols * sizeof(T));
+    const range_split split = ranges(pairs.tokens);
+    pool_.run(split.count, [&](std::size_t r) {
+      detail::combine_rows(pairs, buffer, weight, y, split.begin(r), split.end(r), streaming);
+    });
+  }
+
+ private:
+  /// `count` contiguous ranges of [0, items), about equal, each at least grain items (one when items is small).
+  struct range_split {
+    std::size_t items = 0, count = 1;
+    std::size_t begin(std::size_t r) const noexcept { return items * r / count; }
+    std::size_t end(std::size_t r) const noexcept { return items * (r + 1) / count; }
+  };
+  range_split ranges(std::size_t items) const noexcept {
+    const std::size_t by_grain = std::max<std::size_t>(1, items / grain_);
+    return {items, std::min(by_grain, 4 * threads())};  // a few ranges per thread: uneven ranges balance
+  }
+
+  template <class Fn>
+  std::size_t sum_over_ranges(std::size_t items, Fn&& fn) const {
+    const range_split split = ranges(items);
+    std::atomic<std::size_t> sum{0};  // integer sums: the order does not matter
+    pool_.run(split.count, [&](std::size_t r) { sum += fn(token_range{split.begin(r), split.end(r)}); });
+    return sum.load();
+  }
+
+  void check_slot_problem(const char* fn, const slot_problem& p, std::size_t workspace_bytes) const {
+    using P = throw_on_error;
+    const std::size_t tokens = p.indices.rows, k = p.indices.cols, n = p.experts;
+    detail::check_selection<P>(fn, n, k, true);
+    detail::check_view<P>(fn, "indices", p.indices, tokens, k, "");
+    detail::check_view<P>(fn, "expert", p.expert, tokens, k, "must be [T x k], as indices");
+    detail::check_view<P>(fn, "slot", p.slot, tokens, k, "must be [T x k], as indices");
+    if (!p.tokens_per_expert || !p.kept_per_expert) {
+      detail::raise<P>(errc::domain, fn, "tokens_per_expert/kept_per_expert", "null", "both are required ([n])", 0);
+    }
+    if (p.capacity < 0 || p.capacity > std::numeric_limits<slot_index>::max()) {
+      detail::raise<P>(errc::domain, fn, "capacity", p.capacity, "must satisfy 0 <= C < 2^31", 0);
+    }
+    if (workspace_bytes < slot_workspace_size(tokens, n)) {
+      detail::raise<P>(errc::domain, fn, "workspace_bytes", workspace_bytes, "must be >= slot_workspace_size(T, n)", 0);
+    }
+    for (std::size_t t = 0; t < tokens; ++t) {
+      for (std::size_t j = 0; j < k; ++j) {
+        const expert_index e = p.indices(t, j);
+        if (e < no_expert || (e >= 0 && static_cast<std::size_t>(e) >= n)) {
+          detail::raise<P>(errc::domain, fn, "indices",
+                           "(" + std::to_string(t) + ", " + std::to_string(j) + ") = " + std::to_string(e),
+                           "every choice must be in [-1, n)", 0);
+        }
+      }
+    }
+  }
+
+  thread_pool& pool_;
+  std::size_t grain_;
+};
+
+}  // namespace locmoe

@@ -1,0 +1,118 @@
+// locmoe/backend/thread_pool.hpp - a reusable pool of worker threads for the CPU backend.
+//
+// thread_pool(threads) starts threads - 1 workers once; run(tasks, fn) calls fn(task) for every task in
+// [0, tasks), spread over the workers and the calling thread, and returns when all are done. Tasks are handed
+// out one at a time from an atomic counter, so uneven tasks balance; which thread runs a task does not change
+// what the task computes, so results do not depend on the thread count when tasks write disjoint outputs.
+// run() allocates nothing and creates no thread. One run at a time: concurrent calls to run() on one pool are
+// serialized. The destructor stops and joins the workers.
+// Preconditions: threads >= 1 (checked, locmoe::error); fn must not throw (a throw terminates: it would leave
+// the other threads mid-task).
+// Cost: one wake-up of the workers per run (a mutex and a condition variable), then one atomic increment per
+// task. Example: docs/api.md#the-cpu-backend.
+#pragma once
+
+#include <locmoe/error.hpp>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace locmoe {
+
+class thread_pool {
+ public:
+  explicit thread_pool(std::size_t threads = default_threads()) {
+    if (threads < 1 || threads > 4096) {
+      detail::raise<throw_on_error>(errc::domain, "locmoe::thread_pool", "threads", threads,
+                                    "must satisfy 1 <= threads <= 4096", 0);
+    }
+    workers_.reserve(threads - 1);
+    for (std::size_t i = 0; i + 1 < threads; ++i) workers_.emplace_back([this] { work(); });
+  }
+  ~thread_pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (std::thread& t : workers_) t.join();
+  }
+  thread_pool(const thread_pool&) = delete;
+  thread_pool& operator=(const thread_pool&) = delete;
+
+  /// The hardware's threads, or 1 when it does not say.
+  static std::size_t default_threads() noexcept {
+    const unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : n;
+  }
+  std::size_t threads() const noexcept { return workers_.size() + 1; }
+
+  /// fn(task) for every task in [0, tasks); returns when all have run.
+  template <class Fn>
+  void run(std::size_t tasks, Fn&& fn) {
+    if (tasks == 0) return;
+    if (workers_.empty() || tasks == 1) {
+      for (std::size_t t = 0; t < tasks; ++t) fn(t);
+      return;
+    }
+    std::lock_guard<std::mutex> one_run(run_mutex_);
+    using F = std::remove_reference_t<Fn>;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = {&fn, [](void* f, std::size_t t) { (*static_cast<F*>(f))(t); }, tasks};
+      next_.store(0, std::memory_order_relaxed);
+      busy_ = workers_.size();
+      ++generation_;
+    }
+    wake_.notify_all();
+    drain();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+  }
+
+ private:
+  struct job {
+    void* fn = nullptr;
+    void (*call)(void*, std::size_t) = nullptr;
+    std::size_t tasks = 0;
+  };
+
+  void drain() noexcept {
+    for (std::size_t t = next_.fetch_add(1, std::memory_order_relaxed); t < job_.tasks;
+         t = next_.fetch_add(1, std::memory_order_relaxed)) {
+      job_.call(job_.fn, t);
+    }
+  }
+
+  void work() {
+    std::uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        if (stopping_) return;
+        seen = generation_;
+      }
+      drain();
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--busy_ == 0) done_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mutex_, run_mutex_;
+  std::condition_variable wake_, done_;
+  job job_;
+  std::atomic<std::size_t> next_{0};
+  std::size_t busy_ = 0;
+  std::uint64_t generation_ = 0;
+  bool stopping_ = false;
+};
+
+}  // namespace locmoe
