@@ -7,7 +7,9 @@
 //   cpu_backend_combine     combine: kept rows read, T rows written
 // bench/backend_speedup.py prints each family's bytes/s at 2 threads over 1 thread (the target: >= 1.8x
 // on 2 cores). Buffers are allocated and touched once per shape, outside the timing loop; one untimed call first.
-#include <locmoe/backend/backend.hpp>
+#include <locmoe/assign.hpp>
+#include <locmoe/backend/cpu.hpp>
+#include <locmoe/capacity.hpp>
 
 #include <benchmark/benchmark.h>
 

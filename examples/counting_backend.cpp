@@ -2,6 +2,8 @@
 // and counts the calls and the rows it moved (what a profiling or an NPU backend would hook). The pipeline checks
 // the concept at compile time; the test suite runs this program and compares its output with the CPU backend's.
 #include <locmoe/backend/backend.hpp>
+#include <locmoe/backend/cpu.hpp>
+#include <locmoe/capacity.hpp>
 
 #include <cstdio>
 #include <cstring>

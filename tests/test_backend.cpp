@@ -1,6 +1,7 @@
 // backend/: the thread pool, the CPU backend against the single-threaded library calls (bit for bit, for 1 to 4
 // threads and several grains), the pipeline end to end, the concept check, and bad inputs.
 #include <locmoe/backend/backend.hpp>
+#include <locmoe/backend/cpu.hpp>
 
 #include <locmoe/assign.hpp>
 #include <locmoe/topology.hpp>

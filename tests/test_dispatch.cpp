@@ -1,6 +1,7 @@
 // dispatch.hpp: plans against counts taken directly from the assignment, dispatch + combine against a
 // per-token reference with a toy expert, combine bit for bit against the plain zero-then-add loop (k = 1, 2,
 // 3: its one-row, two-row and general paths), and the rules a plan's inputs must follow.
+#include <locmoe/assign.hpp>
 #include <locmoe/dispatch.hpp>
 
 #include <doctest/doctest.h>

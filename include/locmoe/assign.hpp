@@ -50,7 +50,6 @@ namespace locmoe {
 
 enum class drop_policy { position, probs };
 
-using slot_index = std::int32_t;  ///< a slot in an expert's buffer; -1: dropped
 
 struct capacity_options {
   double capacity_factor = 1.0;

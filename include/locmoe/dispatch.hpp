@@ -28,7 +28,6 @@
 // Example: docs/api.md#dispatch-plans.
 #pragma once
 
-#include <locmoe/assign.hpp>
 #include <locmoe/config.hpp>
 #include <locmoe/error.hpp>
 #include <locmoe/topology.hpp>

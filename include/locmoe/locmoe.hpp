@@ -3,6 +3,9 @@
 #pragma once
 
 #include <locmoe/assign.hpp>
+#include <locmoe/backend/backend.hpp>
+#include <locmoe/backend/cpu.hpp>
+#include <locmoe/backend/thread_pool.hpp>
 #include <locmoe/capacity.hpp>
 #include <locmoe/config.hpp>
 #include <locmoe/dispatch.hpp>

@@ -32,6 +32,7 @@ using fp16 = Eigen::half;      ///< IEEE binary16: 1 sign, 5 exponent, 10 mantis
 /// or fewer selectable experts than k).
 using expert_index = std::int32_t;
 inline constexpr expert_index no_expert = -1;
+using slot_index = std::int32_t;  ///< a slot in an expert's buffer (assign.hpp); -1: dropped
 
 /// The type locmoe computes in for activations of type T: double for double, float for the rest.
 template <class T>

@@ -23,15 +23,29 @@
 // Example: docs/api.md#device-backends.
 #pragma once
 
-#include <locmoe/backend/cpu.hpp>
-#include <locmoe/capacity.hpp>
+#include <locmoe/dispatch.hpp>
+#include <locmoe/gating.hpp>
+#include <locmoe/select.hpp>
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
 namespace locmoe {
+
+/// What assign_slots reads and writes: choices [T x k] in, the kept expert/slot [T x k] (-1/-1 dropped) and
+/// the per-expert counts [n] (before and after capacity) out.
+struct slot_problem {
+  matrix_view<const expert_index> indices;
+  matrix_view<expert_index> expert;
+  matrix_view<slot_index> slot;
+  std::int64_t* tokens_per_expert = nullptr;  ///< [n], required
+  std::int64_t* kept_per_expert = nullptr;    ///< [n], required
+  std::size_t experts = 0;
+  std::int64_t capacity = 0;
+};
 
 namespace detail {
 

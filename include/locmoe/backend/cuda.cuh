@@ -1,0 +1,295 @@
+// locmoe/backend/cuda.cuh - the CUDA backend: the router's device steps as CUDA kernels on a caller's stream.
+// Compiled by nvcc only. A model of the backend concept (backend/backend.hpp); every pointer in a view is a
+// device pointer. The steps:
+//   route_grap    one warp per token: the GrAP block sums (eq. 4) reduced across the warp, ReLU and bias, then
+//                 softmax and Top-k on lane 0 with the CPU's rules (ties to the lower index; a NaN or +inf
+//                 logit makes the token invalid: indices -1, weights 0). The block sums are added in another
+//                 order than on the CPU, so logits may differ in the last bits; choices agree except at near ties.
+//                 Returns 0: invalid tokens are the rows whose first index is -1 (no host round trip).
+//   assign_slots  position policy in three kernels: per-range counts per expert, an exclusive scan over the
+//                 ranges (one thread per expert), then one thread per (range, expert) numbering that expert's
+//                 choices in token order. Exactly the CPU's (and capacity_assigner's) slots.
+//   dispatch      one block per (token, choice), copying the row in 16-byte words where aligned.
+//   combine       one block per token; each element sums ((0 + w0 r0) + w1 r1) + ... with round-to-nearest
+//                 multiplies and adds that are never fused: the CPU's arithmetic, bit for bit.
+// Limits (checked, locmoe::error): n <= 1024 for route_grap; float (or double) rows for combine.
+// Workspace: slot_workspace_size(T, n) bytes of device memory. No call allocates or synchronizes.
+// Errors of the launches are thrown as locmoe::cuda_error at the next call that checks (cudaGetLastError).
+#pragma once
+
+#if !defined(__CUDACC__)
+#  error "locmoe/backend/cuda.cuh is compiled by nvcc only (use locmoe/backend/cpu.hpp elsewhere)"
+#endif
+
+#include <locmoe/backend/backend.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace locmoe {
+
+/// A CUDA runtime error, with the call that failed.
+struct cuda_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+namespace cuda_detail {
+
+inline void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) throw cuda_error(std::string("locmoe::cuda_backend: ") + what + ": " + cudaGetErrorString(status));
+}
+
+constexpr int warp = 32;
+constexpr int route_warps = 4;        // tokens per block in route_grap
+constexpr int max_route_experts = 1024;
+constexpr std::size_t slot_ranges = 64;  // token ranges of assign_slots
+
+template <class T>
+__device__ float to_float(T v) { return static_cast<float>(v); }  // bf16/fp16: Eigen's device conversions
+
+template <class T>
+__global__ void grap_route_kernel(const T* x, std::size_t stride, std::size_t tokens, std::size_t d, std::size_t n,
+                                  std::size_t k, const float* bias, bool relu, expert_index* indices, std::size_t i_stride,
+                                  float* weights, std::size_t w_stride, float* probabilities, std::size_t p_stride) {
+  extern __shared__ float shared[];  // [route_warps][n]
+  const int lane = threadIdx.x % warp, w = threadIdx.x / warp;
+  const std::size_t t = static_cast<std::size_t>(blockIdx.x) * route_warps + static_cast<std::size_t>(w);
+  if (t >= tokens) return;
+  float* logits = shared + static_cast<std::size_t>(w) * n;
+  const T* row = x + t * stride;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t begin = i * (d / n) + (i * (d % n)) / n, end = (i + 1) * (d / n) + ((i + 1) * (d % n)) / n;
+    float sum = 0.0f;
+    for (std::size_t c = begin + static_cast<std::size_t>(lane); c < end; c += warp) sum += to_float(row[c]);
+    for (int offset = warp / 2; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if (lane == 0) {
+      float logit = sum / static_cast<float>(end - begin) + (bias ? bias[i] : 0.0f);
+      if (relu) logit = logit > 0.0f ? logit : (logit != logit ? logit : 0.0f);
+      logits[i] = logit;
+    }
+  }
+  if (lane != 0) return;
+  bool valid = true;
+  float top = -INFINITY;
+  for (std::size_t i = 0; i < n; ++i) {
+    const float l = logits[i];
+    if (l != l || l == INFINITY) valid = false;
+    top = l > top ? l : top;
+  }
+  if (!valid || top == -INFINITY) {
+    for (std::size_t j = 0; j < k; ++j) {
+      indices[t * i_stride + j] = no_expert;
+      weights[t * w_stride + j] = 0.0f;
+    }
+    return;
+  }
+  float total = 0.0f;
+  for (std::size_t i = 0; i < n; ++i) {
+    logits[i] = expf(logits[i] - top);
+    total += logits[i];
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    logits[i] /= total;
+    if (probabilities) probabilities[t * p_stride + i] = logits[i];
+  }
+  for (std::size_t j = 0; j < k; ++j) {  // k passes: the best not yet taken, ties to the lower index
+    std::size_t best = n;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (logits[i] >= 0.0f && (best == n || logits[i] > logits[best])) best = i;
+    }
+    indices[t * i_stride + j] = static_cast<expert_index>(best);
+    weights[t * w_stride + j] = logits[best];
+    logits[best] = -1.0f;  // taken
+  }
+}
+
+__global__ void count_kernel(const expert_index* indices, std::size_t stride, std::size_t tokens, std::size_t k,
+                             std::size_t n, std::size_t ranges, std::int64_t* counts) {
+  const std::size_t r = blockIdx.x, begin = tokens * r / ranges, end = tokens * (r + 1) / ranges;
+  for (std::size_t e = threadIdx.x; e < n; e += blockDim.x) {  // one thread per expert: no atomics, exact
+    std::int64_t c = 0;
+    for (std::size_t t = begin; t < end; ++t) {
+      for (std::size_t j = 0; j < k; ++j) c += indices[t * stride + j] == static_cast<expert_index>(e);
+    }
+    counts[r * n + e] = c;
+  }
+}
+
+__global__ void scan_kernel(std::int64_t* counts, std::size_t ranges, std::size_t n, std::int64_t capacity,
+                            std::int64_t* tokens_per_expert, std::int64_t* kept_per_expert) {
+  for (std::size_t e = threadIdx.x + static_cast<std::size_t>(blockIdx.x) * blockDim.x; e < n;
+       e += static_cast<std::size_t>(blockDim.x) * gridDim.x) {
+    std::int64_t before = 0;
+    for (std::size_t r = 0; r < ranges; ++r) {
+      const std::int64_t here = counts[r * n + e];
+      counts[r * n + e] = before;
+      before += here;
+    }
+    tokens_per_expert[e] = before;
+    kept_per_expert[e] = before < capacity ? before : capacity;
+  }
+}
+
+__global__ void slot_kernel(const expert_index* indices, std::size_t i_stride, std::size_t tokens, std::size_t k,
+                            std::size_t n, std::size_t ranges, const std::int64_t* offsets, std::int64_t capacity,
+                            expert_index* expert, std::size_t e_stride, slot_index* slot, std::size_t s_stride) {
+  const std::size_t r = blockIdx.x, begin = tokens * r / ranges, end = tokens * (r + 1) / ranges;
+  for (std::size_t e = threadIdx.x; e < n; e += blockDim.x) {
+    std::int64_t next = offsets[r * n + e];
+    for (std::size_t t = begin; t < end; ++t) {
+      for (std::size_t j = 0; j < k; ++j) {
+        if (indices[t * i_stride + j] != static_cast<expert_index>(e)) continue;
+        const bool kept = next < capacity;
+        expert[t * e_stride + j] = kept ? static_cast<expert_index>(e) : no_expert;
+        slot[t * s_stride + j] = kept ? static_cast<slot_index>(next) : -1;
+        ++next;
+      }
+    }
+  }
+  // Masked choices (-1) are dropped: one thread per range writes them.
+  if (threadIdx.x == 0) {
+    for (std::size_t t = begin; t < end; ++t) {
+      for (std::size_t j = 0; j < k; ++j) {
+        if (indices[t * i_stride + j] == no_expert) {
+          expert[t * e_stride + j] = no_expert;
+          slot[t * s_stride + j] = -1;
+        }
+      }
+    }
+  }
+}
+
+__global__ void dispatch_kernel(const unsigned char* x, std::size_t x_stride, unsigned char* buffer, std::size_t b_stride,
+                                std::size_t row_bytes, const expert_index* expert, const slot_index* slot,
+                                std::size_t pairs, std::size_t k, std::size_t capacity) {
+  const std::size_t p = blockIdx.x;
+  if (p >= pairs || expert[p] == no_expert) return;
+  const unsigned char* from = x + (p / k) * x_stride;
+  unsigned char* to = buffer + (static_cast<std::size_t>(expert[p]) * capacity + static_cast<std::size_t>(slot[p])) * b_stride;
+  const bool aligned = reinterpret_cast<std::uintptr_t>(from) % 16 == 0 && reinterpret_cast<std::uintptr_t>(to) % 16 == 0;
+  std::size_t c = 0;
+  if (aligned) {
+    for (c = threadIdx.x * 16; c + 16 <= row_bytes; c += blockDim.x * 16) {
+      *reinterpret_cast<uint4*>(to + c) = *reinterpret_cast<const uint4*>(from + c);
+    }
+    c = row_bytes / 16 * 16;
+  }
+  for (std::size_t b = c + threadIdx.x; b < row_bytes; b += blockDim.x) to[b] = from[b];
+}
+
+template <class T>
+__device__ T mul_rn(T a, T b);
+template <>
+__device__ inline float mul_rn<float>(float a, float b) { return __fmul_rn(a, b); }
+template <>
+__device__ inline double mul_rn<double>(double a, double b) { return __dmul_rn(a, b); }
+template <class T>
+__device__ T add_rn(T a, T b);
+template <>
+__device__ inline float add_rn<float>(float a, float b) { return __fadd_rn(a, b); }
+template <>
+__device__ inline double add_rn<double>(double a, double b) { return __dadd_rn(a, b); }
+
+template <class T, class W>
+__global__ void combine_kernel(const T* buffer, std::size_t b_stride, const W* weight, std::size_t w_stride, T* y,
+                               std::size_t y_stride, std::size_t d, const expert_index* expert, const slot_index* slot,
+                               std::size_t tokens, std::size_t k, std::size_t capacity) {
+  const std::size_t t = blockIdx.x;
+  if (t >= tokens) return;
+  for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) {
+    T sum = T(0);
+    for (std::size_t j = 0; j < k; ++j) {
+      const std::size_t p = t * k + j;
+      if (expert[p] == no_expert) continue;
+      const T* row = buffer + (static_cast<std::size_t>(expert[p]) * capacity + static_cast<std::size_t>(slot[p])) * b_stride;
+      sum = add_rn(sum, mul_rn(static_cast<T>(weight[t * w_stride + j]), row[c]));
+    }
+    y[t * y_stride + c] = sum;
+  }
+}
+
+}  // namespace cuda_detail
+
+class cuda_backend {
+ public:
+  using stream_type = cudaStream_t;
+  static constexpr const char* name = "cuda";
+
+  std::size_t slot_workspace_size(std::size_t /*tokens*/, std::size_t n) const noexcept {
+    return cuda_detail::slot_ranges * n * sizeof(std::int64_t);
+  }
+
+  /// Fused GrAP route on the device (see the header comment); returns 0 (invalid rows have index -1).
+  template <class T, class Real>
+  std::size_t route_grap(const grap_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
+                         const route_outputs<Real>& out, cudaStream_t stream = nullptr) const {
+    static_assert(std::is_same_v<Real, float>, "cuda_backend::route_grap: float scores");
+    constexpr const char* fn = "locmoe::cuda_backend::route_grap";
+    const std::size_t tokens = x.rows, d = gate.hidden, n = gate.experts, k = options.k;
+    detail::check_grap_gate<throw_on_error>(fn, gate);
+    detail::check_selection<throw_on_error>(fn, n, k, true);
+    detail::check_view<throw_on_error>(fn, "x", x, tokens, d, "must have gate.hidden columns (d)");
+    detail::check_route_outputs<throw_on_error>(fn, out, tokens, n, k);
+    if (n > static_cast<std::size_t>(cuda_detail::max_route_experts)) {
+      detail::raise<throw_on_error>(errc::domain, fn, "gate.experts", n, "must be <= 1024 on the CUDA backend", 0);
+    }
+    if (tokens == 0) return 0;
+    const auto blocks = static_cast<unsigned>((tokens + cuda_detail::route_warps - 1) / cuda_detail::route_warps);
+    const std::size_t shared = cuda_detail::route_warps * n * sizeof(float);
+    cuda_detail::grap_route_kernel<detail::plain_t<T>><<<blocks, cuda_detail::route_warps * cuda_detail::warp, shared, stream>>>(
+        x.data, x.stride, tokens, d, n, k, gate.bias, gate.relu, out.indices.data, out.indices.stride, out.weights.data,
+        out.weights.stride, out.probabilities.data, out.probabilities.stride);
+    cuda_detail::check(cudaGetLastError(), "route_grap launch");
+    return 0;
+  }
+
+  void assign_slots(const slot_problem& p, void* workspace, std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
+    constexpr const char* fn = "locmoe::cuda_backend::assign_slots";
+    const std::size_t tokens = p.indices.rows, k = p.indices.cols, n = p.experts, ranges = cuda_detail::slot_ranges;
+    detail::check_selection<throw_on_error>(fn, n, k, true);
+    if (p.capacity < 0 || p.capacity > std::numeric_limits<slot_index>::max()) {
+      detail::raise<throw_on_error>(errc::domain, fn, "capacity", p.capacity, "must satisfy 0 <= C < 2^31", 0);
+    }
+    if (workspace_bytes < slot_workspace_size(tokens, n)) {
+      detail::raise<throw_on_error>(errc::domain, fn, "workspace_bytes", workspace_bytes, "must be >= slot_workspace_size(T, n)", 0);
+    }
+    auto* counts = static_cast<std::int64_t*>(workspace);
+    const unsigned threads = n < 256 ? static_cast<unsigned>(n) : 256u;
+    cuda_detail::count_kernel<<<static_cast<unsigned>(ranges), threads, 0, stream>>>(p.indices.data, p.indices.stride, tokens, k, n,
+                                                                                     ranges, counts);
+    cuda_detail::scan_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(counts, ranges, n, p.capacity,
+                                                                                         p.tokens_per_expert, p.kept_per_expert);
+    cuda_detail::slot_kernel<<<static_cast<unsigned>(ranges), threads, 0, stream>>>(
+        p.indices.data, p.indices.stride, tokens, k, n, ranges, counts, p.capacity, p.expert.data, p.expert.stride,
+        p.slot.data, p.slot.stride);
+    cuda_detail::check(cudaGetLastError(), "assign_slots launch");
+  }
+
+  template <class T>
+  void dispatch(const detail::pair_layout& pairs, const matrix_view<const T>& x, const matrix_view<T>& buffer,
+                cudaStream_t stream = nullptr) const {
+    const std::size_t all = pairs.tokens * pairs.top_k;
+    if (all == 0) return;
+    cuda_detail::dispatch_kernel<<<static_cast<unsigned>(all), 128, 0, stream>>>(
+        reinterpret_cast<const unsigned char*>(x.data), x.stride * sizeof(T), reinterpret_cast<unsigned char*>(buffer.data),
+        buffer.stride * sizeof(T), x.cols * sizeof(T), pairs.expert, pairs.slot, all, pairs.top_k, pairs.capacity);
+    cuda_detail::check(cudaGetLastError(), "dispatch launch");
+  }
+
+  template <class T, class W>
+  void combine(const detail::pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+               const matrix_view<T>& y, cudaStream_t stream = nullptr) const {
+    static_assert(std::is_floating_point_v<T>, "cuda_backend::combine: float or double rows");
+    if (pairs.tokens == 0) return;
+    cuda_detail::combine_kernel<T, W><<<static_cast<unsigned>(pairs.tokens), 256, 0, stream>>>(
+        buffer.data, buffer.stride, weight.data, weight.stride, y.data, y.stride, y.cols, pairs.expert, pairs.slot,
+        pairs.tokens, pairs.top_k, pairs.capacity);
+    cuda_detail::check(cudaGetLastError(), "combine launch");
+  }
+};
+
+}  // namespace locmoe

@@ -1,0 +1,121 @@
+// The CUDA backend against the CPU backend (label gpu): slots, dispatch and combine bit for bit; the fused route's
+// choices equal, its weights and probabilities to 1e-6. Exit 77 (skipped) without a CUDA device.
+#include <locmoe/backend/cpu.hpp>
+#include <locmoe/backend/cuda.cuh>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what) {
+  if (!ok) {
+    std::printf("FAILED: %s\n", what);
+    ++failures;
+  }
+}
+
+template <class T>
+struct device_array {
+  T* data = nullptr;
+  std::size_t size = 0;
+  explicit device_array(std::size_t n) : size(n) { locmoe::cuda_detail::check(cudaMalloc(&data, n * sizeof(T) + 16), "cudaMalloc"); }
+  explicit device_array(const std::vector<T>& host) : device_array(host.size()) {
+    locmoe::cuda_detail::check(cudaMemcpy(data, host.data(), size * sizeof(T), cudaMemcpyHostToDevice), "to device");
+  }
+  ~device_array() { cudaFree(data); }
+  std::vector<T> host() const {
+    std::vector<T> h(size);
+    locmoe::cuda_detail::check(cudaMemcpy(h.data(), data, size * sizeof(T), cudaMemcpyDeviceToHost), "to host");
+    return h;
+  }
+};
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+}  // namespace
+
+int main() {
+  using namespace locmoe;
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("skipped: no CUDA device\n");
+    return 77;
+  }
+  const std::size_t tokens = 3001, d = 320, n = 16, k = 2;
+  const std::int64_t capacity = 320;
+  std::vector<float> x(tokens * d);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float& v : x) v = normal(rng);
+  x[7 * d] = std::nanf("");  // an invalid token
+  thread_pool pool(2);
+  const cpu_backend cpu(pool);
+  const cuda_backend gpu;
+  const grap_gate<float> gate{d, n, true, nullptr};
+
+  // Route.
+  std::vector<expert_index> ci(tokens * k);
+  std::vector<float> cw(tokens * k), cp(tokens * n);
+  cpu.route_grap(gate, matrix_view<const float>(x.data(), tokens, d), select_options{k, false},
+                 route_outputs<float>{{ci.data(), tokens, k}, {cw.data(), tokens, k}, {cp.data(), tokens, n}, {}});
+  device_array<float> dx(x), dw(tokens * k), dp(tokens * n);
+  device_array<expert_index> di(tokens * k);
+  gpu.route_grap(gate, matrix_view<const float>(dx.data, tokens, d), select_options{k, false},
+                 route_outputs<float>{{di.data, tokens, k}, {dw.data, tokens, k}, {dp.data, tokens, n}, {}});
+  const auto gi = di.host();
+  const auto gw = dw.host();
+  std::size_t differ = 0;
+  double worst = 0;
+  for (std::size_t p = 0; p < tokens * k; ++p) {
+    differ += gi[p] != ci[p];
+    worst = std::max(worst, static_cast<double>(std::fabs(gw[p] - cw[p])));
+  }
+  std::printf("route: %zu of %zu choices differ from the CPU's; largest weight difference %.3g\n", differ, tokens * k, worst);
+  expect(gi[7 * k] == no_expert, "the NaN token is invalid");
+  expect(differ <= tokens * k / 1000, "choices agree but for near ties");
+  expect(worst < 1e-5, "weights agree to 1e-5");
+
+  // Slots, dispatch and combine on the CPU's choices: bit for bit.
+  device_array<expert_index> dci(ci), de(tokens * k);
+  device_array<slot_index> ds(tokens * k);
+  device_array<std::int64_t> drouted(n), dkept(n);
+  device_array<unsigned char> dws(gpu.slot_workspace_size(tokens, n));
+  gpu.assign_slots({{dci.data, tokens, k}, {de.data, tokens, k}, {ds.data, tokens, k}, drouted.data, dkept.data, n, capacity},
+                   dws.data, dws.size);
+  std::vector<expert_index> ce(tokens * k);
+  std::vector<slot_index> cs(tokens * k);
+  std::vector<std::int64_t> crouted(n), ckept(n);
+  std::vector<unsigned char> cws(cpu.slot_workspace_size(tokens, n));
+  cpu.assign_slots({{ci.data(), tokens, k}, {ce.data(), tokens, k}, {cs.data(), tokens, k}, crouted.data(), ckept.data(), n, capacity},
+                   cws.data(), cws.size());
+  expect(de.host() == ce && ds.host() == cs, "slots equal the CPU's");
+  expect(drouted.host() == crouted && dkept.host() == ckept, "counts equal the CPU's");
+
+  const std::size_t rows = n * static_cast<std::size_t>(capacity);
+  std::vector<float> cbuf(rows * d, 0.0f), cy(tokens * d);
+  const detail::pair_layout cpairs{ce.data(), cs.data(), tokens, k, static_cast<std::size_t>(capacity)};
+  cpu.dispatch(cpairs, matrix_view<const float>(x.data(), tokens, d), matrix_view<float>(cbuf.data(), rows, d));
+  device_array<float> dbuf(cbuf.size()), dy(tokens * d);
+  cudaMemset(dbuf.data, 0, cbuf.size() * sizeof(float));
+  const detail::pair_layout gpairs{de.data, ds.data, tokens, k, static_cast<std::size_t>(capacity)};
+  gpu.dispatch(gpairs, matrix_view<const float>(dx.data, tokens, d), matrix_view<float>(dbuf.data, rows, d));
+  expect(same_bits(dbuf.host(), cbuf), "dispatch equals the CPU's");
+  device_array<float> dcw(cw);
+  cpu.combine(cpairs, matrix_view<const float>(cbuf.data(), rows, d), matrix_view<const float>(cw.data(), tokens, k),
+              matrix_view<float>(cy.data(), tokens, d));
+  gpu.combine(gpairs, matrix_view<const float>(dbuf.data, rows, d), matrix_view<const float>(dcw.data, tokens, k),
+              matrix_view<float>(dy.data, tokens, d));
+  expect(same_bits(dy.host(), cy), "combine equals the CPU's");
+  cuda_detail::check(cudaDeviceSynchronize(), "synchronize");
+  std::printf("%s\n", failures ? "cuda backend: FAILED" : "cuda backend: every check passed");
+  return failures ? 1 : 0;
+}
