@@ -247,3 +247,30 @@ TEST_CASE("cpu backend and pipeline: bad inputs name the argument, before any th
   CHECK(r4 == std::vector<std::int64_t>(4, 0));
   CHECK(k4 == std::vector<std::int64_t>(4, 0));
 }
+
+TEST_CASE("cpu backend: dense route on float activations is the single call's, bit for bit, for odd n and T") {
+  // n = 7 and T = 1001: Eigen's leftover panels; the backend's ranges start on multiples of dense_chunk_rows.
+  const std::size_t tokens = 1001, d = 37, n = 7, k = 2;
+  const std::vector<float> x = random_x(tokens, d, 12), wf = random_x(n, d, 13);
+  const dense_gate<float> gate{{wf.data(), n, d}, nullptr, false};
+  const matrix_view<const float> xv(x.data(), tokens, d);
+  std::vector<expert_index> want_i(tokens * k);
+  std::vector<float> want_w(tokens * k), want_l(tokens * n);
+  dense_route(gate, xv, select_options{k, false},
+              route_outputs<float>{{want_i.data(), tokens, k}, {want_w.data(), tokens, k}, {}, {want_l.data(), tokens, n}});
+  for (const std::size_t threads : {1, 2, 3}) {
+    for (const std::size_t grain : {1, 100, 300}) {
+      CAPTURE(threads);
+      CAPTURE(grain);
+      thread_pool pool(threads);
+      const cpu_backend cpu(pool, grain);
+      std::vector<expert_index> i(tokens * k);
+      std::vector<float> w(tokens * k), l(tokens * n);
+      cpu.route_dense(gate, xv, select_options{k, false},
+                      route_outputs<float>{{i.data(), tokens, k}, {w.data(), tokens, k}, {}, {l.data(), tokens, n}}, nullptr, 0);
+      CHECK(i == want_i);
+      CHECK(same_bits(w, want_w));
+      CHECK(same_bits(l, want_l));
+    }
+  }
+}

@@ -131,14 +131,14 @@ mutable_map<Real> rows_map(const matrix_view<Real>& v, std::size_t begin, std::s
 }
 
 /// Calls fn(row0, rows, X) for chunks of the range, X an Eigen map of the activations as Real: the
-/// caller's memory for float/double, else converted into the workspace.
+/// caller's memory for float/double, else converted into the workspace. Chunks end at multiples of
+/// dense_chunk_rows, counted from row 0: a token's GEMM (and so its last bits, which depend on where it sits in
+/// Eigen's panels) is the same for any range that starts and ends on such multiples (the CPU backend's ranges).
 template <class Real, class T, class Fn>
 void for_each_chunk(const matrix_view<T>& x, std::size_t begin, std::size_t end, Real* workspace, Fn&& fn) {
-  using E = plain_t<T>;
-  const std::size_t step = std::is_same_v<E, Real> ? (end - begin) : dense_chunk_rows;
-  for (std::size_t row0 = begin; row0 < end; row0 += step) {
-    const std::size_t rows = std::min(step, end - row0);
-    if constexpr (std::is_same_v<E, Real>) {
+  for (std::size_t row0 = begin; row0 < end;) {
+    const std::size_t rows = std::min((row0 / dense_chunk_rows + 1) * dense_chunk_rows, end) - row0;
+    if constexpr (std::is_same_v<plain_t<T>, Real>) {
       fn(row0, rows, rows_map<Real>(x, row0, rows));
     } else {
       for (std::size_t r = 0; r < rows; ++r)
@@ -147,7 +147,7 @@ void for_each_chunk(const matrix_view<T>& x, std::size_t begin, std::size_t end,
          const_map<Real>(workspace, static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(x.cols),
                          Eigen::OuterStride<>(static_cast<Eigen::Index>(x.cols))));
     }
-    if (step == 0) break;
+    row0 += rows;
   }
 }
 

@@ -73,6 +73,10 @@ int main() {
                  route_outputs<float>{{di.data, tokens, k}, {dw.data, tokens, k}, {dp.data, tokens, n}, {}});
   const auto gi = di.host();
   const auto gw = dw.host();
+  const auto gp = dp.host();
+  double worst_p = 0;
+  for (std::size_t i = 0; i < tokens * n; ++i) worst_p = std::max(worst_p, static_cast<double>(std::fabs(gp[i] - cp[i])));
+  expect(worst_p < 1e-6, "probabilities agree to 1e-6");
   std::size_t differ = 0;
   double worst = 0;
   for (std::size_t p = 0; p < tokens * k; ++p) {
@@ -82,7 +86,7 @@ int main() {
   std::printf("route: %zu of %zu choices differ from the CPU's; largest weight difference %.3g\n", differ, tokens * k, worst);
   expect(gi[7 * k] == no_expert, "the NaN token is invalid");
   expect(differ <= tokens * k / 1000, "choices agree but for near ties");
-  expect(worst < 1e-5, "weights agree to 1e-5");
+  expect(worst < 1e-6, "weights agree to 1e-6");
 
   // Slots, dispatch and combine on the CPU's choices: bit for bit.
   device_array<expert_index> dci(ci), de(tokens * k);

@@ -54,9 +54,18 @@ struct has_backend_members : std::false_type {};
 
 template <class B>
 struct has_backend_members<
-    B, std::void_t<typename B::stream_type, decltype(static_cast<const char*>(B::name)),
-                   decltype(std::declval<const B&>().slot_workspace_size(std::size_t{}, std::size_t{})),
-                   decltype(std::declval<const B&>().route_grap(
+    B, std::enable_if_t<std::is_default_constructible_v<typename B::stream_type> &&
+                        std::is_convertible_v<decltype(B::name), const char*> &&
+                        std::is_convertible_v<decltype(std::declval<const B&>().slot_workspace_size(std::size_t{}, std::size_t{})),
+                                              std::size_t> &&
+                        std::is_convertible_v<decltype(std::declval<const B&>().route_grap(
+                                                  std::declval<const grap_gate<float>&>(),
+                                                  std::declval<const matrix_view<const float>&>(),
+                                                  std::declval<const select_options&>(),
+                                                  std::declval<const route_outputs<float>&>(),
+                                                  std::declval<typename B::stream_type>())),
+                                              std::size_t>,
+                        std::void_t<decltype(std::declval<const B&>().route_grap(
                        std::declval<const grap_gate<float>&>(), std::declval<const matrix_view<const float>&>(),
                        std::declval<const select_options&>(), std::declval<const route_outputs<float>&>(),
                        std::declval<typename B::stream_type>())),
@@ -69,7 +78,7 @@ struct has_backend_members<
                    decltype(std::declval<const B&>().combine(
                        std::declval<const pair_layout&>(), std::declval<const matrix_view<const float>&>(),
                        std::declval<const matrix_view<const float>&>(), std::declval<const matrix_view<float>&>(),
-                       std::declval<typename B::stream_type>()))>> : std::true_type {};
+                       std::declval<typename B::stream_type>()))>>> : std::true_type {};
 
 }  // namespace detail
 
@@ -106,6 +115,7 @@ class grap_pipeline {
   using stream_type = typename Backend::stream_type;
 
   /// Plans a layer: checks the shape (n <= d, 1 <= k <= n, 0 <= C < 2^31, T k < 2^31); throws locmoe::error.
+  grap_pipeline(const Backend&&, const router_shape&) = delete;  // it keeps a reference to the backend
   grap_pipeline(const Backend& backend, const router_shape& shape) : backend_(backend), shape_(shape) {
     constexpr const char* fn = "locmoe::grap_pipeline";
     using P = throw_on_error;
@@ -127,8 +137,9 @@ class grap_pipeline {
   /// Rows of the expert buffer: n C.
   std::size_t buffer_rows() const noexcept { return shape_.experts * static_cast<std::size_t>(shape_.capacity); }
 
-  /// Route x [T x d] through the GrAP gate, assign slots, gather into buffer [n C x d]. Returns the invalid
-  /// tokens (they get no expert).
+  /// Route x [T x d] through the GrAP gate, assign slots, gather into buffer [n C x d]. Returns what the
+  /// backend's route_grap returns: the invalid tokens on the CPU; 0 on the CUDA backend, which does not count
+  /// them on the host (an invalid token's first index is -1 on every backend).
   template <class T>
   std::size_t run(const grap_gate<float>& gate, const matrix_view<const T>& x, const pipeline_outputs<float>& out,
                   const matrix_view<T>& buffer, void* workspace, std::size_t workspace_bytes, stream_type stream = {}) const {
@@ -140,6 +151,7 @@ class grap_pipeline {
     }
     detail::check_view<throw_on_error>(fn, "x", x, T_, shape_.hidden, "must be [T x d] as planned");
     detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer_rows(), shape_.hidden, "must be [n C x d] as planned");
+    pairs(out);  // checks the outputs' layout before anything is written
     const std::size_t invalid = backend_.route_grap(gate, x, select_options{k, false},
                                                     route_outputs<float>{out.indices, out.weights, out.probabilities, {}},
                                                     stream);

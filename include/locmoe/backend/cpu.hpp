@@ -73,11 +73,15 @@ class cpu_backend {
     }
     Real* ws = static_cast<Real*>(workspace);
     if (dense_route(gate, x, options, out, token_range{0, 0}, ws, per_task) == detail::failed) return detail::failed;
-    // One range per thread, so each task owns one slice of the workspace.
+    // One range per thread, so each task owns one slice of the workspace; ranges start on multiples of
+    // dense_chunk_rows, so every token lands in the GEMM chunk it has in a single call (same bits).
     const std::size_t tasks = std::min(threads(), std::max<std::size_t>(1, x.rows / grain_));
+    const auto boundary = [&](std::size_t task) {
+      return task == tasks ? x.rows : x.rows * task / tasks / dense_chunk_rows * dense_chunk_rows;
+    };
     std::atomic<std::size_t> invalid{0};
     pool_.run(tasks, [&](std::size_t task) {
-      const token_range r{x.rows * task / tasks, x.rows * (task + 1) / tasks};
+      const token_range r{boundary(task), boundary(task + 1)};
       invalid += dense_route(gate, x, options, out, r, ws ? ws + task * per_task : nullptr, per_task);
     });
     return invalid.load();
@@ -128,6 +132,12 @@ class cpu_backend {
   template <class T>
   void dispatch(const detail::pair_layout& pairs, const matrix_view<const T>& x, const matrix_view<T>& buffer,
                 cpu_stream = {}) const {
+    constexpr const char* fn = "locmoe::cpu_backend::dispatch";
+    detail::check_view<throw_on_error>(fn, "x", x, pairs.tokens, x.cols, "must be [T x d]");
+    detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer.rows, x.cols, "must have d columns, as x");
+    if (buffer.rows < pairs.capacity * max_expert_plus_one(pairs)) {
+      detail::raise<throw_on_error>(errc::domain, fn, "buffer", buffer.rows, "must have n C rows", 0);
+    }
     const std::size_t all = pairs.tokens * pairs.top_k;
     const bool streaming = detail::use_streaming_stores(all * x.cols * sizeof(T));
     const range_split split = ranges(all);
@@ -140,6 +150,13 @@ class cpu_backend {
   template <class T, class W>
   void combine(const detail::pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                const matrix_view<T>& y, cpu_stream = {}) const {
+    constexpr const char* fn = "locmoe::cpu_backend::combine";
+    detail::check_view<throw_on_error>(fn, "y", y, pairs.tokens, y.cols, "must be [T x d]");
+    detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer.rows, y.cols, "must have d columns, as y");
+    detail::check_view<throw_on_error>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
+    if (buffer.rows < pairs.capacity * max_expert_plus_one(pairs)) {
+      detail::raise<throw_on_error>(errc::domain, fn, "buffer", buffer.rows, "must have n C rows", 0);
+    }
     const bool streaming = detail::use_streaming_stores(pairs.tokens * y.cols * sizeof(T));
     const range_split split = ranges(pairs.tokens);
     pool_.run(split.count, [&](std::size_t r) {
@@ -157,6 +174,15 @@ class cpu_backend {
   range_split ranges(std::size_t items) const noexcept {
     const std::size_t by_grain = std::max<std::size_t>(1, items / grain_);
     return {items, std::min(by_grain, 4 * threads())};  // a few ranges per thread: uneven ranges balance
+  }
+
+  /// 1 + the largest expert a kept pair names (the buffer must hold that many experts' rows); O(T k).
+  static std::size_t max_expert_plus_one(const detail::pair_layout& pairs) noexcept {
+    std::size_t top = 0;
+    for (std::size_t p = 0; p < pairs.tokens * pairs.top_k; ++p) {
+      if (pairs.kept(p)) top = std::max(top, static_cast<std::size_t>(pairs.expert[p]) + 1);
+    }
+    return top;
   }
 
   template <class Fn>

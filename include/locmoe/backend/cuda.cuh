@@ -1,10 +1,11 @@
 // locmoe/backend/cuda.cuh - the CUDA backend: the router's device steps as CUDA kernels on a caller's stream.
 // Compiled by nvcc only. A model of the backend concept (backend/backend.hpp); every pointer in a view is a
 // device pointer. The steps:
-//   route_grap    one warp per token: the GrAP block sums (eq. 4) reduced across the warp, ReLU and bias, then
-//                 softmax and Top-k on lane 0 with the CPU's rules (ties to the lower index; a NaN or +inf
-//                 logit makes the token invalid: indices -1, weights 0). The block sums are added in another
-//                 order than on the CPU, so logits may differ in the last bits; choices agree except at near ties.
+//   route_grap    one warp per token: the GrAP block sums (eq. 4) reduced across the warp, bias, ReLU, then on
+//                 lane 0 Top-k on the logits and softmax, with the CPU's rules (ties to the lower index; -inf
+//                 masks an expert; a NaN or +inf logit makes the token invalid: indices -1, weights and
+//                 probabilities 0; renormalize as select_options). The block sums are added in another order
+//                 than on the CPU, so logits may differ in the last bits; choices agree except at near ties.
 //                 Returns 0: invalid tokens are the rows whose first index is -1 (no host round trip).
 //   assign_slots  position policy in three kernels: per-range counts per expert, an exclusive scan over the
 //                 ranges (one thread per expert), then one thread per (range, expert) numbering that expert's
@@ -12,7 +13,9 @@
 //   dispatch      one block per (token, choice), copying the row in 16-byte words where aligned.
 //   combine       one block per token; each element sums ((0 + w0 r0) + w1 r1) + ... with round-to-nearest
 //                 multiplies and adds that are never fused: the CPU's arithmetic, bit for bit.
-// Limits (checked, locmoe::error): n <= 1024 for route_grap; float (or double) rows for combine.
+// Limits (checked, locmoe::error): n <= 1024 for route_grap; float (or double) rows for combine. Not yet:
+// a dense-gate route and bf16 combine (issue 6 follow-ups). Bit-equal combine assumes the CPU build does not
+// contract multiply-adds into FMA (no -mfma/-march=native, or -ffp-contract=off).
 // Workspace: slot_workspace_size(T, n) bytes of device memory. No call allocates or synchronizes.
 // Errors of the launches are thrown as locmoe::cuda_error at the next call that checks (cudaGetLastError).
 #pragma once
@@ -53,12 +56,13 @@ __device__ float to_float(T v) { return static_cast<float>(v); }  // bf16/fp16: 
 
 template <class T>
 __global__ void grap_route_kernel(const T* x, std::size_t stride, std::size_t tokens, std::size_t d, std::size_t n,
-                                  std::size_t k, const float* bias, bool relu, expert_index* indices, std::size_t i_stride,
-                                  float* weights, std::size_t w_stride, float* probabilities, std::size_t p_stride) {
+                                  std::size_t k, const float* bias, bool relu, bool renormalize, expert_index* indices,
+                                  std::size_t i_stride, float* weights, std::size_t w_stride, float* probabilities,
+                                  std::size_t p_stride, float* logits_out, std::size_t l_stride) {
   extern __shared__ float shared[];  // [route_warps][n]
   const int lane = threadIdx.x % warp, w = threadIdx.x / warp;
   const std::size_t t = static_cast<std::size_t>(blockIdx.x) * route_warps + static_cast<std::size_t>(w);
-  if (t >= tokens) return;
+  if (t >= tokens) return;  // the whole warp returns: every shuffle below has all 32 lanes
   float* logits = shared + static_cast<std::size_t>(w) * n;
   const T* row = x + t * stride;
   for (std::size_t i = 0; i < n; ++i) {
@@ -68,11 +72,13 @@ __global__ void grap_route_kernel(const T* x, std::size_t stride, std::size_t to
     for (int offset = warp / 2; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
     if (lane == 0) {
       float logit = sum / static_cast<float>(end - begin) + (bias ? bias[i] : 0.0f);
-      if (relu) logit = logit > 0.0f ? logit : (logit != logit ? logit : 0.0f);
+      if (relu && logit < 0.0f) logit = 0.0f;  // NaN stays NaN
       logits[i] = logit;
+      if (logits_out) logits_out[t * l_stride + i] = logit;
     }
   }
   if (lane != 0) return;
+  // select.hpp's rules: a NaN or +inf logit makes the token invalid, -inf masks an expert.
   bool valid = true;
   float top = -INFINITY;
   for (std::size_t i = 0; i < n; ++i) {
@@ -85,25 +91,36 @@ __global__ void grap_route_kernel(const T* x, std::size_t stride, std::size_t to
       indices[t * i_stride + j] = no_expert;
       weights[t * w_stride + j] = 0.0f;
     }
+    if (probabilities) {
+      for (std::size_t i = 0; i < n; ++i) probabilities[t * p_stride + i] = 0.0f;
+    }
     return;
   }
   float total = 0.0f;
-  for (std::size_t i = 0; i < n; ++i) {
-    logits[i] = expf(logits[i] - top);
-    total += logits[i];
+  for (std::size_t i = 0; i < n; ++i) total += expf(logits[i] - top);
+  if (probabilities) {
+    for (std::size_t i = 0; i < n; ++i) probabilities[t * p_stride + i] = expf(logits[i] - top) / total;
   }
-  for (std::size_t i = 0; i < n; ++i) {
-    logits[i] /= total;
-    if (probabilities) probabilities[t * p_stride + i] = logits[i];
-  }
-  for (std::size_t j = 0; j < k; ++j) {  // k passes: the best not yet taken, ties to the lower index
+  // Top-k on the logits (as on the CPU: no ties made by underflowing probabilities); ties to the lower index.
+  float chosen = 0.0f;
+  for (std::size_t j = 0; j < k; ++j) {
     std::size_t best = n;
     for (std::size_t i = 0; i < n; ++i) {
-      if (logits[i] >= 0.0f && (best == n || logits[i] > logits[best])) best = i;
+      if (logits[i] != -INFINITY && (best == n || logits[i] > logits[best])) best = i;
     }
+    if (best == n) {  // fewer than k experts left unmasked
+      indices[t * i_stride + j] = no_expert;
+      weights[t * w_stride + j] = 0.0f;
+      continue;
+    }
+    const float weight = expf(logits[best] - top) / total;
     indices[t * i_stride + j] = static_cast<expert_index>(best);
-    weights[t * w_stride + j] = logits[best];
-    logits[best] = -1.0f;  // taken
+    weights[t * w_stride + j] = weight;
+    chosen += weight;
+    logits[best] = -INFINITY;  // taken
+  }
+  if (renormalize && chosen > 0.0f) {
+    for (std::size_t j = 0; j < k; ++j) weights[t * w_stride + j] /= chosen;
   }
 }
 
@@ -150,11 +167,12 @@ __global__ void slot_kernel(const expert_index* indices, std::size_t i_stride, s
       }
     }
   }
-  // Masked choices (-1) are dropped: one thread per range writes them.
+  // Masked choices (-1), and any index outside [0, n), are dropped: one thread per range writes them.
   if (threadIdx.x == 0) {
     for (std::size_t t = begin; t < end; ++t) {
       for (std::size_t j = 0; j < k; ++j) {
-        if (indices[t * i_stride + j] == no_expert) {
+        const expert_index e = indices[t * i_stride + j];
+        if (e < 0 || static_cast<std::size_t>(e) >= n) {
           expert[t * e_stride + j] = no_expert;
           slot[t * s_stride + j] = -1;
         }
@@ -241,8 +259,9 @@ class cuda_backend {
     const auto blocks = static_cast<unsigned>((tokens + cuda_detail::route_warps - 1) / cuda_detail::route_warps);
     const std::size_t shared = cuda_detail::route_warps * n * sizeof(float);
     cuda_detail::grap_route_kernel<detail::plain_t<T>><<<blocks, cuda_detail::route_warps * cuda_detail::warp, shared, stream>>>(
-        x.data, x.stride, tokens, d, n, k, gate.bias, gate.relu, out.indices.data, out.indices.stride, out.weights.data,
-        out.weights.stride, out.probabilities.data, out.probabilities.stride);
+        x.data, x.stride, tokens, d, n, k, gate.bias, gate.relu, options.renormalize, out.indices.data, out.indices.stride,
+        out.weights.data, out.weights.stride, out.probabilities.data, out.probabilities.stride, out.logits.data,
+        out.logits.stride);
     cuda_detail::check(cudaGetLastError(), "route_grap launch");
     return 0;
   }

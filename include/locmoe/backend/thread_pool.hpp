@@ -5,7 +5,8 @@
 // out one at a time from an atomic counter, so uneven tasks balance; which thread runs a task does not change
 // what the task computes, so results do not depend on the thread count when tasks write disjoint outputs.
 // run() allocates nothing and creates no thread. One run at a time: concurrent calls to run() on one pool are
-// serialized. The destructor stops and joins the workers.
+// serialized; a task must not call run() on its own pool (it would wait for itself). The destructor stops and
+// joins the workers.
 // Preconditions: threads >= 1 (checked, locmoe::error); fn must not throw (a throw terminates: it would leave
 // the other threads mid-task).
 // Cost: one wake-up of the workers per run (a mutex and a condition variable), then one atomic increment per
@@ -33,16 +34,14 @@ class thread_pool {
                                     "must satisfy 1 <= threads <= 4096", 0);
     }
     workers_.reserve(threads - 1);
-    for (std::size_t i = 0; i + 1 < threads; ++i) workers_.emplace_back([this] { work(); });
-  }
-  ~thread_pool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
+    try {
+      for (std::size_t i = 0; i + 1 < threads; ++i) workers_.emplace_back([this] { work(); });
+    } catch (...) {  // a thread could not start: stop the ones that did, then report
+      stop();
+      throw;
     }
-    wake_.notify_all();
-    for (std::thread& t : workers_) t.join();
   }
+  ~thread_pool() { stop(); }
   thread_pool(const thread_pool&) = delete;
   thread_pool& operator=(const thread_pool&) = delete;
 
@@ -82,6 +81,15 @@ class thread_pool {
     void (*call)(void*, std::size_t) = nullptr;
     std::size_t tasks = 0;
   };
+
+  void stop() noexcept {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (std::thread& t : workers_) t.join();
+  }
 
   void drain() noexcept {
     for (std::size_t t = next_.fetch_add(1, std::memory_order_relaxed); t < job_.tasks;
