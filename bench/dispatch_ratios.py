@@ -5,29 +5,17 @@ dispatch and combine as a ratio to the memcpy of the same bytes (memcpy_<family>
 the thread waited for a core on a busy machine), and plan_build's median tokens/s. Usage:
     bench/dispatch_ratios.py build/default/bench/locmoe_bench_dispatch [--repetitions 5] [--min-time 0.2]
 Needs only the Python standard library."""
-import argparse
-import json
 import re
-import subprocess
 import sys
+
+import gbench
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("binary")
-    p.add_argument("--repetitions", type=int, default=5)
-    p.add_argument("--filter", default=".")
-    p.add_argument("--min-time", default="0.2")
-    a = p.parse_args()
-    out = subprocess.run([a.binary, f"--benchmark_filter={a.filter}", f"--benchmark_repetitions={a.repetitions}",
-                          "--benchmark_enable_random_interleaving=true", "--benchmark_report_aggregates_only=true",
-                          f"--benchmark_min_time={a.min_time}", "--benchmark_format=json"],
-                         check=True, capture_output=True, text=True).stdout
     medians = {}  # (family, shape) -> the median run's counters
-    for b in json.loads(out)["benchmarks"]:
-        if b.get("aggregate_name") == "median" or (a.repetitions == 1 and b.get("run_type") == "iteration"):
-            m = re.match(r"([a-z0-9_]+)/(T:\d+/d:\d+/n:\d+/k:\d+)", b["name"])
-            medians[(m.group(1), m.group(2))] = b
+    for b in gbench.medians(gbench.arguments(__doc__)).values():
+        m = re.match(r"([a-z0-9_]+)/(T:\d+/d:\d+/n:\d+/k:\d+)", b["name"])
+        medians[(m.group(1), m.group(2))] = b
     shapes = sorted({s for _, s in medians})
     print(f"{'ratio to memcpy (wall, cpu)':38} " + " ".join(f"{s:>26}" for s in shapes))
     for family in ("dispatch_f32", "dispatch_bf16", "combine_f32"):

@@ -4,28 +4,15 @@ bytes/s as a ratio to read_reference (same element type, same bytes), and the Gr
 GrAP/scalar tokens/s ratios. Usage:
     bench/ratios.py build/default/bench/locmoe_bench_gating [--repetitions 5] [--filter REGEX]
 Needs only the Python standard library."""
-import argparse
-import json
 import re
-import subprocess
 import sys
+
+import gbench
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("binary")
-    p.add_argument("--repetitions", type=int, default=5)
-    p.add_argument("--filter", default=".")
-    p.add_argument("--min-time", default="0.5")
-    a = p.parse_args()
-    out = subprocess.run([a.binary, f"--benchmark_filter={a.filter}", f"--benchmark_repetitions={a.repetitions}",
-                          "--benchmark_enable_random_interleaving=true", "--benchmark_report_aggregates_only=true",
-                          f"--benchmark_min_time={a.min_time}", "--benchmark_format=json"],
-                         check=True, capture_output=True, text=True).stdout
     medians = {}
-    for b in json.loads(out)["benchmarks"]:
-        if b.get("aggregate_name") != "median":
-            continue
+    for b in gbench.medians(gbench.arguments(__doc__, min_time="0.5")).values():
         m = re.match(r"([a-z0-9_]+)/T:(\d+)/d:(\d+)/n:(\d+)(?:/k:(\d+))?", b["name"])
         family, shape, k = m.group(1), (int(m.group(2)), int(m.group(3)), int(m.group(4))), m.group(5)
         medians[(family + (f"/k={k}" if k else ""), shape)] = (b["bytes_per_second"], b["tokens/s"])
