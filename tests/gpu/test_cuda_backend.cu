@@ -9,6 +9,8 @@
 #include <random>
 #include <vector>
 
+static_assert(locmoe::is_backend_v<locmoe::cuda_backend>, "the CUDA backend models the concept");
+
 namespace {
 
 int failures = 0;
@@ -87,6 +89,34 @@ int main() {
   expect(gi[7 * k] == no_expert, "the NaN token is invalid");
   expect(differ <= tokens * k / 1000, "choices agree but for near ties");
   expect(worst < 1e-6, "weights agree to 1e-6");
+
+  // Dense route against the CPU's dense route (W on the device).
+  {
+    std::vector<float> wf(n * d);
+    for (float& v : wf) v = normal(rng) * 0.05f;
+    const dense_gate<float> host_gate{{wf.data(), n, d}, nullptr, false};
+    std::vector<expert_index> hi(tokens * k);
+    std::vector<float> hw(tokens * k), hl(tokens * n);
+    cpu.route_dense(host_gate, matrix_view<const float>(x.data(), tokens, d), select_options{k, true},
+                    route_outputs<float>{{hi.data(), tokens, k}, {hw.data(), tokens, k}, {}, {hl.data(), tokens, n}}, nullptr, 0);
+    device_array<float> dwf(wf), dl(tokens * n), dw2(tokens * k);
+    device_array<expert_index> di2(tokens * k);
+    const dense_gate<float> device_gate{{dwf.data, n, d}, nullptr, false};
+    gpu.route_dense(device_gate, matrix_view<const float>(dx.data, tokens, d), select_options{k, true},
+                    route_outputs<float>{{di2.data, tokens, k}, {dw2.data, tokens, k}, {}, {dl.data, tokens, n}});
+    const auto gi2 = di2.host();
+    const auto gw2 = dw2.host();
+    std::size_t dense_differ = 0;
+    double dense_worst = 0;
+    for (std::size_t p = 0; p < tokens * k; ++p) {
+      dense_differ += gi2[p] != hi[p];
+      if (gi2[p] == hi[p]) dense_worst = std::max(dense_worst, static_cast<double>(std::fabs(gw2[p] - hw[p])));
+    }
+    std::printf("dense route: %zu of %zu choices differ; largest weight difference %.3g\n", dense_differ, tokens * k, dense_worst);
+    expect(gi2[7 * k] == no_expert, "dense: the NaN token is invalid");
+    expect(dense_differ <= tokens * k / 1000, "dense: choices agree but for near ties");
+    expect(dense_worst < 1e-5, "dense: renormalized weights agree to 1e-5");
+  }
 
   // Slots, dispatch and combine on the CPU's choices: bit for bit.
   device_array<expert_index> dci(ci), de(tokens * k);

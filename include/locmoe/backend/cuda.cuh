@@ -13,8 +13,9 @@
 //   dispatch      one block per (token, choice), copying the row in 16-byte words where aligned.
 //   combine       one block per token; each element sums ((0 + w0 r0) + w1 r1) + ... with round-to-nearest
 //                 multiplies and adds that are never fused: the CPU's arithmetic, bit for bit.
-// Limits (checked, locmoe::error): n <= 1024 for route_grap; float (or double) rows for combine. Not yet:
-// a dense-gate route and bf16 combine (issue 6 follow-ups). Bit-equal combine assumes the CPU build does not
+//   route_dense   the same with the dense gate: one warp per token, n dot products with W reduced across the warp.
+// Limits (checked, locmoe::error): n <= 1024 for the routes; float (or double) rows for combine. Not yet: bf16
+// combine (the CPU has no bf16 combine to compare with either). Bit-equal combine assumes the CPU build does not
 // contract multiply-adds into FMA (no -mfma/-march=native, or -ffp-contract=off).
 // Workspace: slot_workspace_size(T, n) bytes of device memory. No call allocates or synchronizes.
 // Errors of the launches are thrown as locmoe::cuda_error at the next call that checks (cudaGetLastError).
@@ -54,11 +55,85 @@ constexpr std::size_t slot_ranges = 64;  // token ranges of assign_slots
 template <class T>
 __device__ float to_float(T v) { return static_cast<float>(v); }  // bf16/fp16: Eigen's device conversions
 
+/// Where one token's route goes: the output rows of token t.
+struct route_rows {
+  expert_index* indices;
+  std::size_t i_stride;
+  float* weights;
+  std::size_t w_stride;
+  float* probabilities;  // optional
+  std::size_t p_stride;
+  float* logits;  // optional
+  std::size_t l_stride;
+};
+
+/// Lane 0: softmax and Top-k of one token's logits (in shared memory, overwritten), select.hpp's rules: a NaN
+/// or +inf logit makes the token invalid (indices -1, weights and probabilities 0), -inf masks an expert,
+/// Top-k on the logits with ties to the lower index, then weights = probabilities (renormalized if asked).
+__device__ inline void select_token(float* logits, std::size_t n, std::size_t k, bool renormalize, const route_rows& out,
+                                    std::size_t t) {
+  bool valid = true;
+  float top = -INFINITY;
+  for (std::size_t i = 0; i < n; ++i) {
+    const float l = logits[i];
+    if (l != l || l == INFINITY) valid = false;
+    top = l > top ? l : top;
+  }
+  if (!valid || top == -INFINITY) {
+    for (std::size_t j = 0; j < k; ++j) {
+      out.indices[t * out.i_stride + j] = no_expert;
+      out.weights[t * out.w_stride + j] = 0.0f;
+    }
+    if (out.probabilities) {
+      for (std::size_t i = 0; i < n; ++i) out.probabilities[t * out.p_stride + i] = 0.0f;
+    }
+    return;
+  }
+  float total = 0.0f;
+  for (std::size_t i = 0; i < n; ++i) total += expf(logits[i] - top);
+  if (out.probabilities) {
+    for (std::size_t i = 0; i < n; ++i) out.probabilities[t * out.p_stride + i] = expf(logits[i] - top) / total;
+  }
+  float chosen = 0.0f;
+  for (std::size_t j = 0; j < k; ++j) {
+    std::size_t best = n;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (logits[i] != -INFINITY && (best == n || logits[i] > logits[best])) best = i;
+    }
+    if (best == n) {  // fewer than k experts left unmasked
+      out.indices[t * out.i_stride + j] = no_expert;
+      out.weights[t * out.w_stride + j] = 0.0f;
+      continue;
+    }
+    const float weight = expf(logits[best] - top) / total;
+    out.indices[t * out.i_stride + j] = static_cast<expert_index>(best);
+    out.weights[t * out.w_stride + j] = weight;
+    chosen += weight;
+    logits[best] = -INFINITY;  // taken
+  }
+  if (renormalize && chosen > 0.0f) {
+    for (std::size_t j = 0; j < k; ++j) out.weights[t * out.w_stride + j] /= chosen;
+  }
+}
+
+/// Lane 0 finishes a logit: bias, ReLU (NaN stays NaN), into shared memory and the optional logits output.
+__device__ inline void store_logit(float value, std::size_t i, const float* bias, bool relu, float* logits,
+                                   const route_rows& out, std::size_t t) {
+  value += bias ? bias[i] : 0.0f;
+  if (relu && value < 0.0f) value = 0.0f;
+  logits[i] = value;
+  if (out.logits) out.logits[t * out.l_stride + i] = value;
+}
+
+__device__ inline float warp_sum(float v) {
+  for (int offset = warp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+/// One warp per token: GrAP block means (eq. 4).
 template <class T>
 __global__ void grap_route_kernel(const T* x, std::size_t stride, std::size_t tokens, std::size_t d, std::size_t n,
-                                  std::size_t k, const float* bias, bool relu, bool renormalize, expert_index* indices,
-                                  std::size_t i_stride, float* weights, std::size_t w_stride, float* probabilities,
-                                  std::size_t p_stride, float* logits_out, std::size_t l_stride) {
+                                  std::size_t k, const float* bias, bool relu, bool renormalize, route_rows out) {
   extern __shared__ float shared[];  // [route_warps][n]
   const int lane = threadIdx.x % warp, w = threadIdx.x / warp;
   const std::size_t t = static_cast<std::size_t>(blockIdx.x) * route_warps + static_cast<std::size_t>(w);
@@ -69,59 +144,31 @@ __global__ void grap_route_kernel(const T* x, std::size_t stride, std::size_t to
     const std::size_t begin = i * (d / n) + (i * (d % n)) / n, end = (i + 1) * (d / n) + ((i + 1) * (d % n)) / n;
     float sum = 0.0f;
     for (std::size_t c = begin + static_cast<std::size_t>(lane); c < end; c += warp) sum += to_float(row[c]);
-    for (int offset = warp / 2; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-    if (lane == 0) {
-      float logit = sum / static_cast<float>(end - begin) + (bias ? bias[i] : 0.0f);
-      if (relu && logit < 0.0f) logit = 0.0f;  // NaN stays NaN
-      logits[i] = logit;
-      if (logits_out) logits_out[t * l_stride + i] = logit;
-    }
+    sum = warp_sum(sum);
+    if (lane == 0) store_logit(sum / static_cast<float>(end - begin), i, bias, relu, logits, out, t);
   }
-  if (lane != 0) return;
-  // select.hpp's rules: a NaN or +inf logit makes the token invalid, -inf masks an expert.
-  bool valid = true;
-  float top = -INFINITY;
+  if (lane == 0) select_token(logits, n, k, renormalize, out, t);
+}
+
+/// One warp per token: the dense gate's n dot products with W [n x d].
+template <class T>
+__global__ void dense_route_kernel(const T* x, std::size_t stride, std::size_t tokens, std::size_t d, std::size_t n,
+                                   std::size_t k, const float* weight, std::size_t weight_stride, const float* bias,
+                                   bool relu, bool renormalize, route_rows out) {
+  extern __shared__ float shared[];  // [route_warps][n]
+  const int lane = threadIdx.x % warp, w = threadIdx.x / warp;
+  const std::size_t t = static_cast<std::size_t>(blockIdx.x) * route_warps + static_cast<std::size_t>(w);
+  if (t >= tokens) return;
+  float* logits = shared + static_cast<std::size_t>(w) * n;
+  const T* row = x + t * stride;
   for (std::size_t i = 0; i < n; ++i) {
-    const float l = logits[i];
-    if (l != l || l == INFINITY) valid = false;
-    top = l > top ? l : top;
+    const float* wi = weight + i * weight_stride;
+    float sum = 0.0f;
+    for (std::size_t c = static_cast<std::size_t>(lane); c < d; c += warp) sum += to_float(row[c]) * wi[c];
+    sum = warp_sum(sum);
+    if (lane == 0) store_logit(sum, i, bias, relu, logits, out, t);
   }
-  if (!valid || top == -INFINITY) {
-    for (std::size_t j = 0; j < k; ++j) {
-      indices[t * i_stride + j] = no_expert;
-      weights[t * w_stride + j] = 0.0f;
-    }
-    if (probabilities) {
-      for (std::size_t i = 0; i < n; ++i) probabilities[t * p_stride + i] = 0.0f;
-    }
-    return;
-  }
-  float total = 0.0f;
-  for (std::size_t i = 0; i < n; ++i) total += expf(logits[i] - top);
-  if (probabilities) {
-    for (std::size_t i = 0; i < n; ++i) probabilities[t * p_stride + i] = expf(logits[i] - top) / total;
-  }
-  // Top-k on the logits (as on the CPU: no ties made by underflowing probabilities); ties to the lower index.
-  float chosen = 0.0f;
-  for (std::size_t j = 0; j < k; ++j) {
-    std::size_t best = n;
-    for (std::size_t i = 0; i < n; ++i) {
-      if (logits[i] != -INFINITY && (best == n || logits[i] > logits[best])) best = i;
-    }
-    if (best == n) {  // fewer than k experts left unmasked
-      indices[t * i_stride + j] = no_expert;
-      weights[t * w_stride + j] = 0.0f;
-      continue;
-    }
-    const float weight = expf(logits[best] - top) / total;
-    indices[t * i_stride + j] = static_cast<expert_index>(best);
-    weights[t * w_stride + j] = weight;
-    chosen += weight;
-    logits[best] = -INFINITY;  // taken
-  }
-  if (renormalize && chosen > 0.0f) {
-    for (std::size_t j = 0; j < k; ++j) weights[t * w_stride + j] /= chosen;
-  }
+  if (lane == 0) select_token(logits, n, k, renormalize, out, t);
 }
 
 __global__ void count_kernel(const expert_index* indices, std::size_t stride, std::size_t tokens, std::size_t k,
@@ -233,6 +280,21 @@ __global__ void combine_kernel(const T* buffer, std::size_t b_stride, const W* w
 }  // namespace cuda_detail
 
 class cuda_backend {
+  static constexpr unsigned threads_per_block = cuda_detail::route_warps * cuda_detail::warp;
+  static unsigned blocks(std::size_t tokens) {
+    return static_cast<unsigned>((tokens + cuda_detail::route_warps - 1) / cuda_detail::route_warps);
+  }
+  static std::size_t shared_bytes(std::size_t n) { return cuda_detail::route_warps * n * sizeof(float); }
+  static cuda_detail::route_rows rows(const route_outputs<float>& out) {
+    return {out.indices.data, out.indices.stride, out.weights.data,      out.weights.stride,
+            out.probabilities.data, out.probabilities.stride, out.logits.data, out.logits.stride};
+  }
+  static void check_experts(const char* fn, const char* argument, std::size_t n) {
+    if (n > static_cast<std::size_t>(cuda_detail::max_route_experts)) {
+      detail::raise<throw_on_error>(errc::domain, fn, argument, n, "must be <= 1024 on the CUDA backend", 0);
+    }
+  }
+
  public:
   using stream_type = cudaStream_t;
   static constexpr const char* name = "cuda";
@@ -252,17 +314,35 @@ class cuda_backend {
     detail::check_selection<throw_on_error>(fn, n, k, true);
     detail::check_view<throw_on_error>(fn, "x", x, tokens, d, "must have gate.hidden columns (d)");
     detail::check_route_outputs<throw_on_error>(fn, out, tokens, n, k);
-    if (n > static_cast<std::size_t>(cuda_detail::max_route_experts)) {
-      detail::raise<throw_on_error>(errc::domain, fn, "gate.experts", n, "must be <= 1024 on the CUDA backend", 0);
-    }
+    check_experts(fn, "gate.experts", n);
     if (tokens == 0) return 0;
-    const auto blocks = static_cast<unsigned>((tokens + cuda_detail::route_warps - 1) / cuda_detail::route_warps);
-    const std::size_t shared = cuda_detail::route_warps * n * sizeof(float);
-    cuda_detail::grap_route_kernel<detail::plain_t<T>><<<blocks, cuda_detail::route_warps * cuda_detail::warp, shared, stream>>>(
-        x.data, x.stride, tokens, d, n, k, gate.bias, gate.relu, options.renormalize, out.indices.data, out.indices.stride,
-        out.weights.data, out.weights.stride, out.probabilities.data, out.probabilities.stride, out.logits.data,
-        out.logits.stride);
+    cuda_detail::grap_route_kernel<detail::plain_t<T>><<<blocks(tokens), threads_per_block, shared_bytes(n), stream>>>(
+        x.data, x.stride, tokens, d, n, k, gate.bias, gate.relu, options.renormalize, rows(out));
     cuda_detail::check(cudaGetLastError(), "route_grap launch");
+    return 0;
+  }
+
+  /// No workspace: the dense route keeps its logits in shared memory.
+  template <class T>
+  std::size_t route_workspace_size(std::size_t, std::size_t) const noexcept { return 0; }
+
+  /// Dense gate + softmax + Top-k on the device (W [n x d] and the bias are device pointers; out.logits, if
+  /// given, receives the logits); returns 0, as route_grap.
+  template <class T, class Real>
+  std::size_t route_dense(const dense_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
+                          const route_outputs<Real>& out, void* = nullptr, std::size_t = 0, cudaStream_t stream = nullptr) const {
+    static_assert(std::is_same_v<Real, float>, "cuda_backend::route_dense: float scores and weights");
+    constexpr const char* fn = "locmoe::cuda_backend::route_dense";
+    const std::size_t tokens = x.rows, d = x.cols, n = gate.weight.rows, k = options.k;
+    detail::check_dense_gate<throw_on_error>(fn, gate, d);
+    detail::check_selection<throw_on_error>(fn, n, k, true);
+    detail::check_route_outputs<throw_on_error>(fn, out, tokens, n, k);
+    check_experts(fn, "gate.weight.rows", n);
+    if (tokens == 0) return 0;
+    cuda_detail::dense_route_kernel<detail::plain_t<T>><<<blocks(tokens), threads_per_block, shared_bytes(n), stream>>>(
+        x.data, x.stride, tokens, d, n, k, gate.weight.data, gate.weight.stride, gate.bias, gate.relu, options.renormalize,
+        rows(out));
+    cuda_detail::check(cudaGetLastError(), "route_dense launch");
     return 0;
   }
 
