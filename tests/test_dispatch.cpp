@@ -319,3 +319,33 @@ TEST_CASE("dispatch plan: order packs each source rank's rows by destination ran
     }
   }
 }
+
+TEST_CASE_TEMPLATE("combine of 16-bit rows sums in float and rounds once", T, bf16, fp16) {
+  const topology topo = topology::uniform(2, 1, 4);
+  std::mt19937 rng(21);
+  const std::size_t tokens = 30, k = 3, n = 4, capacity = 12, d = 19;
+  const toy_assignment toy = random_assignment(tokens, k, n, capacity, rng);
+  const dispatch_plan plan = build_dispatch_plan(matrix_view<const expert_index>(toy.expert.data(), tokens, k),
+                                                 matrix_view<const slot_index>(toy.slot.data(), tokens, k),
+                                                 static_cast<std::int64_t>(capacity), topo);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<T> buffer(plan.buffer_rows() * d), y(tokens * d, T(-1.0f)), want(tokens * d);
+  std::vector<float> weight(tokens * k);
+  for (auto& v : buffer) v = T(normal(rng));
+  for (auto& v : weight) v = normal(rng);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    for (std::size_t c = 0; c < d; ++c) {
+      float sum = 0.0f;
+      for (std::size_t j = 0; j < k; ++j) {
+        const expert_index e = toy.expert[t * k + j];
+        if (e == no_expert) continue;
+        const std::size_t row = static_cast<std::size_t>(e) * capacity + static_cast<std::size_t>(toy.slot[t * k + j]);
+        sum += weight[t * k + j] * static_cast<float>(buffer[row * d + c]);
+      }
+      want[t * d + c] = T(sum);
+    }
+  }
+  combine(plan, matrix_view<const T>(buffer.data(), plan.buffer_rows(), d), matrix_view<const float>(weight.data(), tokens, k),
+          matrix_view<T>(y.data(), tokens, d));
+  CHECK(std::memcmp(y.data(), want.data(), y.size() * sizeof(T)) == 0);
+}

@@ -363,20 +363,44 @@ void dispatch_rows(const pair_layout& pairs, const std::int64_t* order, std::siz
 }
 
 /// combine's sums for the tokens [begin, end), with non-temporal stores or without (the tests run both).
+/// 16-bit rows (bf16, fp16): each element summed in float, ((0 + w0 r0) + w1 r1) + ..., then rounded once to T
+/// (round to nearest even); plain stores. The CUDA backend does the same operations.
+template <class T, class W>
+void combine_rows_16bit(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+                        const matrix_view<T>& y, std::size_t begin, std::size_t end) {
+  const std::size_t k = pairs.top_k, d = y.cols;
+  for (std::size_t t = begin; t < end; ++t) {
+    T* out = y.row(t);
+    for (std::size_t c = 0; c < d; ++c) {
+      float sum = 0.0f;
+      for (std::size_t j = 0; j < k; ++j) {
+        if (!pairs.kept(t * k + j)) continue;
+        sum += static_cast<float>(weight(t, j)) * static_cast<float>(buffer.row(pairs.row(t * k + j))[c]);
+      }
+      out[c] = T(sum);
+    }
+  }
+}
+
 template <class T, class W>
 void combine_rows(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                   const matrix_view<T>& y, std::size_t begin, std::size_t end, bool streaming) {
-  first_kept<T> next = begin < end ? first_two_kept(pairs, buffer, weight, begin) : first_kept<T>{};
-  for (std::size_t t = begin; t < end; ++t) {
-    const first_kept<T> now = next;
-    next = t + 1 < end ? first_two_kept(pairs, buffer, weight, t + 1) : first_kept<T>{};
-    if (streaming) {
-      combine_token<true>(pairs, buffer, weight, t, now, next, y.row(t));
-    } else {
-      combine_token<false>(pairs, buffer, weight, t, now, next, y.row(t));
+  if constexpr (!std::is_floating_point_v<T>) {
+    combine_rows_16bit(pairs, buffer, weight, y, begin, end);
+    static_cast<void>(streaming);
+  } else {
+    first_kept<T> next = begin < end ? first_two_kept(pairs, buffer, weight, begin) : first_kept<T>{};
+    for (std::size_t t = begin; t < end; ++t) {
+      const first_kept<T> now = next;
+      next = t + 1 < end ? first_two_kept(pairs, buffer, weight, t + 1) : first_kept<T>{};
+      if (streaming) {
+        combine_token<true>(pairs, buffer, weight, t, now, next, y.row(t));
+      } else {
+        combine_token<false>(pairs, buffer, weight, t, now, next, y.row(t));
+      }
     }
+    if (streaming) streaming_fence();
   }
-  if (streaming) streaming_fence();
 }
 
 }  // namespace detail
@@ -392,11 +416,12 @@ void dispatch(const dispatch_plan& plan, const matrix_view<const T>& x, const ma
 }
 
 /// y[t] = sum over t's kept choices j, in order, of weight[t][j] * buffer[e_tj C + slot_tj]; 0 without any.
+/// bf16/fp16 rows are summed in float and rounded once.
 template <class T, class W>
 void combine(const dispatch_plan& plan, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
              const matrix_view<T>& y) {
-  static_assert(std::is_floating_point_v<T>, "combine: rows are float or double (sums need the precision)");
-  static_assert(64 % sizeof(T) == 0, "combine: rows are written in 64-byte chunks");
+  static_assert(std::is_floating_point_v<T> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16>,
+                "combine: rows are float, double, bf16 or fp16 (16-bit rows are summed in float)");
   constexpr const char* fn = "locmoe::combine";
   const std::size_t d = y.cols, k = plan.top_k;
   detail::check_rows(fn, "buffer", buffer, plan.buffer_rows(), d);

@@ -149,6 +149,18 @@ int main() {
   gpu.combine(gpairs, matrix_view<const float>(dbuf.data, rows, d), matrix_view<const float>(dcw.data, tokens, k),
               matrix_view<float>(dy.data, tokens, d));
   expect(same_bits(dy.host(), cy), "combine equals the CPU's");
+  // bf16 rows: dispatch and combine (summed in float, rounded once) against the CPU.
+  std::vector<bf16> xb(x.size()), cbb(rows * d, bf16(0.0f)), cyb(tokens * d);
+  for (std::size_t i = 0; i < x.size(); ++i) xb[i] = bf16(x[i] * 0.5f);
+  cpu.dispatch(cpairs, matrix_view<const bf16>(xb.data(), tokens, d), matrix_view<bf16>(cbb.data(), rows, d));
+  cpu.combine(cpairs, matrix_view<const bf16>(cbb.data(), rows, d), matrix_view<const float>(cw.data(), tokens, k),
+              matrix_view<bf16>(cyb.data(), tokens, d));
+  device_array<bf16> dxb(xb), dbb(cbb), dyb(tokens * d);
+  gpu.dispatch(gpairs, matrix_view<const bf16>(dxb.data, tokens, d), matrix_view<bf16>(dbb.data, rows, d));
+  expect(same_bits(dbb.host(), cbb), "bf16 dispatch equals the CPU's");
+  gpu.combine(gpairs, matrix_view<const bf16>(dbb.data, rows, d), matrix_view<const float>(dcw.data, tokens, k),
+              matrix_view<bf16>(dyb.data, tokens, d));
+  expect(same_bits(dyb.host(), cyb), "bf16 combine equals the CPU's");
   cuda_detail::check(cudaDeviceSynchronize(), "synchronize");
   std::printf("%s\n", failures ? "cuda backend: FAILED" : "cuda backend: every check passed");
   return failures ? 1 : 0;

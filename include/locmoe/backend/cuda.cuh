@@ -14,8 +14,8 @@
 //   combine       one block per token; each element sums ((0 + w0 r0) + w1 r1) + ... with round-to-nearest
 //                 multiplies and adds that are never fused: the CPU's arithmetic, bit for bit.
 //   route_dense   the same with the dense gate: one warp per token, n dot products with W reduced across the warp.
-// Limits (checked, locmoe::error): n <= 1024 for the routes; float (or double) rows for combine. Not yet: bf16
-// combine (the CPU has no bf16 combine to compare with either). Bit-equal combine assumes the CPU build does not
+// Limits (checked, locmoe::error): n <= 1024 for the routes. bf16/fp16 rows are combined in float and rounded
+// once, as on the CPU. Bit-equal combine assumes the CPU build does not
 // contract multiply-adds into FMA (no -mfma/-march=native, or -ffp-contract=off).
 // Workspace: slot_workspace_size(T, n) bytes of device memory. No call allocates or synchronizes.
 // Errors of the launches are thrown as locmoe::cuda_error at the next call that checks (cudaGetLastError).
@@ -265,15 +265,16 @@ __global__ void combine_kernel(const T* buffer, std::size_t b_stride, const W* w
                                std::size_t tokens, std::size_t k, std::size_t capacity) {
   const std::size_t t = blockIdx.x;
   if (t >= tokens) return;
+  using A = std::conditional_t<std::is_floating_point_v<T>, T, float>;  // bf16/fp16 rows are summed in float
   for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) {
-    T sum = T(0);
+    A sum = A(0);
     for (std::size_t j = 0; j < k; ++j) {
       const std::size_t p = t * k + j;
       if (expert[p] == no_expert) continue;
       const T* row = buffer + (static_cast<std::size_t>(expert[p]) * capacity + static_cast<std::size_t>(slot[p])) * b_stride;
-      sum = add_rn(sum, mul_rn(static_cast<T>(weight[t * w_stride + j]), row[c]));
+      sum = add_rn(sum, mul_rn(static_cast<A>(weight[t * w_stride + j]), static_cast<A>(row[c])));
     }
-    y[t * y_stride + c] = sum;
+    y[t * y_stride + c] = T(sum);
   }
 }
 
@@ -382,7 +383,6 @@ class cuda_backend {
   template <class T, class W>
   void combine(const detail::pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                const matrix_view<T>& y, cudaStream_t stream = nullptr) const {
-    static_assert(std::is_floating_point_v<T>, "cuda_backend::combine: float or double rows");
     if (pairs.tokens == 0) return;
     cuda_detail::combine_kernel<T, W><<<static_cast<unsigned>(pairs.tokens), 256, 0, stream>>>(
         buffer.data, buffer.stride, weight.data, weight.stride, y.data, y.stride, y.cols, pairs.expert, pairs.slot,
