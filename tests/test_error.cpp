@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 
 TEST_CASE("throw_on_error names the function, the argument, the value and the rule") {
   try {
@@ -23,24 +24,30 @@ TEST_CASE("throw_on_error names the function, the argument, the value and the ru
 }
 
 TEST_CASE("errno_on_error returns the documented fallback and sets errno") {
+  // errno is read right after each call, before doctest (which may print, and so set errno) looks at anything.
   const locmoe::errno_on_error pol;
-  errno = 0;
-  CHECK(std::isnan(locmoe::p_delta(5120, std::numeric_limits<double>::quiet_NaN(), pol)));
-  CHECK(errno == EDOM);
-  errno = 0;
-  CHECK(locmoe::classic_capacity(1, 1.0, 1, 0, 0, pol) == -1);
-  CHECK(errno == EDOM);
-  errno = 0;
-  CHECK(locmoe::classic_capacity(INT64_MAX, 10.0, 1, 1, 0, pol) == -1);
-  CHECK(errno == ERANGE);
-  errno = 0;
-  const auto b = locmoe::critical_capacity_bound(0, 16, 0.03, pol);
-  CHECK(errno == EDOM);
-  CHECK(std::isnan(b.ec_min));
-  CHECK(std::isnan(b.log_p_delta));
-  errno = 0;
-  CHECK(locmoe::p_delta(5120, 0.03, pol) > 0.0);  // a valid call leaves errno alone
-  CHECK(errno == 0);
+  const auto errno_after = [](auto call) {
+    errno = 0;
+    const auto result = call();
+    const int e = errno;
+    return std::make_pair(result, e);
+  };
+  const auto nan_delta = errno_after([&] { return locmoe::p_delta(5120, std::numeric_limits<double>::quiet_NaN(), pol); });
+  CHECK(std::isnan(nan_delta.first));
+  CHECK(nan_delta.second == EDOM);
+  const auto zero_experts = errno_after([&] { return locmoe::classic_capacity(1, 1.0, 1, 0, 0, pol); });
+  CHECK(zero_experts.first == -1);
+  CHECK(zero_experts.second == EDOM);
+  const auto too_big = errno_after([&] { return locmoe::classic_capacity(INT64_MAX, 10.0, 1, 1, 0, pol); });
+  CHECK(too_big.first == -1);
+  CHECK(too_big.second == ERANGE);
+  const auto bound = errno_after([&] { return locmoe::critical_capacity_bound(0, 16, 0.03, pol); });
+  CHECK(bound.second == EDOM);
+  CHECK(std::isnan(bound.first.ec_min));
+  CHECK(std::isnan(bound.first.log_p_delta));
+  const auto valid = errno_after([&] { return locmoe::p_delta(5120, 0.03, pol); });  // leaves errno alone
+  CHECK(valid.first > 0.0);
+  CHECK(valid.second == 0);
 }
 
 namespace {
