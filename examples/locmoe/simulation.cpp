@@ -144,19 +144,14 @@ struct learned_pass {
   /// h = x + (x A^T) B^T, the logits, and the routing under `options`.
   void forward(const learned_parameters& p, const double* x, const router_options<double>& options) {
     const const_map X(x, ix(tokens), ix(features));
-    const matrix A = const_map(
-                         p.a.data(), ix(rank), ix(features));
-    const matrix B = const_map(
-                         p.b.data(), ix(features), ix(rank));
+    const const_map A(p.a.data(), ix(rank), ix(features)), B(p.b.data(), ix(features), ix(rank));
     z.noalias() = X * A.transpose();
     h = X;
     h.noalias() += z * B.transpose();
     if (p.w.empty()) {
       grap_logits(grap_gate<double>{features, experts, true, nullptr}, view(std::as_const(h)), view(logits));
     } else {
-      w = const_map(
-              p.w.data(), ix(experts), ix(features));
-      logits.noalias() = h * w.transpose();
+      logits.noalias() = h * const_map(p.w.data(), ix(experts), ix(features)).transpose();
     }
     score_route(view(std::as_const(logits)), options,
                 route_outputs<double>{{indices.data(), tokens, k}, view(weights), view(probabilities), {}});
@@ -188,22 +183,19 @@ struct learned_pass {
       grap_backward(grap_gate<double>{features, experts, true, nullptr}, view(std::as_const(logits)),
                     view(std::as_const(grad_logits)), view(grad_h));
     } else {
-      grad_h.noalias() = grad_logits * w;
+      grad_h.noalias() = grad_logits * const_map(p.w.data(), ix(experts), ix(features));
       const matrix gw = grad_logits.transpose() * h;
       out.gradient.w.assign(gw.data(), gw.data() + gw.size());
     }
     // h = x + z B^T, z = x A^T: dB = dh^T z, dA = (dh B)^T x.
     const const_map X(x, ix(tokens), ix(features));
-    const matrix B = const_map(
-                         p.b.data(), ix(features), ix(rank));
+    const const_map B(p.b.data(), ix(features), ix(rank));
     const matrix gb = grad_h.transpose() * z;
     const matrix ga = (grad_h * B).transpose() * X;
     out.gradient.a.assign(ga.data(), ga.data() + ga.size());
     out.gradient.b.assign(gb.data(), gb.data() + gb.size());
     return out;
   }
-
-  matrix w;
 };
 
 /// A learned router: its parameters, optimizer state and pass buffers.
@@ -363,6 +355,9 @@ cluster_result simulate(const cluster& spec, const settings& s, const progress_c
   std::vector<double> weight, kept_weight;
   std::vector<std::int64_t> per_expert(n);
   matrix affinity(ix(tokens), ix(n));
+  capacity_options co;
+  co.capacity_factor = s.capacity_factor;
+  capacity_assigner<double> assigner(n, co);  // its workspace is reused by every router and step
   for (std::int64_t step = 0; step < s.steps; ++step) {
     stream.draw(step, ranks, x, ids, domains);
     const const_map X(x.data(), ix(tokens), ix(f));
@@ -388,9 +383,6 @@ cluster_result simulate(const cluster& spec, const settings& s, const progress_c
       expert.resize(tokens * k);
       slot.resize(tokens * k);
       kept_weight.resize(tokens * k);
-      capacity_options co;
-      co.capacity_factor = s.capacity_factor;
-      capacity_assigner<double> assigner(n, co);
       const assignment_stats stats = assigner.run(
           matrix_view<const expert_index>(choice.data(), tokens, k), matrix_view<const double>(weight.data(), tokens, k),
           {{expert.data(), tokens, k}, {slot.data(), tokens, k}, {kept_weight.data(), tokens, k}, per_expert.data(), nullptr},
