@@ -52,7 +52,7 @@ struct layer {
                  matrix_view<const float>(weights.data(), tokens, k),
                  {{expert.data(), tokens, k}, {slot.data(), tokens, k}, {kept_weight.data(), tokens, k}});
   }
-  locmoe::detail::pair_layout pairs() const {
+  locmoe::pair_layout pairs() const {
     return {expert.data(), slot.data(), tokens, k, static_cast<std::size_t>(capacity)};
   }
   std::size_t kept() const {

@@ -65,7 +65,7 @@ struct device_layer {
     check(cudaMemcpy(expert, he.data(), he.size() * sizeof(locmoe::expert_index), cudaMemcpyHostToDevice), "copy");
     check(cudaMemcpy(slot, hs.data(), hs.size() * sizeof(locmoe::slot_index), cudaMemcpyHostToDevice), "copy");
   }
-  locmoe::detail::pair_layout pairs() const { return {expert, slot, tokens, k, capacity}; }
+  locmoe::pair_layout pairs() const { return {expert, slot, tokens, k, capacity}; }
 };
 
 device_layer& layer() {

@@ -64,6 +64,7 @@ struct layer {
     locmoe::capacity_assigner<float> assigner(n, co);
     locmoe::assignment_context<float> context;
     context.topo = &topo;
+    context.token_rank = locmoe::token_ranks::contiguous_blocks();
     const locmoe::assignment_outputs<float> assigned{
         {expert.data(), tokens, k}, {slot.data(), tokens, k}, {kept_weight.data(), tokens, k}, nullptr, nullptr};
     capacity = assigner
@@ -83,7 +84,8 @@ struct layer {
 
   locmoe::dispatch_plan build() const {
     return locmoe::build_dispatch_plan(matrix_view<const locmoe::expert_index>(expert.data(), tokens, k),
-                                       matrix_view<const locmoe::slot_index>(slot.data(), tokens, k), capacity, topo);
+                                       matrix_view<const locmoe::slot_index>(slot.data(), tokens, k), capacity, topo,
+                                       locmoe::token_ranks::contiguous_blocks());
   }
   std::size_t kept() const { return plan.order.size(); }
 

@@ -80,6 +80,7 @@ struct step_state {
         {expert.data(), tokens, k}, {slot.data(), tokens, k}, {kept_weight.data(), tokens, k}, nullptr, nullptr};
     locmoe::assignment_context<float> context;
     context.topo = &topo;
+    context.token_rank = locmoe::token_ranks::contiguous_blocks();
     return assigner.run(matrix_view<const locmoe::expert_index>(indices.data(), tokens, k),
                         matrix_view<const float>(weights.data(), tokens, k), out, context);
   }
@@ -102,6 +103,7 @@ struct step_state {
     o.coeff = 0.01f;
     o.smoothing = 0.01f;
     o.topo = &topo;
+    o.token_rank = locmoe::token_ranks::contiguous_blocks();
     return locmoe::locality_loss(loss_in(), o, matrix_view<float>(grad.data(), tokens, n)).value;
   }
   // The three losses in one router_losses call, their gradients summed into one zeroed grad_logits.
@@ -113,6 +115,7 @@ struct step_state {
     o.locality.coeff = 0.01f;
     o.locality.smoothing = 0.01f;
     o.locality.topo = &topo;
+    o.locality.token_rank = locmoe::token_ranks::contiguous_blocks();
     const auto v = locmoe::router_losses(loss_in(), o, matrix_view<float>(grad.data(), tokens, n));
     return v.aux.value + v.z.value + v.locality.value;
   }

@@ -33,17 +33,31 @@ class counting_backend {
     inner_.assign_slots(p, ws, bytes, s);
   }
   template <class T>
-  void dispatch(const locmoe::detail::pair_layout& pairs, const locmoe::matrix_view<const T>& x,
+  void dispatch(const locmoe::pair_layout& pairs, const locmoe::matrix_view<const T>& x,
                 const locmoe::matrix_view<T>& buffer, stream_type s) const {
     ++calls;
     for (std::size_t p = 0; p < pairs.tokens * pairs.top_k; ++p) rows_moved += pairs.kept(p);
     inner_.dispatch(pairs, x, buffer, s);
   }
   template <class T, class W>
-  void combine(const locmoe::detail::pair_layout& pairs, const locmoe::matrix_view<const T>& buffer,
+  void combine(const locmoe::pair_layout& pairs, const locmoe::matrix_view<const T>& buffer,
                const locmoe::matrix_view<const W>& weight, const locmoe::matrix_view<T>& y, stream_type s) const {
     ++calls;
     inner_.combine(pairs, buffer, weight, y, s);
+  }
+  template <class T, class W>
+  void combine_backward(const locmoe::pair_layout& pairs, const locmoe::matrix_view<const T>& buffer,
+                        const locmoe::matrix_view<const W>& weight, const locmoe::matrix_view<const T>& grad_y,
+                        const locmoe::matrix_view<T>& grad_buffer, const locmoe::matrix_view<W>& grad_weight,
+                        stream_type s) const {
+    ++calls;
+    inner_.combine_backward(pairs, buffer, weight, grad_y, grad_buffer, grad_weight, s);
+  }
+  template <class T>
+  void dispatch_backward(const locmoe::pair_layout& pairs, const locmoe::matrix_view<const T>& grad_buffer,
+                         const locmoe::matrix_view<T>& grad_x, stream_type s) const {
+    ++calls;
+    inner_.dispatch_backward(pairs, grad_buffer, grad_x, s);
   }
 
   mutable std::size_t calls = 0, rows_moved = 0;

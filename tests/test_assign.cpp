@@ -181,7 +181,7 @@ TEST_CASE("capacity_assigner: locality-aware overflow moves a drop to the best l
   // A masked expert (score 0) is never a destination, even with room.
   const std::vector<float> masked = {1.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0.0f};
   o.local_overflow = true;
-  const result m = assign({0, 0}, {1.0f, 1.0f}, 1, 4, o, {&topo, nullptr, matrix_view<const float>(masked.data(), 2, 4)});
+  const result m = assign({0, 0}, {1.0f, 1.0f}, 1, 4, o, {&topo, token_ranks::contiguous_blocks(), matrix_view<const float>(masked.data(), 2, 4)});
   CHECK(m.expert == std::vector<expert_index>{0, no_expert});
   CHECK(m.stats.rerouted == 0);
   o.local_overflow = true;
@@ -198,7 +198,7 @@ TEST_CASE("capacity_assigner: renormalize_kept, padding and locality statistics"
   o.renormalize_kept = true;
   o.pad_to_capacity = true;
   const topology topo({0, 0}, {0, 1, 1, 1});  // one node; token 0 on rank 0, token 1 on rank 1
-  const result r = assign(indices, weights, 2, 4, o, {&topo, nullptr, {}});
+  const result r = assign(indices, weights, 2, 4, o, {&topo, token_ranks::contiguous_blocks(), {}});
   CHECK(r.expert == std::vector<expert_index>{0, 1, no_expert, 2});
   CHECK(r.weight[0] == doctest::Approx(0.75));
   CHECK(r.weight[1] == doctest::Approx(0.25));
@@ -208,7 +208,7 @@ TEST_CASE("capacity_assigner: renormalize_kept, padding and locality statistics"
   CHECK(r.stats.node_local_fraction == 1.0);
   CHECK(r.stats.rank_local_fraction == doctest::Approx(2.0 / 3.0));  // token 0's expert 1 lives on rank 1
   const topology sparse({0, 1}, {0, 0, 0, 0});
-  const result s = assign(indices, weights, 2, 4, o, {&sparse, nullptr, {}});
+  const result s = assign(indices, weights, 2, 4, o, {&sparse, token_ranks::contiguous_blocks(), {}});
   CHECK(s.stats.tokens_without_local_expert == 1);
   CHECK(s.stats.node_local_fraction == doctest::Approx(2.0 / 3.0));
 }
@@ -235,7 +235,7 @@ TEST_CASE("capacity_assigner: bad arguments name the rule") {
   o.capacity = -2;
   CHECK_THROWS_WITH_AS(assign({0, 1}, weights, 1, 4, o), doctest::Contains("capacity = -2"), error);
   const topology topo = topology::uniform(2, 1, 3);
-  CHECK_THROWS_WITH_AS(assign({0, 1}, weights, 1, 4, {}, {&topo, nullptr, {}}),
+  CHECK_THROWS_WITH_AS(assign({0, 1}, weights, 1, 4, {}, {&topo, token_ranks::contiguous_blocks(), {}}),
                        doctest::Contains("topology = 3: must place exactly n experts"), error);
   const topology four = topology::uniform(2, 1, 4);
   const std::vector<std::int32_t> rank = {0, 2};

@@ -39,9 +39,9 @@ TEST_CASE("dispatch plan: send counts, locality classes, order, bytes") {
   const assignment_stats stats = assigner.run(matrix_view<const expert_index>(choice.data(), tokens, k),
                                               matrix_view<const float>(w.data(), tokens, k),
                                               {{expert.data(), tokens, k}, {slot.data(), tokens, k}, {kept_w.data(), tokens, k}},
-                                              {&topo, nullptr, {}});
+                                              {&topo, token_ranks::contiguous_blocks(), {}});
   const dispatch_plan plan = build_dispatch_plan(matrix_view<const expert_index>(expert.data(), tokens, k),
-                                                 matrix_view<const slot_index>(slot.data(), tokens, k), 3, topo, nullptr, 5120 * 2);
+                                                 matrix_view<const slot_index>(slot.data(), tokens, k), 3, topo, token_ranks::contiguous_blocks(), 5120 * 2);
   std::vector<std::int64_t> want(16, 0);
   std::int64_t rank_local = 0, node_local = 0, remote = 0;
   for (std::size_t t = 0; t < tokens; ++t) {
@@ -90,9 +90,9 @@ TEST_CASE("dispatch and combine: a toy expert through the buffers equals the per
   std::vector<slot_index> slot(tokens * k);
   std::vector<double> kept_w(tokens * k);
   assigner.run(matrix_view<const expert_index>(choice.data(), tokens, k), matrix_view<const double>(weights.data(), tokens, k),
-               {{expert.data(), tokens, k}, {slot.data(), tokens, k}, {kept_w.data(), tokens, k}}, {&topo, nullptr, {}});
+               {{expert.data(), tokens, k}, {slot.data(), tokens, k}, {kept_w.data(), tokens, k}}, {&topo, token_ranks::contiguous_blocks(), {}});
   const dispatch_plan plan = build_dispatch_plan(matrix_view<const expert_index>(expert.data(), tokens, k),
-                                                 matrix_view<const slot_index>(slot.data(), tokens, k), 4, topo);
+                                                 matrix_view<const slot_index>(slot.data(), tokens, k), 4, topo, token_ranks::contiguous_blocks());
   std::vector<double> buffer(plan.buffer_rows() * d, 0.0), y(tokens * d, -1.0);
   dispatch(plan, matrix_view<const double>(x.data(), tokens, d), matrix_view<double>(buffer.data(), plan.buffer_rows(), d));
   for (std::size_t row = 0; row < plan.buffer_rows(); ++row) {  // expert e multiplies by e + 1
@@ -163,7 +163,7 @@ TEST_CASE_TEMPLATE("combine equals zeroing then adding each kept row in choice o
         const std::vector<slot_index>& slot = toy.slot;
         const dispatch_plan plan = build_dispatch_plan(matrix_view<const expert_index>(expert.data(), tokens, k),
                                                        matrix_view<const slot_index>(slot.data(), tokens, k),
-                                                       static_cast<std::int64_t>(capacity), topo);
+                                                       static_cast<std::int64_t>(capacity), topo, token_ranks::contiguous_blocks());
         std::vector<T> buffer(plan.buffer_rows() * stride), weight(tokens * k), want(tokens * stride, T(-1));
         for (std::size_t i = 0; i < buffer.size(); ++i) {
           buffer[i] = i % 5 == 0 ? T(-0.0) : i % 5 == 1 ? T(0) : normal(rng);
@@ -195,7 +195,7 @@ TEST_CASE_TEMPLATE("combine equals zeroing then adding each kept row in choice o
           CAPTURE(mode);
           std::vector<T> y(tokens * stride, T(-1));
           const matrix_view<T> y_view(y.data(), tokens, d, stride);
-          const detail::pair_layout pairs = detail::pair_layout::of(plan);
+          const pair_layout pairs = detail::layout_of(plan);
           if (mode == 0) {
             combine(plan, buffer_view, weight_view, y_view);
           } else if (mode == 1) {
@@ -249,7 +249,7 @@ TEST_CASE_TEMPLATE("dispatch copies each kept row to its buffer row and no other
         const matrix_view<T> buffer_view(buffer.data(), plan.buffer_rows(), d, stride);
         // The public call (small: memcpy), the non-temporal path in plan order, and the backends' way: pairs in
         // token order (no plan order) in three ranges, plain (mode 2) and non-temporal (mode 3).
-        const detail::pair_layout pairs = detail::pair_layout::of(plan);
+        const pair_layout pairs = detail::layout_of(plan);
         if (mode == 0) {
           dispatch(plan, x_view, buffer_view);
         } else if (mode == 1) {
@@ -265,6 +265,11 @@ TEST_CASE_TEMPLATE("dispatch copies each kept row to its buffer row and no other
           const std::size_t row = static_cast<std::size_t>(expert[p]) * capacity + static_cast<std::size_t>(slot[p]);
           std::copy(x.data() + p / k * d, x.data() + (p / k + 1) * d, want.data() + row * stride);
         }
+        if (mode == 0) {  // the public call also writes the padding rows (each expert's unused slots) as zeros
+          for (std::size_t e = 0; e < plan.experts; ++e)
+            for (auto s = static_cast<std::size_t>(plan.kept_per_expert[e]); s < capacity; ++s)
+              std::fill(want.data() + (e * capacity + s) * stride, want.data() + (e * capacity + s) * stride + d, T(0));
+        }
         CHECK(std::memcmp(buffer.data(), want.data(), buffer.size() * sizeof(T)) == 0);
       }
     }
@@ -275,7 +280,8 @@ TEST_CASE("dispatch plan: bad inputs name the rule") {
   const topology topo = topology::uniform(2, 1, 4);
   auto build = [&](std::vector<expert_index> e, std::vector<slot_index> s, std::int64_t capacity) {
     return build_dispatch_plan(matrix_view<const expert_index>(e.data(), e.size(), 1),
-                               matrix_view<const slot_index>(s.data(), s.size(), 1), capacity, topo);
+                               matrix_view<const slot_index>(s.data(), s.size(), 1), capacity, topo,
+                               token_ranks::contiguous_blocks());
   };
   CHECK_THROWS_WITH_AS(build({0, 0}, {0, 0}, 2), doctest::Contains("two choices share one (expert, slot)"), error);
   CHECK_THROWS_WITH_AS(build({0, 1}, {0, 2}, 2), doctest::Contains("expert/slot = (1, 0) = 1/2"), error);
@@ -287,6 +293,22 @@ TEST_CASE("dispatch plan: bad inputs name the rule") {
   CHECK_THROWS_WITH_AS(build_dispatch_plan(matrix_view<const expert_index>(e.data(), 2, 1),
                                            matrix_view<const slot_index>(s.data(), 2, 1), 1, topo, rank.data()),
                        doctest::Contains("token_rank = [1] = 5"), error);
+  const auto plan_of = [&](token_ranks sources) {
+    return build_dispatch_plan(matrix_view<const expert_index>(e.data(), 2, 1), matrix_view<const slot_index>(s.data(), 2, 1),
+                               1, topo, sources);
+  };
+  CHECK_THROWS_WITH_AS(plan_of({}), doctest::Contains("token_rank = none: with more than one rank, say whose tokens"), error);
+  CHECK_THROWS_WITH_AS(plan_of(token_ranks::local(2)), doctest::Contains("local(2): this rank must be in [0, ranks)"), error);
+  token_ranks both = token_ranks::local(0);
+  both.blocks = true;
+  CHECK_THROWS_WITH_AS(plan_of(both), doctest::Contains("give one of"), error);
+  const dispatch_plan rank_local = plan_of(token_ranks::local(1));  // both tokens are rank 1's
+  CHECK(rank_local.sent(1, 0) == 2);  // experts 0 and 1 live on rank 0
+  CHECK(rank_local.sent(1, 1) == 0);
+  CHECK(rank_local.sent(0, 0) + rank_local.sent(0, 1) == 0);
+  CHECK(build_dispatch_plan(matrix_view<const expert_index>(e.data(), 2, 1), matrix_view<const slot_index>(s.data(), 2, 1), 1,
+                            topology::uniform(1, 1, 2))
+            .intra_rank == 2);  // one rank: nothing to say
   const dispatch_plan empty = build({}, {}, 0);
   CHECK(empty.order.empty());
   CHECK(empty.intra_rank + empty.intra_node + empty.inter_node == 0);
@@ -327,7 +349,7 @@ TEST_CASE_TEMPLATE("combine of 16-bit rows sums in float and rounds once", T, bf
   const toy_assignment toy = random_assignment(tokens, k, n, capacity, rng);
   const dispatch_plan plan = build_dispatch_plan(matrix_view<const expert_index>(toy.expert.data(), tokens, k),
                                                  matrix_view<const slot_index>(toy.slot.data(), tokens, k),
-                                                 static_cast<std::int64_t>(capacity), topo);
+                                                 static_cast<std::int64_t>(capacity), topo, token_ranks::contiguous_blocks());
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<T> buffer(plan.buffer_rows() * d), y(tokens * d, T(-1.0f)), want(tokens * d);
   std::vector<float> weight(tokens * k);

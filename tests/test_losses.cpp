@@ -197,7 +197,7 @@ TEST_CASE("locality_loss: per-rank KL against the smoothed local distribution, g
 
   // Default token ranks: contiguous blocks; a masked expert keeps a finite loss and a zero gradient there.
   p.logits[2] = -inf;
-  o.token_rank = nullptr;
+  o.token_rank = token_ranks::contiguous_blocks();
   const locality_value<double> blocks = locality_loss(p.inputs(), o);
   CHECK(std::isfinite(blocks.value));
   CHECK(max_gradient_error(p, [&](const loss_inputs<double>& in, const matrix_view<double>& g) {
@@ -215,6 +215,7 @@ TEST_CASE("router_losses: the three terms at once equal the separate calls; floa
     o.z_coeff = 0.02;
     o.locality.coeff = 0.7;
     o.locality.topo = &topo;
+    o.locality.token_rank = token_ranks::contiguous_blocks();
     std::vector<double> together(p.tokens * 8, 0.0), apart(p.tokens * 8, 0.0);
     const matrix_view<double> g1(together.data(), p.tokens, 8), g2(apart.data(), p.tokens, 8);
     const router_loss_values<double> v = router_losses(p.inputs(), o, g1);
@@ -238,6 +239,7 @@ TEST_CASE("router_losses: the three terms at once equal the separate calls; floa
     of.z_coeff = 0.02f;
     of.locality.coeff = 0.7f;
     of.locality.topo = &topo;
+    of.locality.token_rank = token_ranks::contiguous_blocks();
     const loss_inputs<float> inf_{matrix_view<const float>(lf.data(), p.tokens, 8),
                                   matrix_view<const expert_index>(p.indices.data(), p.tokens, 2), {}};
     const router_loss_values<float> vf = router_losses(inf_, of, matrix_view<float>(gf.data(), p.tokens, 8));
@@ -275,6 +277,7 @@ TEST_CASE("gradients through the GrAP gate to the activations") {
                                  matrix_view<const expert_index>(indices.data(), tokens, k), {}};
     locality_loss_options<double> lo;
     lo.topo = &topo;
+    lo.token_rank = token_ranks::contiguous_blocks();
     const matrix_view<double> g = grad_x ? matrix_view<double>(grad.data(), tokens, n) : matrix_view<double>();
     const double value = aux_loss(in, aux_loss_options<double>{}, g).value + z_loss(in, 1e-3, g).value +
                          locality_loss(in, lo, g).value;
@@ -305,6 +308,7 @@ TEST_CASE("property: the locality loss alone pulls D_c towards D_l; the aux loss
   locality_loss_options<double> lo;
   lo.coeff = 1.0;
   lo.topo = &topo;
+  lo.token_rank = token_ranks::contiguous_blocks();
   auto local_mass = [&](const problem& q) {  // mean probability a token puts on its own node's experts
     double mass = 0;
     for (std::size_t t = 0; t < tokens; ++t) {
@@ -371,6 +375,7 @@ TEST_CASE("losses: bad arguments name the rule; no valid token gives 0") {
   CHECK_THROWS_WITH_AS(locality_loss(p.inputs(), lo), doctest::Contains("topo = null: a topology is required"), error);
   const topology topo = topology::uniform(2, 1, 4);
   lo.topo = &topo;
+  lo.token_rank = token_ranks::contiguous_blocks();
   lo.smoothing = 0;
   CHECK_THROWS_WITH_AS(locality_loss(p.inputs(), lo), doctest::Contains("smoothing = 0: must satisfy 0 < eps <= 1"), error);
   errno = 0;

@@ -204,7 +204,7 @@ void run_route(const route_settings& s) {
                         matrix_view<const float>(weights.data(), tokens, k),
                         assignment_outputs<float>{{expert.data(), tokens, k}, {slot.data(), tokens, k},
                                                   {kept_weight.data(), tokens, k}, before.data(), after.data()},
-                        {&topo, token_rank.empty() ? nullptr : token_rank.data(),
+                        {&topo, token_rank.empty() ? token_ranks::contiguous_blocks() : token_ranks(token_rank.data()),
                          matrix_view<const float>(probabilities.data(), tokens, n)});
   });
 
@@ -224,7 +224,7 @@ void run_route(const route_settings& s) {
   lo.coeff = static_cast<float>(s.loc_coeff.value_or(s.router == "locmoe" ? 0.01 : 0.0));
   lo.smoothing = static_cast<float>(s.loc_smoothing);
   lo.topo = &topo;
-  lo.token_rank = token_rank.empty() ? nullptr : token_rank.data();
+  lo.token_rank = token_rank.empty() ? token_ranks::contiguous_blocks() : token_ranks(token_rank.data());
   const locality_value<float> loc = checked(route_flags, [&] { return locality_loss(in, lo, g); });
   locality_loss_options<float> unit = lo;
   unit.coeff = 1.0f;

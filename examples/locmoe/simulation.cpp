@@ -174,6 +174,7 @@ struct learned_pass {
       o.locality.coeff = s.locality_coeff;
       o.locality.smoothing = s.locality_smoothing;
       o.locality.topo = &topo;
+      o.locality.token_rank = token_ranks::contiguous_blocks();
     }
     const auto values = router_losses(loss_inputs<double>{view(std::as_const(logits)),
                                                           {indices.data(), tokens, k}, view(std::as_const(probabilities))},
@@ -386,12 +387,12 @@ cluster_result simulate(const cluster& spec, const settings& s, const progress_c
       const assignment_stats stats = assigner.run(
           matrix_view<const expert_index>(choice.data(), tokens, k), matrix_view<const double>(weight.data(), tokens, k),
           {{expert.data(), tokens, k}, {slot.data(), tokens, k}, {kept_weight.data(), tokens, k}, per_expert.data(), nullptr},
-          {&topo, nullptr, {}});
+          {&topo, token_ranks::contiguous_blocks(), {}});
       if (step >= eval_start) {
         window& w = sums[which];
         const dispatch_plan plan = build_dispatch_plan(matrix_view<const expert_index>(expert.data(), tokens, k),
                                                        matrix_view<const slot_index>(slot.data(), tokens, k),
-                                                       stats.capacity, topo, nullptr, s.token_bytes);
+                                                       stats.capacity, topo, token_ranks::contiguous_blocks(), s.token_bytes);
         const auto seconds = [&](exchange_scheme scheme) {
           return model_exchange_time(build_exchange_plan(plan.send_bytes, topo, {scheme, false}), topo, s.model).seconds;
         };

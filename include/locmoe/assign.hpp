@@ -19,8 +19,9 @@
 // pad_to_capacity: every expert's buffer is C rows; the unused rows are reported as padded_slots (Megatron-Core
 //   fills them with unrouted tokens at weight 0, which computes the same output).
 //
-// Topology: the token's source rank is token_rank[t], or, without it, contiguous blocks (token t on rank
-// floor(t R / T), each rank holding T / R tokens). Without a topology everything is on one rank and node.
+// Topology: each token's source rank comes from context.token_rank (topology.hpp's token_ranks: this rank's
+// tokens, each token's rank, or contiguous blocks; required with more than one rank). Without a topology
+// everything is on one rank and node.
 // Statistics: loads before and after, drop rate (dropped / routed choices), max and mean load, and the
 // fraction of kept choices (so of dispatched token bytes) whose expert is on the token's node and rank.
 //
@@ -76,7 +77,7 @@ struct assignment_outputs {
 template <class S>
 struct assignment_context {
   const topology* topo = nullptr;           ///< null: one rank, one node
-  const std::int32_t* token_rank = nullptr; ///< [T] source rank of each token; null: contiguous blocks
+  token_ranks token_rank;                   ///< whose tokens (token_ranks); required with more than one rank
   matrix_view<const S> scores;              ///< [T x n] ranks rerouting candidates; required by local_overflow
 };
 
@@ -245,7 +246,10 @@ class capacity_assigner {
   }
 
   static detail::rank_map ranks_of(const assignment_context<S>& context, std::size_t tokens) {
-    return {context.token_rank, context.topo ? context.topo->ranks() : 1, tokens};
+    detail::rank_map map;  // checked in check()
+    detail::resolve_token_ranks<throw_on_error>("locmoe::capacity_assigner::run", "token_rank", context.token_rank,
+                                                tokens, context.topo ? context.topo->ranks() : 1, map);
+    return map;
   }
 
   void reroute(const matrix_view<const expert_index>& indices, const assignment_outputs<S>& out,
@@ -317,7 +321,8 @@ class capacity_assigner {
     if (context.topo && context.topo->experts() != n_) {
       detail::raise<P>(errc::domain, fn, "topology", context.topo->experts(), "must place exactly n experts", 0);
     }
-    detail::check_token_ranks<P>(fn, context.token_rank, tokens, context.topo ? context.topo->ranks() : 1);
+    detail::rank_map map;
+    detail::resolve_token_ranks<P>(fn, "token_rank", context.token_rank, tokens, context.topo ? context.topo->ranks() : 1, map);
     if (options_.local_overflow) {
       if (!context.scores.present() && tokens > 0) {
         detail::raise<P>(errc::domain, fn, "scores", "null", "must be passed, [T x n], when local_overflow is on", 0);

@@ -82,7 +82,7 @@ struct locality_loss_options {
   S coeff = S(0.01);      ///< mu (paper: 0.01)
   S smoothing = S(0.01);  ///< eps in D_l
   const topology* topo = nullptr;            ///< required
-  const std::int32_t* token_rank = nullptr;  ///< [T]; null: contiguous blocks over the ranks
+  token_ranks token_rank;                    ///< whose tokens (topology.hpp); required with more than one rank
 };
 
 template <class S>
@@ -215,7 +215,10 @@ bool check_locality(const char* fn, const locality_loss_options<S>& o, std::size
     return raise<Policy>(errc::domain, fn, "topo", o.topo->experts(), "must place exactly n experts", false);
   }
   return check_coeff<Policy>(fn, coeff_name, o.coeff) &&
-         check_token_ranks<Policy>(fn, o.token_rank, tokens, o.topo->ranks());
+         [&] {
+           rank_map map;
+           return resolve_token_ranks<Policy>(fn, "token_rank", o.token_rank, tokens, o.topo->ranks(), map);
+         }();
 }
 
 /// The aux loss with sigmoid scores (Megatron-Core): row by row, its own pass (not on the fused path).
@@ -315,7 +318,8 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
   const bool softmax_aux = terms.aux && o.aux.score == score_function::softmax;
   const topology* topo = terms.locality ? o.locality.topo : nullptr;
   const std::size_t ranks = topo ? topo->ranks() : 1;
-  const rank_map rank_of{topo ? o.locality.token_rank : nullptr, ranks, tokens};
+  rank_map rank_of{nullptr, 1, tokens};  // checked by the caller
+  if (topo) resolve_token_ranks<throw_on_error>("locmoe::router_losses", "token_rank", o.locality.token_rank, tokens, ranks, rank_of);
   using matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const auto R = static_cast<Eigen::Index>(ranks), N = static_cast<Eigen::Index>(n);
   matrix sum_p = matrix::Zero(R, N), choices = matrix::Zero(R, N);

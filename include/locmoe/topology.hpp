@@ -117,19 +117,50 @@ class topology {
   std::size_t nodes_ = 0;
 };
 
+/// Whose tokens a batch holds, for the calls that need each token's source rank (capacity_assigner's statistics
+/// and locality overflow, the locality loss, dispatch plans). One of:
+///   token_ranks::local(r)            rank-local (expert parallelism): every token is rank r's
+///   token_ranks(token_rank)          a batch of all ranks' tokens, token_rank[t] the rank of token t ([T])
+///   token_ranks::contiguous_blocks() a batch of all ranks' tokens in R blocks: token t on rank floor(t R / T)
+/// A default token_ranks says nothing: that is fine with one rank (everything is rank 0's) and an error with
+/// more, which names the three choices (a batch is never split over ranks by guess).
+struct token_ranks {
+  const std::int32_t* per_token = nullptr;  ///< [T] each token's rank, or null
+  std::int32_t rank = -1;                   ///< >= 0: every token is this rank's
+  bool blocks = false;                      ///< contiguous blocks over the ranks
+
+  constexpr token_ranks() noexcept = default;
+  /// Each token's rank, token_rank[t] (null: nothing said).
+  constexpr token_ranks(const std::int32_t* token_rank) noexcept : per_token(token_rank) {}  // NOLINT: implicit
+  static constexpr token_ranks local(std::int32_t this_rank) noexcept {
+    token_ranks r;
+    r.rank = this_rank;
+    return r;
+  }
+  static constexpr token_ranks contiguous_blocks() noexcept {
+    token_ranks r;
+    r.blocks = true;
+    return r;
+  }
+  constexpr bool given() const noexcept { return per_token != nullptr || rank >= 0 || blocks; }
+};
+
 namespace detail {
 
-/// The source rank of each token: token_rank[t], or contiguous blocks (t on rank floor(t R / T)); run_end(t,
-/// limit) is the first row after t, up to limit, on another rank. Shared by assign, losses and dispatch.
+/// The source rank of each token (token_ranks resolved); run_end(t, limit) is the first row after t, up to
+/// limit, on another rank. Shared by assign, losses and dispatch.
 struct rank_map {
   const std::int32_t* token_rank = nullptr;
   std::size_t ranks = 1, tokens = 0;
+  std::int64_t fixed = -1;  ///< >= 0: every token on this rank
 
   std::size_t rank(std::size_t t) const noexcept {
+    if (fixed >= 0) return static_cast<std::size_t>(fixed);
     if (token_rank) return static_cast<std::size_t>(token_rank[t]);
     return ranks == 1 ? 0 : t * ranks / tokens;
   }
   std::size_t run_end(std::size_t t, std::size_t limit) const noexcept {
+    if (fixed >= 0) return limit;
     if (token_rank) {
       std::size_t end = t + 1;
       while (end < limit && token_rank[end] == token_rank[t]) ++end;
@@ -141,15 +172,33 @@ struct rank_map {
   }
 };
 
-/// Every token_rank[t] (when given) in [0, ranks); reports the first that is not.
+/// Checks `sources` for a batch of T tokens over R ranks (exactly one choice with R > 1; ranks in [0, R)) and
+/// resolves it into `map`; reports the first problem, naming `argument`.
 template <class Policy>
-bool check_token_ranks(const char* fn, const std::int32_t* token_rank, std::size_t tokens, std::size_t ranks) {
-  for (std::size_t t = 0; token_rank && t < tokens; ++t) {
-    if (token_rank[t] < 0 || static_cast<std::size_t>(token_rank[t]) >= ranks) {
-      return raise<Policy>(errc::domain, fn, "token_rank", "[" + std::to_string(t) + "] = " + std::to_string(token_rank[t]),
+bool resolve_token_ranks(const char* fn, const char* argument, const token_ranks& sources, std::size_t tokens,
+                         std::size_t ranks, rank_map& map) {
+  const int choices = (sources.per_token != nullptr) + (sources.rank >= 0) + sources.blocks;
+  if (choices > 1) {
+    return raise<Policy>(errc::domain, fn, argument, "more than one", "give one of local(rank), token_rank[T] or "
+                         "contiguous_blocks()", false);
+  }
+  if (sources.rank < -1 || (sources.rank >= 0 && static_cast<std::size_t>(sources.rank) >= ranks)) {
+    return raise<Policy>(errc::domain, fn, argument, "local(" + std::to_string(sources.rank) + ")",
+                         "this rank must be in [0, ranks)", false);
+  }
+  if (choices == 0 && ranks > 1 && tokens > 0) {
+    return raise<Policy>(errc::domain, fn, argument, "none",
+                         "with more than one rank, say whose tokens these are: token_ranks::local(rank) for this "
+                         "rank's, token_rank[T] for each token's, or token_ranks::contiguous_blocks()", false);
+  }
+  for (std::size_t t = 0; sources.per_token && t < tokens; ++t) {
+    if (sources.per_token[t] < 0 || static_cast<std::size_t>(sources.per_token[t]) >= ranks) {
+      return raise<Policy>(errc::domain, fn, argument,
+                           "[" + std::to_string(t) + "] = " + std::to_string(sources.per_token[t]),
                            "every token's rank must be in [0, ranks)", false);
     }
   }
+  map = rank_map{sources.per_token, ranks, tokens, sources.rank >= 0 ? sources.rank : -1};
   return true;
 }
 

@@ -136,11 +136,11 @@ int main() {
 
   const std::size_t rows = n * static_cast<std::size_t>(capacity);
   std::vector<float> cbuf(rows * d, 0.0f), cy(tokens * d);
-  const detail::pair_layout cpairs{ce.data(), cs.data(), tokens, k, static_cast<std::size_t>(capacity)};
+  const pair_layout cpairs{ce.data(), cs.data(), tokens, k, static_cast<std::size_t>(capacity)};
   cpu.dispatch(cpairs, matrix_view<const float>(x.data(), tokens, d), matrix_view<float>(cbuf.data(), rows, d));
   device_array<float> dbuf(cbuf.size()), dy(tokens * d);
   cudaMemset(dbuf.data, 0, cbuf.size() * sizeof(float));
-  const detail::pair_layout gpairs{de.data, ds.data, tokens, k, static_cast<std::size_t>(capacity)};
+  const pair_layout gpairs{de.data, ds.data, tokens, k, static_cast<std::size_t>(capacity)};
   gpu.dispatch(gpairs, matrix_view<const float>(dx.data, tokens, d), matrix_view<float>(dbuf.data, rows, d));
   expect(same_bits(dbuf.host(), cbuf), "dispatch equals the CPU's");
   device_array<float> dcw(cw);
@@ -161,6 +161,54 @@ int main() {
   gpu.combine(gpairs, matrix_view<const bf16>(dbb.data, rows, d), matrix_view<const float>(dcw.data, tokens, k),
               matrix_view<bf16>(dyb.data, tokens, d));
   expect(same_bits(dyb.host(), cyb), "bf16 combine equals the CPU's");
+
+  // Padding rows and the backwards (the training step): the layouts carry the kept counts, every buffer starts
+  // as NaN (0xff bytes), so a row the GPU does not write shows.
+  {
+    pair_layout cp = cpairs, gp = gpairs;
+    cp.kept_per_expert = ckept.data();
+    gp.kept_per_expert = dkept.data;
+    cp.experts = gp.experts = n;
+    std::vector<float> cpad(rows * d, std::nanf("")), gy(tokens * d), cgb(rows * d, std::nanf("")), cgx(tokens * d);
+    std::vector<float> cgw(tokens * k, -1.0f);
+    for (float& v : gy) v = normal(rng);
+    cpu.dispatch(cp, matrix_view<const float>(x.data(), tokens, d), matrix_view<float>(cpad.data(), rows, d));
+    device_array<float> dpad(rows * d), dgy(gy), dgb(rows * d), dgx(tokens * d), dgw(tokens * k);
+    cudaMemset(dpad.data, 0xff, rows * d * sizeof(float));
+    cudaMemset(dgb.data, 0xff, rows * d * sizeof(float));
+    cudaMemset(dgx.data, 0xff, tokens * d * sizeof(float));
+    gpu.dispatch(gp, matrix_view<const float>(dx.data, tokens, d), matrix_view<float>(dpad.data, rows, d));
+    expect(same_bits(dpad.host(), cpad), "dispatch with kept counts: padding rows zero, as the CPU's");
+    cpu.combine_backward(cp, matrix_view<const float>(cpad.data(), rows, d), matrix_view<const float>(cw.data(), tokens, k),
+                         matrix_view<const float>(gy.data(), tokens, d), matrix_view<float>(cgb.data(), rows, d),
+                         matrix_view<float>(cgw.data(), tokens, k));
+    gpu.combine_backward(gp, matrix_view<const float>(dpad.data, rows, d), matrix_view<const float>(dcw.data, tokens, k),
+                         matrix_view<const float>(dgy.data, tokens, d), matrix_view<float>(dgb.data, rows, d),
+                         matrix_view<float>(dgw.data, tokens, k));
+    expect(same_bits(dgb.host(), cgb), "combine_backward: grad_buffer equals the CPU's (one rounding each)");
+    const auto ggw = dgw.host();
+    double worst_gw = 0;
+    for (std::size_t p = 0; p < tokens * k; ++p) worst_gw = std::max(worst_gw, static_cast<double>(std::fabs(ggw[p] - cgw[p])));
+    std::printf("combine_backward: largest grad_weight difference %.3g (other summation order)\n", worst_gw);
+    expect(worst_gw < 1e-3, "combine_backward: grad_weight agrees to 1e-3 (a dot of 320 products)");
+    cpu.dispatch_backward(cp, matrix_view<const float>(cgb.data(), rows, d), matrix_view<float>(cgx.data(), tokens, d));
+    gpu.dispatch_backward(gp, matrix_view<const float>(dgb.data, rows, d), matrix_view<float>(dgx.data, tokens, d));
+    expect(same_bits(dgx.host(), cgx), "dispatch_backward equals the CPU's");
+    std::vector<bf16> cgbb(rows * d), cgyb(tokens * d), cgxb(tokens * d);
+    for (std::size_t i = 0; i < gy.size(); ++i) cgyb[i] = bf16(gy[i]);
+    std::vector<float> cgwb(tokens * k);
+    cpu.combine_backward(cp, matrix_view<const bf16>(cbb.data(), rows, d), matrix_view<const float>(cw.data(), tokens, k),
+                         matrix_view<const bf16>(cgyb.data(), tokens, d), matrix_view<bf16>(cgbb.data(), rows, d),
+                         matrix_view<float>(cgwb.data(), tokens, k));
+    cpu.dispatch_backward(cp, matrix_view<const bf16>(cgbb.data(), rows, d), matrix_view<bf16>(cgxb.data(), tokens, d));
+    device_array<bf16> dgyb(cgyb), dgbb(rows * d), dgxb(tokens * d);
+    gpu.combine_backward(gp, matrix_view<const bf16>(dbb.data, rows, d), matrix_view<const float>(dcw.data, tokens, k),
+                         matrix_view<const bf16>(dgyb.data, tokens, d), matrix_view<bf16>(dgbb.data, rows, d),
+                         matrix_view<float>{});
+    gpu.dispatch_backward(gp, matrix_view<const bf16>(dgbb.data, rows, d), matrix_view<bf16>(dgxb.data, tokens, d));
+    expect(same_bits(dgbb.host(), cgbb), "bf16 combine_backward: grad_buffer equals the CPU's");
+    expect(same_bits(dgxb.host(), cgxb), "bf16 dispatch_backward equals the CPU's");
+  }
   cuda_detail::check(cudaDeviceSynchronize(), "synchronize");
   std::printf("%s\n", failures ? "cuda backend: FAILED" : "cuda backend: every check passed");
   return failures ? 1 : 0;

@@ -10,6 +10,11 @@
 //   b.assign_slots(problem, ws, bytes, s)     position-policy capacity slots (slot_problem)
 //   b.dispatch(pairs, x, buffer, s)           buffer[e C + slot] = x[t] for every kept pair
 //   b.combine(pairs, buffer, weight, y, s)    y[t] = sum over t's kept choices, in choice order, of w * row
+//   b.combine_backward(pairs, buffer, weight, grad_y, grad_buffer, grad_weight, s)
+//                                             dL/d(buffer) = w grad_y[t] at kept rows, 0 on padding rows;
+//                                             dL/d(weight) = grad_y[t] . row (0 for a dropped pair)
+//   b.dispatch_backward(pairs, grad_buffer, grad_x, s)
+//                                             grad_x[t] = sum over t's kept rows, in choice order
 // with the argument types of cpu_backend (backend/cpu.hpp), the reference model. grap_pipeline<B> checks the
 // concept at compile time (static_assert, "... is not a locmoe backend ..."). A new backend (an NPU, say)
 // implements these members; no change to the library: examples/counting_backend.cpp is one in a few dozen lines.
@@ -78,7 +83,16 @@ struct has_backend_members<
                    decltype(std::declval<const B&>().combine(
                        std::declval<const pair_layout&>(), std::declval<const matrix_view<const float>&>(),
                        std::declval<const matrix_view<const float>&>(), std::declval<const matrix_view<float>&>(),
-                       std::declval<typename B::stream_type>()))>>> : std::true_type {};
+                       std::declval<typename B::stream_type>())),
+                   decltype(std::declval<const B&>().combine_backward(
+                       std::declval<const pair_layout&>(), std::declval<const matrix_view<const float>&>(),
+                       std::declval<const matrix_view<const float>&>(), std::declval<const matrix_view<const float>&>(),
+                       std::declval<const matrix_view<float>&>(), std::declval<const matrix_view<float>&>(),
+                       std::declval<typename B::stream_type>())),
+                   decltype(std::declval<const B&>().dispatch_backward(
+                       std::declval<const pair_layout&>(), std::declval<const matrix_view<const float>&>(),
+                       std::declval<const matrix_view<float>&>(), std::declval<typename B::stream_type>()))>>>
+    : std::true_type {};
 
 }  // namespace detail
 
@@ -108,7 +122,8 @@ template <class Backend>
 class grap_pipeline {
   static_assert(is_backend_v<Backend>,
                 "locmoe: this type is not a locmoe backend: it must provide stream_type, name, slot_workspace_size, "
-                "route_grap, assign_slots, dispatch and combine with cpu_backend's signatures (see "
+                "route_grap, assign_slots, dispatch, combine, combine_backward and dispatch_backward with "
+                "cpu_backend's signatures (see "
                 "locmoe/backend/backend.hpp)");
 
  public:
@@ -175,12 +190,15 @@ class grap_pipeline {
   }
 
  private:
-  detail::pair_layout pairs(const pipeline_outputs<float>& out) const {
+  pair_layout pairs(const pipeline_outputs<float>& out) const {
     if (out.expert.stride != shape_.top_k || out.slot.stride != shape_.top_k) {
       detail::raise<throw_on_error>(errc::domain, "locmoe::grap_pipeline", "out.expert/out.slot", out.expert.stride,
                                     "must be dense [T x k] (stride k)", 0);
     }
-    return {out.expert.data, out.slot.data, shape_.tokens, shape_.top_k, static_cast<std::size_t>(shape_.capacity)};
+    pair_layout pairs{out.expert.data, out.slot.data, shape_.tokens, shape_.top_k, static_cast<std::size_t>(shape_.capacity)};
+    pairs.kept_per_expert = out.kept_per_expert;  // padding rows are written as zeros
+    pairs.experts = shape_.experts;
+    return pairs;
   }
 
   const Backend& backend_;

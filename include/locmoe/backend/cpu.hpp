@@ -130,37 +130,82 @@ class cpu_backend {
 
   /// buffer[e C + slot] = x[t] for every kept pair of `pairs`, split over pair ranges.
   template <class T>
-  void dispatch(const detail::pair_layout& pairs, const matrix_view<const T>& x, const matrix_view<T>& buffer,
+  void dispatch(const pair_layout& pairs, const matrix_view<const T>& x, const matrix_view<T>& buffer,
                 cpu_stream = {}) const {
     constexpr const char* fn = "locmoe::cpu_backend::dispatch";
     detail::check_view<throw_on_error>(fn, "x", x, pairs.tokens, x.cols, "must be [T x d]");
     detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer.rows, x.cols, "must have d columns, as x");
-    if (buffer.rows < pairs.capacity * max_expert_plus_one(pairs)) {
-      detail::raise<throw_on_error>(errc::domain, fn, "buffer", buffer.rows, "must have n C rows", 0);
-    }
+    check_buffer_rows(fn, "buffer", buffer.rows, pairs);
     const std::size_t all = pairs.tokens * pairs.top_k;
     const bool streaming = detail::use_streaming_stores(all * x.cols * sizeof(T));
-    const range_split split = ranges(all);
-    pool_.run(split.count, [&](std::size_t r) {
-      detail::dispatch_rows(pairs, nullptr, split.begin(r), split.end(r), x, buffer, streaming);
+    const range_split split = ranges(all), experts = expert_ranges(pairs);
+    pool_.run(split.count + experts.count, [&](std::size_t r) {
+      if (r < split.count) {
+        detail::dispatch_rows(pairs, nullptr, split.begin(r), split.end(r), x, buffer, streaming);
+      } else {
+        detail::zero_padding_rows(pairs, buffer, experts.begin(r - split.count), experts.end(r - split.count));
+      }
     });
   }
 
   /// y[t] = sum of t's kept rows times their weights, in choice order (dispatch.hpp's combine), over token ranges.
   template <class T, class W>
-  void combine(const detail::pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+  void combine(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                const matrix_view<T>& y, cpu_stream = {}) const {
     constexpr const char* fn = "locmoe::cpu_backend::combine";
     detail::check_view<throw_on_error>(fn, "y", y, pairs.tokens, y.cols, "must be [T x d]");
     detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer.rows, y.cols, "must have d columns, as y");
     detail::check_view<throw_on_error>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
-    if (buffer.rows < pairs.capacity * max_expert_plus_one(pairs)) {
-      detail::raise<throw_on_error>(errc::domain, fn, "buffer", buffer.rows, "must have n C rows", 0);
-    }
+    check_buffer_rows(fn, "buffer", buffer.rows, pairs);
     const bool streaming = detail::use_streaming_stores(pairs.tokens * y.cols * sizeof(T));
     const range_split split = ranges(pairs.tokens);
     pool_.run(split.count, [&](std::size_t r) {
       detail::combine_rows(pairs, buffer, weight, y, split.begin(r), split.end(r), streaming);
+    });
+  }
+
+  /// combine's backward over token ranges (dispatch.hpp's combine_backward): grad_buffer (optional) gets
+  /// w_tj grad_y[t] at each kept row and zeros on padding rows, grad_weight (optional) the row dot products.
+  template <class T, class W>
+  void combine_backward(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+                        const matrix_view<const T>& grad_y, const matrix_view<T>& grad_buffer,
+                        const matrix_view<W>& grad_weight, cpu_stream = {}) const {
+    constexpr const char* fn = "locmoe::cpu_backend::combine_backward";
+    const std::size_t d = grad_y.cols;
+    detail::check_view<throw_on_error>(fn, "grad_y", grad_y, pairs.tokens, d, "must be [T x d]");
+    detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer.rows, d, "must have d columns, as grad_y");
+    detail::check_view<throw_on_error>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
+    check_buffer_rows(fn, "buffer", buffer.rows, pairs);
+    if (grad_buffer.present()) {
+      detail::check_view<throw_on_error>(fn, "grad_buffer", grad_buffer, buffer.rows, d, "must have buffer's shape");
+    }
+    if (grad_weight.present()) {
+      detail::check_view<throw_on_error>(fn, "grad_weight", grad_weight, pairs.tokens, pairs.top_k, "must be [T x k]");
+    }
+    const range_split split = ranges(pairs.tokens), experts = expert_ranges(pairs);
+    const std::size_t zero_tasks = grad_buffer.present() ? experts.count : 0;
+    pool_.run(split.count + zero_tasks, [&](std::size_t r) {
+      if (r < split.count) {
+        detail::combine_backward_rows(pairs, buffer, weight, grad_y, grad_buffer, grad_weight, split.begin(r), split.end(r));
+      } else {
+        detail::zero_padding_rows(pairs, grad_buffer, experts.begin(r - split.count), experts.end(r - split.count));
+      }
+    });
+  }
+
+  /// dispatch's backward over token ranges: grad_x[t] = sum of t's kept rows of grad_buffer, in choice order.
+  template <class T>
+  void dispatch_backward(const pair_layout& pairs, const matrix_view<const T>& grad_buffer, const matrix_view<T>& grad_x,
+                         cpu_stream = {}) const {
+    constexpr const char* fn = "locmoe::cpu_backend::dispatch_backward";
+    detail::check_view<throw_on_error>(fn, "grad_x", grad_x, pairs.tokens, grad_x.cols, "must be [T x d]");
+    detail::check_view<throw_on_error>(fn, "grad_buffer", grad_buffer, grad_buffer.rows, grad_x.cols,
+                                       "must have d columns, as grad_x");
+    check_buffer_rows(fn, "grad_buffer", grad_buffer.rows, pairs);
+    const bool streaming = detail::use_streaming_stores(pairs.tokens * grad_x.cols * sizeof(T));
+    const range_split split = ranges(pairs.tokens);
+    pool_.run(split.count, [&](std::size_t r) {
+      detail::combine_rows(pairs, grad_buffer, detail::unit_weights{}, grad_x, split.begin(r), split.end(r), streaming);
     });
   }
 
@@ -176,13 +221,23 @@ class cpu_backend {
     return {items, std::min(by_grain, 4 * threads())};  // a few ranges per thread: uneven ranges balance
   }
 
-  /// 1 + the largest expert a kept pair names (the buffer must hold that many experts' rows); O(T k).
-  static std::size_t max_expert_plus_one(const detail::pair_layout& pairs) noexcept {
-    std::size_t top = 0;
+  /// Ranges of the experts whose padding rows are zeroed (none without kept counts).
+  range_split expert_ranges(const pair_layout& pairs) const noexcept {
+    if (!pairs.kept_per_expert || pairs.experts == 0) return {0, 0};
+    return {pairs.experts, std::min(pairs.experts, threads())};
+  }
+
+  /// The buffer holds the rows of every expert a kept pair names, and of all n experts when their kept counts
+  /// are given (padding is written); O(T k).
+  static void check_buffer_rows(const char* fn, const char* argument, std::size_t rows, const pair_layout& pairs) {
+    std::size_t needed = pairs.kept_per_expert ? pairs.rows() : 0;
     for (std::size_t p = 0; p < pairs.tokens * pairs.top_k; ++p) {
-      if (pairs.kept(p)) top = std::max(top, static_cast<std::size_t>(pairs.expert[p]) + 1);
+      if (pairs.kept(p)) needed = std::max(needed, pairs.end_of(static_cast<std::size_t>(pairs.expert[p])));
     }
-    return top;
+    if (rows < needed) {
+      detail::raise<throw_on_error>(errc::domain, fn, argument, rows,
+                                    "must hold every expert's rows (n C, or the grouped layout's total)", 0);
+    }
   }
 
   template <class Fn>

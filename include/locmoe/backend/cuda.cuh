@@ -13,6 +13,10 @@
 //   dispatch      one block per (token, choice), copying the row in 16-byte words where aligned.
 //   combine       one block per token; each element sums ((0 + w0 r0) + w1 r1) + ... with round-to-nearest
 //                 multiplies and adds that are never fused: the CPU's arithmetic, bit for bit.
+//   combine_backward / dispatch_backward   one block per token: the weighted rows and a fixed-tree dot product per
+//                 kept pair (deterministic; the dots may differ from the CPU's in the last bits); dispatch's backward
+//                 is combine with unit weights (bit for bit the CPU's). dispatch and combine_backward write padding
+//                 rows as zeros when pair_layout carries the kept counts.
 //   route_dense   the same with the dense gate: one warp per token, n dot products with W reduced across the warp.
 // Limits (checked, locmoe::error): n <= 1024 for the routes. bf16/fp16 rows are combined in float and rounded
 // once, as on the CPU. Bit-equal combine assumes the CPU build does not
@@ -228,13 +232,15 @@ __global__ void slot_kernel(const expert_index* indices, std::size_t i_stride, s
   }
 }
 
+template <int = 0>
 __global__ void dispatch_kernel(const unsigned char* x, std::size_t x_stride, unsigned char* buffer, std::size_t b_stride,
-                                std::size_t row_bytes, const expert_index* expert, const slot_index* slot,
-                                std::size_t pairs, std::size_t k, std::size_t capacity) {
-  const std::size_t p = blockIdx.x;
-  if (p >= pairs || expert[p] == no_expert) return;
+                                std::size_t row_bytes, pair_layout pairs) {
+  const std::size_t p = blockIdx.x, k = pairs.top_k;
+  if (p >= pairs.tokens * k || pairs.expert[p] == no_expert) return;
+  const auto e = static_cast<std::size_t>(pairs.expert[p]);
+  const std::size_t first = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e]) : e * pairs.capacity;
   const unsigned char* from = x + (p / k) * x_stride;
-  unsigned char* to = buffer + (static_cast<std::size_t>(expert[p]) * capacity + static_cast<std::size_t>(slot[p])) * b_stride;
+  unsigned char* to = buffer + (first + static_cast<std::size_t>(pairs.slot[p])) * b_stride;
   const bool aligned = reinterpret_cast<std::uintptr_t>(from) % 16 == 0 && reinterpret_cast<std::uintptr_t>(to) % 16 == 0;
   std::size_t c = 0;
   if (aligned) {
@@ -259,22 +265,84 @@ __device__ inline float add_rn<float>(float a, float b) { return __fadd_rn(a, b)
 template <>
 __device__ inline double add_rn<double>(double a, double b) { return __dadd_rn(a, b); }
 
+/// The expert-buffer row of a kept pair p (pair_layout::row, on the device).
+__device__ inline std::size_t pair_row(const pair_layout& pairs, std::size_t p) {
+  const auto e = static_cast<std::size_t>(pairs.expert[p]);
+  const std::size_t begin = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e]) : e * pairs.capacity;
+  return begin + static_cast<std::size_t>(pairs.slot[p]);
+}
+
+/// combine (weight given) and dispatch's backward (weight null: every weight 1, so the same sums): one block per
+/// token, each element ((0 + w0 r0) + w1 r1) + ... with unfused round-to-nearest arithmetic, the CPU's order.
 template <class T, class W>
 __global__ void combine_kernel(const T* buffer, std::size_t b_stride, const W* weight, std::size_t w_stride, T* y,
-                               std::size_t y_stride, std::size_t d, const expert_index* expert, const slot_index* slot,
-                               std::size_t tokens, std::size_t k, std::size_t capacity) {
-  const std::size_t t = blockIdx.x;
-  if (t >= tokens) return;
+                               std::size_t y_stride, std::size_t d, pair_layout pairs) {
+  const std::size_t t = blockIdx.x, k = pairs.top_k;
+  if (t >= pairs.tokens) return;
   using A = std::conditional_t<std::is_floating_point_v<T>, T, float>;  // bf16/fp16 rows are summed in float
   for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) {
     A sum = A(0);
     for (std::size_t j = 0; j < k; ++j) {
       const std::size_t p = t * k + j;
-      if (expert[p] == no_expert) continue;
-      const T* row = buffer + (static_cast<std::size_t>(expert[p]) * capacity + static_cast<std::size_t>(slot[p])) * b_stride;
-      sum = add_rn(sum, mul_rn(static_cast<A>(weight[t * w_stride + j]), static_cast<A>(row[c])));
+      if (pairs.expert[p] == no_expert) continue;
+      const T* row = buffer + pair_row(pairs, p) * b_stride;
+      const A w = weight ? static_cast<A>(weight[t * w_stride + j]) : A(1);
+      sum = add_rn(sum, mul_rn(w, static_cast<A>(row[c])));
     }
     y[t * y_stride + c] = T(sum);
+  }
+}
+
+constexpr int backward_threads = 256;
+
+/// combine's backward: one block per token; for each kept pair, grad_buffer's row = w grad_y[t] (rounded once)
+/// and grad_weight = grad_y[t] . row, each thread summing its strided elements, then a fixed shared-memory tree:
+/// deterministic (not the CPU's order: the dot products may differ from the CPU's in the last bits).
+template <class T, class W>
+__global__ void combine_backward_kernel(const T* buffer, std::size_t b_stride, const W* weight, std::size_t w_stride,
+                                        const T* grad_y, std::size_t gy_stride, T* grad_buffer, std::size_t gb_stride,
+                                        W* grad_weight, std::size_t gw_stride, std::size_t d, pair_layout pairs) {
+  using A = std::conditional_t<std::is_floating_point_v<T>, T, float>;
+  __shared__ A partial[backward_threads];
+  const std::size_t t = blockIdx.x, k = pairs.top_k;
+  if (t >= pairs.tokens) return;
+  const T* dy = grad_y + t * gy_stride;
+  for (std::size_t j = 0; j < k; ++j) {
+    const std::size_t p = t * k + j;
+    if (pairs.expert[p] == no_expert) {
+      if (grad_weight && threadIdx.x == 0) grad_weight[t * gw_stride + j] = W(0);
+      continue;
+    }
+    const std::size_t r = pair_row(pairs, p);
+    const T* row = buffer + r * b_stride;
+    const A w = static_cast<A>(weight[t * w_stride + j]);
+    A sum = A(0);
+    for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) {
+      const A g = static_cast<A>(dy[c]);
+      if (grad_buffer) grad_buffer[r * gb_stride + c] = T(mul_rn(w, g));
+      sum = add_rn(sum, mul_rn(g, static_cast<A>(row[c])));
+    }
+    if (!grad_weight) continue;
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (unsigned width = blockDim.x / 2; width > 0; width /= 2) {
+      if (threadIdx.x < width) partial[threadIdx.x] = add_rn(partial[threadIdx.x], partial[threadIdx.x + width]);
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) grad_weight[t * gw_stride + j] = static_cast<W>(partial[0]);
+    __syncthreads();
+  }
+}
+
+/// The padding rows of each expert (after its kept rows, to the end of its rows) set to zero: one block per expert.
+template <class T>
+__global__ void zero_padding_kernel(T* buffer, std::size_t stride, std::size_t d, pair_layout pairs) {
+  const std::size_t e = blockIdx.x;
+  if (e >= pairs.experts) return;
+  const std::size_t begin = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e]) : e * pairs.capacity;
+  const std::size_t end = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e + 1]) : begin + pairs.capacity;
+  for (std::size_t r = begin + static_cast<std::size_t>(pairs.kept_per_expert[e]); r < end; ++r) {
+    for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) buffer[r * stride + c] = T(0.0f);
   }
 }
 
@@ -370,24 +438,58 @@ class cuda_backend {
   }
 
   template <class T>
-  void dispatch(const detail::pair_layout& pairs, const matrix_view<const T>& x, const matrix_view<T>& buffer,
+  void dispatch(const pair_layout& pairs, const matrix_view<const T>& x, const matrix_view<T>& buffer,
                 cudaStream_t stream = nullptr) const {
     const std::size_t all = pairs.tokens * pairs.top_k;
     if (all == 0) return;
     cuda_detail::dispatch_kernel<<<static_cast<unsigned>(all), 128, 0, stream>>>(
         reinterpret_cast<const unsigned char*>(x.data), x.stride * sizeof(T), reinterpret_cast<unsigned char*>(buffer.data),
-        buffer.stride * sizeof(T), x.cols * sizeof(T), pairs.expert, pairs.slot, all, pairs.top_k, pairs.capacity);
+        buffer.stride * sizeof(T), x.cols * sizeof(T), pairs);
     cuda_detail::check(cudaGetLastError(), "dispatch launch");
+    zero_padding(pairs, buffer, stream);
   }
 
   template <class T, class W>
-  void combine(const detail::pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+  void combine(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                const matrix_view<T>& y, cudaStream_t stream = nullptr) const {
     if (pairs.tokens == 0) return;
     cuda_detail::combine_kernel<T, W><<<static_cast<unsigned>(pairs.tokens), 256, 0, stream>>>(
-        buffer.data, buffer.stride, weight.data, weight.stride, y.data, y.stride, y.cols, pairs.expert, pairs.slot,
-        pairs.tokens, pairs.top_k, pairs.capacity);
+        buffer.data, buffer.stride, weight.data, weight.stride, y.data, y.stride, y.cols, pairs);
     cuda_detail::check(cudaGetLastError(), "combine launch");
+  }
+
+  /// combine's backward (dispatch.hpp's combine_backward): grad_buffer (optional) = w grad_y[t] at kept rows and
+  /// zeros on padding rows; grad_weight (optional) = grad_y[t] . row, reduced in a fixed tree per block.
+  template <class T, class W>
+  void combine_backward(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
+                        const matrix_view<const T>& grad_y, const matrix_view<T>& grad_buffer,
+                        const matrix_view<W>& grad_weight, cudaStream_t stream = nullptr) const {
+    if (pairs.tokens > 0) {
+      cuda_detail::combine_backward_kernel<T, W><<<static_cast<unsigned>(pairs.tokens), cuda_detail::backward_threads, 0, stream>>>(
+          buffer.data, buffer.stride, weight.data, weight.stride, grad_y.data, grad_y.stride, grad_buffer.data,
+          grad_buffer.stride, grad_weight.data, grad_weight.stride, grad_y.cols, pairs);
+      cuda_detail::check(cudaGetLastError(), "combine_backward launch");
+    }
+    if (grad_buffer.present()) zero_padding(pairs, grad_buffer, stream);
+  }
+
+  /// dispatch's backward: grad_x[t] = sum of t's kept rows of grad_buffer in choice order (combine with unit weights).
+  template <class T>
+  void dispatch_backward(const pair_layout& pairs, const matrix_view<const T>& grad_buffer, const matrix_view<T>& grad_x,
+                         cudaStream_t stream = nullptr) const {
+    if (pairs.tokens == 0) return;
+    cuda_detail::combine_kernel<T, float><<<static_cast<unsigned>(pairs.tokens), 256, 0, stream>>>(
+        grad_buffer.data, grad_buffer.stride, nullptr, 0, grad_x.data, grad_x.stride, grad_x.cols, pairs);
+    cuda_detail::check(cudaGetLastError(), "dispatch_backward launch");
+  }
+
+ private:
+  template <class T>
+  static void zero_padding(const pair_layout& pairs, const matrix_view<T>& buffer, cudaStream_t stream) {
+    if (!pairs.kept_per_expert || pairs.experts == 0 || buffer.cols == 0) return;
+    cuda_detail::zero_padding_kernel<T><<<static_cast<unsigned>(pairs.experts), 256, 0, stream>>>(buffer.data, buffer.stride,
+                                                                                                  buffer.cols, pairs);
+    cuda_detail::check(cudaGetLastError(), "padding launch");
   }
 };
 
