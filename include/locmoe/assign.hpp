@@ -79,6 +79,9 @@ struct assignment_context {
   const topology* topo = nullptr;           ///< null: one rank, one node
   token_ranks token_rank;                   ///< whose tokens (token_ranks); required with more than one rank
   matrix_view<const S> scores;              ///< [T x n] ranks rerouting candidates; required by local_overflow
+  /// [n] a capacity per expert (a rank's share of a global capacity: global_capacity_shares); overrides the
+  /// options' capacity, factor and drop settings. stats.capacity is then the largest of them.
+  const std::int64_t* expert_capacity = nullptr;
 };
 
 struct assignment_stats {
@@ -126,7 +129,9 @@ class capacity_assigner {
       stats.max_load = std::max(stats.max_load, l);
     }
     stats.mean_load = static_cast<double>(stats.routed) / static_cast<double>(n_);
-    if (!options_.drop) {
+    if (context.expert_capacity) {
+      stats.capacity = n_ ? *std::max_element(context.expert_capacity, context.expert_capacity + n_) : 0;
+    } else if (!options_.drop) {
       stats.capacity = stats.max_load;
     } else if (options_.capacity >= 0) {
       stats.capacity = options_.capacity;
@@ -135,6 +140,8 @@ class capacity_assigner {
                                            static_cast<std::int64_t>(n_), options_.min_capacity);
     }
     const std::int64_t capacity = stats.capacity;
+    capacity_of_.assign(n_, capacity);
+    if (context.expert_capacity) std::copy(context.expert_capacity, context.expert_capacity + n_, capacity_of_.begin());
     if (options_.pad_to_capacity && capacity > std::numeric_limits<std::int64_t>::max() / static_cast<std::int64_t>(n_)) {
       detail::raise<P>(errc::overflow, fn, "capacity", capacity, "n C must fit an int64 with pad_to_capacity", 0);
     }
@@ -148,17 +155,18 @@ class capacity_assigner {
       }
     }
     kept_.assign(n_, 0);
-    if (options_.policy == drop_policy::position || !options_.drop) {
+    if (options_.policy == drop_policy::position || (!options_.drop && !context.expert_capacity)) {
       for (std::size_t t = 0; t < tokens; ++t) {
         for (std::size_t j = 0; j < k; ++j) {
           const expert_index e = indices(t, j);
-          if (e != no_expert && kept_[static_cast<std::size_t>(e)] < capacity) keep(out, t, j, e, weights(t, j));
+          if (e != no_expert && kept_[static_cast<std::size_t>(e)] < capacity_of_[static_cast<std::size_t>(e)])
+            keep(out, t, j, e, weights(t, j));
         }
       }
     } else {
-      keep_highest_weights(indices, weights, out, capacity);
+      keep_highest_weights(indices, weights, out);
     }
-    if (options_.local_overflow) reroute(indices, out, context, capacity, stats);
+    if (options_.local_overflow) reroute(indices, out, context, stats);
     if (options_.renormalize_kept) renormalize(out);
 
     // Statistics.
@@ -207,7 +215,7 @@ class capacity_assigner {
 
   // Per expert, the C choices with the highest weights; slots in token order among them.
   void keep_highest_weights(const matrix_view<const expert_index>& indices, const matrix_view<const S>& weights,
-                            const assignment_outputs<S>& out, std::int64_t capacity) {
+                            const assignment_outputs<S>& out) {
     const std::size_t tokens = indices.rows, k = indices.cols;
     start_.assign(n_ + 1, 0);
     for (std::size_t e = 0; e < n_; ++e) start_[e + 1] = start_[e] + static_cast<std::size_t>(load_[e]);
@@ -225,6 +233,7 @@ class capacity_assigner {
     for (std::size_t e = 0; e < n_; ++e) {
       auto first = pairs_.begin() + static_cast<std::ptrdiff_t>(start_[e]);
       auto last = pairs_.begin() + static_cast<std::ptrdiff_t>(start_[e + 1]);
+      const std::int64_t capacity = capacity_of_[e];
       if (static_cast<std::int64_t>(last - first) <= capacity) continue;  // every choice fits
       const auto cut = first + static_cast<std::ptrdiff_t>(capacity);
       // Pairs are in token order, so "earlier token" breaks ties among equal weights.
@@ -253,7 +262,7 @@ class capacity_assigner {
   }
 
   void reroute(const matrix_view<const expert_index>& indices, const assignment_outputs<S>& out,
-               const assignment_context<S>& context, std::int64_t capacity, assignment_stats& stats) {
+               const assignment_context<S>& context, assignment_stats& stats) {
     const std::size_t tokens = indices.rows, k = indices.cols;
     const topology* topo = context.topo;
     const detail::rank_map source = ranks_of(context, tokens);
@@ -265,7 +274,7 @@ class capacity_assigner {
         std::size_t best = n_;
         const S* score = context.scores.row(t);
         for (std::size_t e = 0; e < n_; ++e) {
-          if (kept_[e] >= capacity || (topo && topo->node_of_expert(e) != node)) continue;
+          if (kept_[e] >= capacity_of_[e] || (topo && topo->node_of_expert(e) != node)) continue;
           if (std::find(indices.row(t), indices.row(t) + k, static_cast<expert_index>(e)) != indices.row(t) + k) continue;
           if (std::find(out.expert.row(t), out.expert.row(t) + k, static_cast<expert_index>(e)) != out.expert.row(t) + k) continue;
           if (!(score[e] > 0)) continue;  // masked (p = 0) or NaN: never a destination
@@ -318,6 +327,13 @@ class capacity_assigner {
       detail::raise<P>(errc::overflow, fn, "capacity", options_.capacity, "must be < 2^31 (slots are int32)", 0);
     }
     detail::check_indices<P>(fn, indices, n_);
+    for (std::size_t e = 0; context.expert_capacity && e < n_; ++e) {
+      const std::int64_t c = context.expert_capacity[e];
+      if (c < 0 || c > static_cast<std::int64_t>(INT32_MAX)) {
+        detail::raise<P>(errc::domain, fn, "expert_capacity", "[" + std::to_string(e) + "] = " + std::to_string(c),
+                         "every capacity must satisfy 0 <= C_e < 2^31", 0);
+      }
+    }
     if (context.topo && context.topo->experts() != n_) {
       detail::raise<P>(errc::domain, fn, "topology", context.topo->experts(), "must place exactly n experts", 0);
     }
@@ -333,9 +349,35 @@ class capacity_assigner {
 
   std::size_t n_;
   capacity_options options_;
-  std::vector<std::int64_t> load_, kept_;
+  std::vector<std::int64_t> load_, kept_, capacity_of_;
   std::vector<std::size_t> start_, fill_;
   std::vector<candidate> pairs_;
 };
+
+/// Rank `rank`'s shares of a global capacity of C slots per expert, agreed from every rank's routed counts alone
+/// (expert parallelism exchanges n integers per rank, never the tokens' choices): the ranks' batches are taken in
+/// rank order, so share_e = min(counts[rank][e], max(0, C - sum_{s < rank} counts[s][e])). With the position drop
+/// policy, every rank assigning its own tokens with these shares (assignment_context::expert_capacity) keeps
+/// exactly what one capacity_assigner keeps on all ranks' tokens concatenated in rank order. counts is [R x n]
+/// (row r: rank r's tokens_per_expert); share has n values. Preconditions (checked): rank < R, C >= 0, counts >= 0.
+inline void global_capacity_shares(const std::int64_t* counts, std::size_t ranks, std::size_t n, std::int64_t capacity,
+                                   std::size_t rank, std::int64_t* share) {
+  constexpr const char* fn = "locmoe::global_capacity_shares";
+  using P = throw_on_error;
+  if (rank >= ranks) detail::raise<P>(errc::domain, fn, "rank", rank, "must be < ranks", 0);
+  if (capacity < 0) detail::raise<P>(errc::domain, fn, "capacity", capacity, "must be >= 0", 0);
+  if (n > 0 && (!counts || !share)) detail::raise<P>(errc::domain, fn, "counts/share", "null", "must not be null", 0);
+  for (std::size_t i = 0; i < ranks * n; ++i) {
+    if (counts[i] < 0) {
+      detail::raise<P>(errc::domain, fn, "counts", "[" + std::to_string(i / n) + "][" + std::to_string(i % n) + "] = " +
+                       std::to_string(counts[i]), "every count must be >= 0", 0);
+    }
+  }
+  for (std::size_t e = 0; e < n; ++e) {
+    std::int64_t before = 0;
+    for (std::size_t s = 0; s < rank; ++s) before += counts[s * n + e];
+    share[e] = std::min(counts[rank * n + e], std::max<std::int64_t>(0, capacity - before));
+  }
+}
 
 }  // namespace locmoe
