@@ -1,15 +1,18 @@
 // `locmoe route`: route one batch of logits (or of hidden states through the GrAP gate), assign capacity
-// slots on a topology, and report the losses with their gradient. See docs/cli.md#locmoe-route.
+// slots on a topology, and report the losses with their gradient (plus, with --grad-weights, the task loss's
+// through the routing weights). See docs/cli.md#locmoe-route.
 #include "cli.hpp"
 #include "npy.hpp"
 
 #include <locmoe/assign.hpp>
 #include <locmoe/gating.hpp>
 #include <locmoe/losses.hpp>
+#include <locmoe/route_backward.hpp>
 #include <locmoe/routers.hpp>
 #include <locmoe/topology.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -29,7 +32,7 @@ struct route_settings {
   double capacity_factor = 1.0, aux_coeff = 0.01, z_coeff = 0.0, loc_smoothing = 0.01;
   std::optional<double> loc_coeff;
   bool softmax_after_topk = false, no_drop = false, pad_to_capacity = false, local_overflow = false, json = false;
-  std::string expert_bias_file, expert_rank_file, token_rank_file, token_id_file, domain_file;
+  std::string expert_bias_file, expert_rank_file, token_rank_file, token_id_file, domain_file, grad_weights_file;
 };
 
 // Library argument -> the flag the user typed, for error messages.
@@ -49,6 +52,7 @@ const flag_names route_flags = {
     {"domains", "--domain"},
     {"groups", "--groups"},
     {"token_ids", "--token-id"},
+    {"grad_weights", "--grad-weights"},
     {"n", "experts (columns of --logits)"},
 };
 
@@ -57,6 +61,24 @@ void require_length(std::size_t got, std::size_t want, const std::string& flag, 
     throw usage_error(flag + ": has " + std::to_string(got) + " values, must have " + std::to_string(want) + " (" +
                       what + ")");
   }
+}
+
+/// --grad-weights: dL/d(weight) [T x k] of the routed choices, finite; empty without the flag.
+std::vector<float> load_grad_weights(const std::string& file, std::size_t tokens, std::size_t k) {
+  if (file.empty()) return {};
+  npy::float_matrix m = npy::read_float32_matrix(file, "--grad-weights");
+  if (m.rows != tokens || m.cols != k) {
+    throw usage_error("--grad-weights: has shape " + std::to_string(m.rows) + "x" + std::to_string(m.cols) +
+                      ", must be " + std::to_string(tokens) + "x" + std::to_string(k) +
+                      " ([T, k]: one value per routed choice)");
+  }
+  for (std::size_t i = 0; i < m.values.size(); ++i) {
+    if (!std::isfinite(m.values[i])) {
+      throw usage_error("--grad-weights = [" + std::to_string(i / k) + ", " + std::to_string(i % k) +
+                        "] = " + std::to_string(m.values[i]) + ": must be finite");
+    }
+  }
+  return std::move(m.values);
 }
 
 /// The logits [T x n]: from --logits, or the GrAP gate (eq. 4, ReLU, no bias) over --hidden with --experts.
@@ -120,6 +142,7 @@ void run_route(const route_settings& s) {
   const auto k = static_cast<std::size_t>(s.top_k);
   const topology topo = make_topology(s, n);
   const std::vector<std::int32_t> token_rank = optional_ids(s.token_rank_file, "--token-rank", tokens);
+  const std::vector<float> grad_weights = load_grad_weights(s.grad_weights_file, tokens, k);
   const matrix_view<const float> l(logits.values.data(), tokens, n);
 
   // Route.
@@ -208,9 +231,15 @@ void run_route(const route_settings& s) {
                          matrix_view<const float>(probabilities.data(), tokens, n)});
   });
 
-  // Losses and d(aux + z + loc)/d logits.
+  // Losses and d(aux + z + loc)/d logits, plus the task loss's through the weights with --grad-weights.
   std::vector<float> grad(tokens * n, 0.0f);
   const matrix_view<float> g(grad.data(), tokens, n);
+  if (!s.grad_weights_file.empty()) {  // a score router (checked with the flags): `ro` is the forward's options
+    checked(route_flags, [&] {
+      return route_backward(l, ro, matrix_view<const expert_index>(indices.data(), tokens, k),
+                            matrix_view<const float>(grad_weights.data(), tokens, k), g);
+    });
+  }
   const loss_inputs<float> in{l, matrix_view<const expert_index>(indices.data(), tokens, k),
                               ro.score == score_function::softmax ? matrix_view<const float>(probabilities.data(), tokens, n)
                                                                   : matrix_view<const float>()};
@@ -316,6 +345,8 @@ void add_route_command(CLI::App& app) {
   cmd->add_flag("--no-drop", s->no_drop, "capacity = the largest load");
   cmd->add_flag("--pad-to-capacity", s->pad_to_capacity, "report every buffer padded to the capacity");
   cmd->add_flag("--local-overflow", s->local_overflow, "move an overflowing choice to a local expert with room");
+  cmd->add_option("--grad-weights", s->grad_weights_file,
+                  "dL/d(weight) of the routed choices, float32 .npy [T, k]: adds the task gradient to grad_logits");
   cmd->add_option("--aux-coeff", s->aux_coeff, "auxiliary loss coefficient alpha")->capture_default_str();
   cmd->add_option("--aux-normalization", s->aux_normalization, "aux loss counts")
       ->check(CLI::IsMember({"all-choices", "first-choice"}))
@@ -345,6 +376,7 @@ void add_route_command(CLI::App& app) {
     only("--score", !hashed, "a score router (switch, locmoe, node-limited)");
     only("--softmax-after-topk", !hashed, "a score router (switch, locmoe, node-limited)");
     only("--expert-bias", !hashed, "a score router (switch, locmoe, node-limited)");
+    only("--grad-weights", !hashed, "a score router (switch, locmoe, node-limited)");
     for (const auto& [value, flag] : {std::pair{s->capacity_factor, "--capacity-factor"}, {s->aux_coeff, "--aux-coeff"},
                                       {s->z_coeff, "--z-coeff"}, {s->loc_smoothing, "--loc-smoothing"}}) {
       if (!std::isfinite(value)) throw usage_error(std::string(flag) + ": must be finite");

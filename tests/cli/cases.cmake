@@ -111,6 +111,53 @@ locmoe_cli_test("route explicit expert ranks" EXIT 0 ARGS route ${logits} --json
   JSON_VALUES stats.node_local_fraction~0.142857142)
 locmoe_cli_test("route empty batch" EXIT 0 ARGS route --logits "${npy_data}/f4_0x8.npy" --json
   JSON_VALUES tokens=0 capacity=0 aux_loss=0.0)
+# --grad-weights: dL/dl = route_backward's term + the losses'. Expected values computed with numpy (float64) from
+# the formulas in route_backward.hpp and checked against central differences; grad_weights_8x{1,2}.npy are
+# make_fixtures.py's. With every loss coefficient 0 (switch: no locality loss) grad_logits is the task's alone.
+set(grad_w1 --grad-weights "${route_data}/grad_weights_8x1.npy")
+set(grad_w2 --grad-weights "${route_data}/grad_weights_8x2.npy")
+set(no_losses --router switch --aux-coeff 0 --z-coeff 0)
+# Softmax before Top-k: dL/dl_i = p_i (G_i - sum_j p_{e_j} G_{e_j}), p over all 4 experts.
+locmoe_cli_test("route --grad-weights, k 1" EXIT 0 ARGS route ${logits} --json ${no_losses} ${grad_w1}
+  JSON_VALUES routed_expert.3.0=1 grad_logits.0.0~0.124696 grad_logits.0.1~-0.041565 grad_logits.3.0~-0.16626
+              grad_logits.3.1~0.49878 grad_logits.7.3~0.25672)
+locmoe_cli_test("route --grad-weights, k 2" EXIT 0 ARGS route ${logits} --json ${no_losses} --top-k 2 ${grad_w2}
+  JSON_VALUES routed_expert.3.1=0 grad_logits.0.0~0.145479 grad_logits.0.1~-0.077639 grad_logits.3.1~0.54035
+              grad_logits.6.0~0.18586)
+# Softmax after Top-k: dL/dl_{e_j} = q_j (g_j - sum_m q_m g_m), q over the 2 chosen; 0 for the others.
+locmoe_cli_test("route --grad-weights, softmax after Top-k" EXIT 0
+  ARGS route ${logits} --json ${no_losses} --top-k 2 --softmax-after-topk ${grad_w2}
+  JSON_VALUES grad_logits.0.0~0.14745 grad_logits.0.2=0.0 grad_logits.3.0~-0.4915 grad_logits.5.1=0.0
+              grad_logits.6.3~-0.29491)
+# Sigmoid, k 2: w_j = s_j / sum_m s_m, by the quotient rule.
+locmoe_cli_test("route --grad-weights, sigmoid k 2" EXIT 0
+  ARGS route ${logits} --json ${no_losses} --top-k 2 --score sigmoid ${grad_w2}
+  JSON_VALUES grad_logits.0.1~-0.090447 grad_logits.0.2=0.0 grad_logits.3.1~0.16216 grad_logits.7.3~0.089486)
+# Both in one buffer: aux (0.01) alone gives [0][2] -0.000142142 and [2][0] 0.0000942201, the weights alone
+# -0.0415655 and 0.0282660.
+locmoe_cli_test("route --grad-weights adds to the aux loss gradient" EXIT 0 ARGS route ${logits} --json --router switch ${grad_w1}
+  JSON_VALUES aux_loss~0.01090106 grad_logits.0.0~0.124904 grad_logits.0.2~-0.041707 grad_logits.2.0~0.028360
+              grad_logits.2.2~-0.0094714)
+# GrAP over hidden_8x16 (logits = ReLU(block means)): the gradient is the logits', as without the flag.
+locmoe_cli_test("route --grad-weights through --hidden" EXIT 0
+  ARGS route --hidden "${route_data}/hidden_8x16.npy" --experts 4 --json ${no_losses} ${grad_w1}
+  JSON_VALUES grad_logits.0.0~-0.031097 grad_logits.5.3~0.2983)
+locmoe_cli_test("bad: route --grad-weights shape" ${bad} ARGS route ${logits} ${grad_w2}
+  STDERR_REGEX "--grad-weights: has shape 8x2, must be 8x1")
+locmoe_cli_test("bad: route --grad-weights rows" ${bad} ARGS route ${logits} --grad-weights "${npy_data}/f4_3x4.npy"
+  STDERR_REGEX "--grad-weights: has shape 3x4, must be 8x1")
+locmoe_cli_test("bad: route --grad-weights float64" ${bad} ARGS route ${logits} --grad-weights "${npy_data}/f8_3x4.npy"
+  STDERR_REGEX "--grad-weights .*float32")
+locmoe_cli_test("bad: route --grad-weights 1-D" ${bad} ARGS route ${logits} --grad-weights "${npy_data}/f4_4.npy"
+  STDERR_REGEX "--grad-weights .*2-D")
+locmoe_cli_test("bad: route --grad-weights NaN" ${bad} ARGS route ${logits}
+  --grad-weights "${route_data}/grad_weights_nan_8x1.npy" STDERR_REGEX "--grad-weights = \\[5, 0\\] = -?nan: must be finite")
+locmoe_cli_test("bad: route --grad-weights missing file" ${bad} ARGS route ${logits} --grad-weights /nonexistent.npy
+  STDERR_REGEX "--grad-weights /nonexistent.npy: cannot open")
+locmoe_cli_test("bad: route --grad-weights with hash" ${bad} ARGS route ${logits} --router hash ${grad_w1}
+  STDERR_REGEX "--grad-weights: only a score router")
+locmoe_cli_test("bad: route --grad-weights with rre" ${bad} ARGS route ${logits} --router rre
+  --domain "${route_data}/domain_8.npy" ${grad_w1} STDERR_REGEX "--grad-weights: only a score router")
 locmoe_cli_test("bad: route malformed npy" ${bad} ARGS route --logits "${npy_data}/bad_magic.npy" STDERR_REGEX "--logits .*bad magic")
 locmoe_cli_test("bad: route truncated npy" ${bad} ARGS route --logits "${npy_data}/f4_truncated.npy" STDERR_REGEX "--logits .*truncated")
 locmoe_cli_test("bad: route float64 logits" ${bad} ARGS route --logits "${npy_data}/f8_3x4.npy" STDERR_REGEX "--logits .*float32")

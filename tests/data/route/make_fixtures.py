@@ -17,3 +17,13 @@ np.save(os.path.join(here, "domain_8.npy"), np.array([0, 1, 0, 1, 0, 1, 0, 1], d
 np.save(os.path.join(here, "bias_4.npy"), np.array([0, 0, 0, 5], dtype=np.float32))
 np.save(os.path.join(here, "expert_rank_4.npy"), np.array([1, 1, 0, 0], dtype=np.int32))
 np.save(os.path.join(here, "hidden_8x16.npy"), np.arange(128, dtype=np.float32).reshape(8, 16) / 64)
+# dL/d(weight) of each routed choice (`locmoe route --grad-weights`), [T, k] in routed_expert's order: binary
+# fractions of both signs, exact in float32; the _nan copy has a NaN at token 5 (an error).
+grad_weights_8x1 = np.array([[0.5], [-1.0], [0.25], [2.0], [-0.75], [1.5], [-0.5], [1.25]], dtype=np.float32)
+np.save(os.path.join(here, "grad_weights_8x1.npy"), grad_weights_8x1)
+np.save(os.path.join(here, "grad_weights_8x2.npy"),
+        np.array([[0.5, -0.25], [-1.0, 0.75], [0.25, 1.5], [2.0, -0.5], [-0.75, -1.25], [1.5, 0.5], [-0.5, 1.0],
+                  [1.25, -2.0]], dtype=np.float32))
+grad_weights_nan = grad_weights_8x1.copy()
+grad_weights_nan[5, 0] = np.nan
+np.save(os.path.join(here, "grad_weights_nan_8x1.npy"), grad_weights_nan)
