@@ -33,6 +33,8 @@ struct layer_params {
   std::vector<std::int32_t> token_rank;
   double aux = 0.1, z = 0.05, loc = 0.1;
 
+  /// Empty: the caller sets the sizes and fills every vector (tests/torch/layer_driver.cpp reads them from .npy).
+  layer_params() = default;
   explicit layer_params(std::uint32_t seed) {
     std::mt19937 rng(seed);
     std::normal_distribution<double> normal(0.0, 1.0);
