@@ -1,513 +1,297 @@
-// mpi_exchange - a real expert-parallel exchange over MPI, driven by locmoe's dispatch and exchange plans.
+// mpi_exchange - an expert-parallel training step over MPI, forward and backward, as Megatron-Core and DeepSpeed
+// run it, checked bit for bit against a single-process reference.
 //
 //   mpirun -np 4 --oversubscribe locmoe_mpi_exchange --ranks-per-node 2 [--tokens-per-rank 64] [--hidden 32]
-//          [--experts 8] [--top-k 2] [--seed 1] [--capacity-factor 1.0] [--empty-rank R] [--corrupt-counts R]
+//          [--experts 8] [--top-k 2] [--seed 1] [--capacity-factor 1.0] [--gate dense|grap] [--global-capacity]
+//          [--empty-rank R] [--dropped-rank R] [--corrupt-counts R]
 //
-// The world's ranks form nodes of --ranks-per-node consecutive ranks. Each rank makes its own seeded tokens and
-// routes them (grap_route); the ranks gather every token's choices and run the same capacity assignment and
-// dispatch plan. The rows then travel twice: flat (one Alltoallv) and two-level (the exchange plan's three
-// stages: node communicators for the gathers and scatters, the world for the gateways). A toy expert runs on
-// each expert's rank, the rows come back with a flat Alltoallv, and locmoe::combine sums them on their source
-// rank. Every output row must equal a single-process reference bit for bit, and the bytes each rank sent must
-// equal the plans' figures. Messages carry bare rows: both sides derive each message's rows from the plan.
-// --empty-rank R gives rank R no tokens. --corrupt-counts R makes rank R announce one row too many to rank
-// R + 1 in the flat exchange; the receiver names both ranks and both counts, and every rank stops.
+// The world's ranks form nodes of --ranks-per-node consecutive ranks; experts sit in blocks over the ranks. Each
+// rank makes its own seeded tokens and upstream gradient R_r; the gate and the experts (expert e: a linear map
+// W_e [d x d]) are made from the seed identically everywhere. A step on each rank (mpi_exchange_step.hpp):
+//   1. its moe_router (grouped layout, aux, z and locality losses) routes and assigns only its own tokens; with
+//      --global-capacity the routed counts are all-gathered first (MPI_Allgather, n integers per rank) and each
+//      rank takes its share of one capacity. Dispatch writes the grouped layout: the All-to-All send buffer.
+//   2. Counts before rows: an MPI_Alltoallv of each rank's kept rows per expert, the slice of each destination's
+//      experts, and build_ep_exchange_plan from them.
+//   3. Rows to the experts' ranks (scatter_received, padding rows zero), the experts, rows back
+//      (gather_for_return), combine -> y_r. Loss: sum over ranks of sum(y_r R_r) + the router losses.
+//   4. Backward through the same exchange: combine_backward -> rows out -> experts^T (and dL/dW_e on the expert's
+//      rank) -> rows back -> dispatch_backward -> dL/dx_r, and moe_router::backward adds the gate's part.
+//      The gate's gradient is all-gathered and summed in rank order (MPI_Allreduce's order is not fixed), the
+//      experts' gradients are gathered to rank 0.
+// The step runs twice: every row move a flat MPI_Alltoallv, then every one HetuMoE's two-level exchange
+// (exchange.hpp: node gateways; stages 0 and 2 on per-node communicators, 1 on the world's), from the send
+// matrix all-gathered as counts. Each rank compares y_r, dL/dx_r, the loss and the gate's gradient with the
+// single-process reference (the same calls for every rank, copies for the moves), rank 0 the experts' gradients,
+// all with memcmp; each rank's bytes sent in each stage of each move must equal the exchange plan's.
+// --empty-rank R: rank R has no tokens. --dropped-rank R: rank R's capacity is 0 (every choice dropped).
+// --corrupt-counts R: rank R announces one row too many to rank R + 1 in the first flat move; the receiver names
+// both ranks and both counts and every rank stops.
 // Exit status: 0 when everything matches, 1 on a mismatch (printed), 2 on bad options or a library error.
-#include <locmoe/locmoe.hpp>
+#include "mpi_exchange_comm.hpp"
+#include "mpi_exchange_step.hpp"
+
+#include <locmoe/capacity.hpp>
+#include <locmoe/exchange.hpp>
 
 #include <CLI/CLI.hpp>
 #include <mpi.h>
 
-#include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <stdexcept>
+#include <exception>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace {
 
-using locmoe::expert_index;
-using locmoe::slot_index;
+using namespace mpi_example;
 
-struct options {
-  int ranks_per_node = 2;
-  std::size_t tokens_per_rank = 64, hidden = 32, experts = 8, top_k = 2;
-  std::uint64_t seed = 1;
-  double capacity_factor = 1.0;
-  int empty_rank = -1;      // this rank has no tokens
-  int corrupt_counts = -1;  // this rank announces a wrong count in the flat exchange
-};
-
-std::size_t tokens_of_rank(const options& o, int rank) { return rank == o.empty_rank ? 0 : o.tokens_per_rank; }
-
-// splitmix64, so every rank (and the reference) makes the same tokens whatever the standard library.
-std::uint64_t mix(std::uint64_t z) {
-  z += 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-/// Rank `rank`'s tokens [T_r x d], uniform in [-1, 1).
-std::vector<float> make_tokens(const options& o, int rank) {
-  const std::size_t tokens = tokens_of_rank(o, rank), d = o.hidden;
-  std::vector<float> x(tokens * d);
-  const std::uint64_t stream = mix(o.seed ^ mix(static_cast<std::uint64_t>(rank)));
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    const auto bits = static_cast<std::uint32_t>(mix(stream + i) >> 40);  // 24 random bits: exact in a float
-    x[i] = static_cast<float>(bits) * (2.0f / 16777216.0f) - 1.0f;
-  }
-  return x;
-}
-
-template <class T>
-locmoe::matrix_view<T> view(T* data, std::size_t rows, std::size_t cols) { return {data, rows, cols}; }
-
-struct choices {
-  std::vector<expert_index> expert;  // [T x k]
-  std::vector<float> weight;         // [T x k]
-};
-
-choices route(const options& o, const std::vector<float>& x) {
-  const std::size_t tokens = x.size() / o.hidden, k = o.top_k;
-  choices c{std::vector<expert_index>(tokens * k), std::vector<float>(tokens * k)};
-  locmoe::grap_route(locmoe::grap_gate<float>{o.hidden, o.experts}, view(x.data(), tokens, o.hidden), {k, false},
-                     {view(c.expert.data(), tokens, k), view(c.weight.data(), tokens, k), {}, {}});
-  return c;
-}
-
-/// The capacity assignment and dispatch plan of all tokens: run identically on every rank.
-struct assignment {
-  locmoe::assignment_stats stats;
-  std::vector<float> weight;  // kept weights [T x k], 0 where dropped
-  locmoe::dispatch_plan plan;
-};
-
-assignment assign(const options& o, const locmoe::topology& topo, const choices& c,
-                  const std::vector<std::int32_t>& token_rank) {
-  const std::size_t tokens = token_rank.size(), k = o.top_k;
-  locmoe::capacity_options capacity;
-  capacity.capacity_factor = o.capacity_factor;
-  std::vector<expert_index> expert(tokens * k);
-  std::vector<slot_index> slot(tokens * k);
-  assignment a{{}, std::vector<float>(tokens * k), {}};
-  locmoe::capacity_assigner<float> assigner(o.experts, capacity);
-  a.stats = assigner.run(view(c.expert.data(), tokens, k), view(c.weight.data(), tokens, k),
-                         {view(expert.data(), tokens, k), view(slot.data(), tokens, k),
-                          view(a.weight.data(), tokens, k)},
-                         {&topo, token_rank.data(), {}});
-  a.plan = locmoe::build_dispatch_plan(view<const expert_index>(expert.data(), tokens, k),
-                                       view<const slot_index>(slot.data(), tokens, k), a.stats.capacity, topo,
-                                       token_rank.data(), static_cast<std::int64_t>(o.hidden * sizeof(float)));
-  return a;
-}
-
-/// The toy expert e, elementwise and deterministic: the same bits wherever it runs.
-void toy_expert(std::size_t e, float* row, std::size_t d) {
-  for (std::size_t c = 0; c < d; ++c) row[c] = row[c] * static_cast<float>(e + 1) + 0.5f * static_cast<float>(e);
-}
-
-/// All ranks' tokens rank after rank, and the rank of each.
-std::vector<std::int32_t> token_ranks(const std::vector<std::size_t>& offset) {
-  std::vector<std::int32_t> rank_of(offset.back());
-  for (std::size_t r = 0; r + 1 < offset.size(); ++r) {
-    std::fill(rank_of.begin() + static_cast<std::ptrdiff_t>(offset[r]),
-              rank_of.begin() + static_cast<std::ptrdiff_t>(offset[r + 1]), static_cast<std::int32_t>(r));
-  }
-  return rank_of;
-}
-
-/// The single-process reference [T x d]: every rank's tokens regenerated, routed, assigned, dispatched, run by
-/// the toy experts and combined, in one address space.
-std::vector<float> single_process_reference(const options& o, const locmoe::topology& topo, int world) {
-  std::vector<std::size_t> offset(1, 0);
-  std::vector<float> x;
-  for (int r = 0; r < world; ++r) {
-    const std::vector<float> mine = make_tokens(o, r);
-    x.insert(x.end(), mine.begin(), mine.end());
-    offset.push_back(offset.back() + tokens_of_rank(o, r));
-  }
-  const std::size_t tokens = offset.back(), d = o.hidden;
-  std::vector<float> y(tokens * d);
-  const assignment a = assign(o, topo, route(o, x), token_ranks(offset));
-  std::vector<float> buffer(a.plan.buffer_rows() * d, 0.0f);
-  locmoe::dispatch(a.plan, view<const float>(x.data(), tokens, d), view(buffer.data(), a.plan.buffer_rows(), d));
-  for (std::size_t row = 0; row < a.plan.buffer_rows(); ++row) toy_expert(row / a.plan.capacity, &buffer[row * d], d);
-  locmoe::combine(a.plan, view<const float>(buffer.data(), a.plan.buffer_rows(), d),
-                  view<const float>(a.weight.data(), tokens, o.top_k), view(y.data(), tokens, d));
-  return y;
-}
-
-/// A communicator and the world rank of each of its ranks.
-struct comm_group {
-  MPI_Comm comm = MPI_COMM_NULL;
-  int self = 0;                // this process's world rank
-  std::vector<int> members;    // comm rank -> world rank
-  std::vector<int> index_of;   // world rank -> comm rank, -1 outside
-};
-
-comm_group make_group(MPI_Comm comm, int self, int world) {
-  int size = 0;
-  MPI_Comm_size(comm, &size);
-  comm_group g{comm, self, std::vector<int>(static_cast<std::size_t>(size)),
-               std::vector<int>(static_cast<std::size_t>(world), -1)};
-  MPI_Allgather(&self, 1, MPI_INT, g.members.data(), 1, MPI_INT, comm);
-  for (int c = 0; c < size; ++c) g.index_of[static_cast<std::size_t>(g.members[static_cast<std::size_t>(c)])] = c;
-  return g;
-}
-
-int as_count(std::size_t value) {
-  if (value > static_cast<std::size_t>(INT_MAX)) throw std::overflow_error("a message exceeds MPI's int count");
-  return static_cast<int>(value);
-}
-
-/// Alltoallv of rows of d floats over g, after a check: every rank announces its row counts (MPI_Alltoall) and
-/// each receiver compares them with what the plan says it will receive. On a mismatch the receiver names both
-/// ranks and both counts, and all ranks return false together (an Allreduce over the world, where every rank
-/// makes the same calls), so no rank waits for rows that never come. Peer lie_to (or none: -1) is announced one
-/// row more than is sent: the bad-plan test.
-bool alltoallv_rows(const comm_group& g, std::size_t d, const std::vector<float>& send,
-                    const std::vector<std::size_t>& send_rows, const std::vector<std::size_t>& expected_rows,
-                    int lie_to, std::vector<float>& recv, const char* what) {
-  const std::size_t peers = g.members.size();
-  std::vector<int> announced(peers), heard(peers);
-  for (std::size_t c = 0; c < peers; ++c) announced[c] = as_count(send_rows[c]) + (static_cast<int>(c) == lie_to);
-  MPI_Alltoall(announced.data(), 1, MPI_INT, heard.data(), 1, MPI_INT, g.comm);
-  int mismatch = 0, any_mismatch = 0;
-  for (std::size_t c = 0; c < peers; ++c) {
-    if (static_cast<std::size_t>(heard[c]) == expected_rows[c]) continue;
-    std::fprintf(stderr, "mpi_exchange: %s: rank %d announced %d rows for rank %d, the plan says %zu\n", what,
-                 g.members[c], heard[c], g.self, expected_rows[c]);
-    mismatch = 1;
-  }
-  MPI_Allreduce(&mismatch, &any_mismatch, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (any_mismatch) return false;
-  std::vector<int> send_count(peers), send_at(peers), recv_count(peers), recv_at(peers);
-  std::size_t sent = 0, received = 0;  // in floats
-  for (std::size_t c = 0; c < peers; ++c) {
-    send_at[c] = as_count(sent);
-    recv_at[c] = as_count(received);
-    send_count[c] = as_count(send_rows[c] * d);
-    recv_count[c] = as_count(expected_rows[c] * d);
-    sent += send_rows[c] * d;
-    received += expected_rows[c] * d;
-  }
-  recv.assign(received, 0.0f);
-  MPI_Alltoallv(send.data(), send_count.data(), send_at.data(), MPI_FLOAT, recv.data(), recv_count.data(),
-                recv_at.data(), MPI_FLOAT, g.comm);
-  return true;
-}
-
-/// The rows a rank holds during an exchange: their positions in plan.order, ascending, and the rows.
-struct row_store {
-  std::vector<std::size_t> position;
-  std::vector<float> rows;  // [position.size() x d]
-};
-
-/// Sends every held row whose hop (hops[position in plan.order]; from = -1: it stays) leaves this rank to the
-/// hop's rank over g. A message holds its rows in plan order and the receiver lists the same positions from the
-/// plan, so rows need no header. Adds the bytes sent to each world rank to sent_bytes. lie_to: a world rank to
-/// announce one row too many to, or -1.
-bool move_rows(const comm_group& g, const std::vector<locmoe::exchange_hop>& hops, std::size_t d, row_store& store,
-               int lie_to, const char* what, std::vector<std::int64_t>& sent_bytes) {
-  const std::size_t peers = g.members.size();
-  auto peer_of = [&](int world_rank) {
-    const int c = g.index_of[static_cast<std::size_t>(world_rank)];
-    if (c < 0) throw std::logic_error(std::string(what) + ": a hop leaves its communicator");
-    return static_cast<std::size_t>(c);
-  };
-  std::vector<std::size_t> send_rows(peers, 0), recv_rows(peers, 0);
-  for (const std::size_t p : store.position) {
-    if (hops[p].from == g.self) ++send_rows[peer_of(hops[p].to)];
-  }
-  std::vector<std::vector<std::size_t>> incoming(peers);  // per peer, the positions it sends here, ascending
-  for (std::size_t p = 0; p < hops.size(); ++p) {
-    if (hops[p].to == g.self) incoming[peer_of(hops[p].from)].push_back(p);
-  }
-  for (std::size_t c = 0; c < peers; ++c) recv_rows[c] = incoming[c].size();
-
-  // Pack: each peer's rows in plan order; rows that stay are kept aside with their positions.
-  std::vector<std::size_t> next(peers, 0);
-  for (std::size_t c = 1; c < peers; ++c) next[c] = next[c - 1] + send_rows[c - 1];
-  std::vector<float> send((next.back() + send_rows.back()) * d);  // a communicator has at least one rank
-  std::vector<std::pair<std::size_t, const float*>> held;  // rows this rank holds after the stage
-  for (std::size_t i = 0; i < store.position.size(); ++i) {
-    const std::size_t p = store.position[i];
-    const float* row = &store.rows[i * d];
-    if (hops[p].from == g.self) {
-      std::copy(row, row + d, &send[next[peer_of(hops[p].to)]++ * d]);
-    } else {
-      held.emplace_back(p, row);
-    }
-  }
-  std::vector<float> recv;
-  const int lie_to_peer = lie_to >= 0 ? static_cast<int>(peer_of(lie_to)) : -1;
-  if (!alltoallv_rows(g, d, send, send_rows, recv_rows, lie_to_peer, recv, what)) return false;
-  for (std::size_t c = 0; c < peers; ++c) {
-    sent_bytes[static_cast<std::size_t>(g.members[c])] += static_cast<std::int64_t>(send_rows[c] * d * sizeof(float));
-  }
-
-  // Received rows arrive peer after peer, each peer's in plan order: exactly the `incoming` lists.
-  std::size_t at = 0;
-  for (const auto& positions : incoming) {
-    for (const std::size_t p : positions) held.emplace_back(p, &recv[at++ * d]);
-  }
-  std::sort(held.begin(), held.end());
-  row_store after;
-  for (const auto& [p, row] : held) {
-    after.position.push_back(p);
-    after.rows.insert(after.rows.end(), row, row + d);
-  }
-  store = std::move(after);
-  return true;
-}
-
-/// What every rank knows after the gather: the options, the topology, the plan of all tokens, where rows go.
 struct setup {
   options opt;
   locmoe::topology topo;
+  parameters params;
   comm_group world, node;
-  std::vector<std::size_t> offset;  // [R + 1]: each rank's first token in the global order
-  assignment a;
-  std::vector<std::size_t> source, destination;  // [kept pairs]: ranks, per position in plan.order
 };
 
-struct exchange_result {
-  bool delivered = false;                          // false: a count mismatch stopped it (already reported)
-  std::vector<float> y;                            // this rank's outputs [T_r x d]
-  std::vector<std::vector<std::int64_t>> sent_bytes;  // [stage][world rank]
+/// What one distributed step gave this rank.
+struct rank_result {
+  bool delivered = false;  // false: announced counts differed from a plan (reported; every rank stops)
+  std::vector<float> y, dx, gate_gradient;
+  std::vector<float> expert_gradient;  // rank 0: every expert's [n x d x d]
+  double loss = 0;
+  std::vector<std::vector<std::vector<std::int64_t>>> sent_bytes;  // [move][stage][world rank]
 };
 
-/// Forward exchange under `scheme`, the toy experts, the flat way back, and combine on the source rank.
-exchange_result run_exchange(const setup& s, locmoe::exchange_scheme scheme, const std::vector<float>& x_mine) {
-  const locmoe::dispatch_plan& plan = s.a.plan;
-  const std::size_t d = s.opt.hidden, k = s.opt.top_k, ranks = s.topo.ranks(), pairs = plan.order.size();
-  const auto me = static_cast<std::size_t>(s.world.self);
-  const std::size_t first = s.offset[me], mine = s.offset[me + 1] - first;
-  auto expert_rank = [&](std::size_t e) { return static_cast<std::size_t>(s.topo.rank_of_expert(e)); };
+/// The count exchange: rank q gets from each rank s its kept rows for each of q's experts ([R x E_q]). The
+/// slices of kept_per_expert are contiguous (experts in rank order), so it is the send buffer as it is.
+std::vector<std::int64_t> exchange_counts(const setup& s, const std::int64_t* kept) {
+  const std::size_t R = s.topo.ranks();
+  const std::size_t mine = locmoe::experts_of_rank(s.topo, static_cast<std::size_t>(s.world.self)).second;
+  std::vector<int> send_count(R), send_at(R), recv_count(R, as_count(mine)), recv_at(R);
+  for (std::size_t q = 0; q < R; ++q) {
+    const auto [first, count] = locmoe::experts_of_rank(s.topo, q);
+    send_count[q] = as_count(count);
+    send_at[q] = as_count(first);
+    recv_at[q] = as_count(q * mine);
+  }
+  std::vector<std::int64_t> to_me(R * mine);
+  MPI_Alltoallv(kept, send_count.data(), send_at.data(), MPI_INT64_T, to_me.data(), recv_count.data(), recv_at.data(),
+                MPI_INT64_T, MPI_COMM_WORLD);
+  return to_me;
+}
+
+std::vector<std::int64_t> transpose(const std::vector<std::int64_t>& m, std::size_t R) {
+  std::vector<std::int64_t> t(R * R);
+  for (std::size_t i = 0; i < R; ++i)
+    for (std::size_t j = 0; j < R; ++j) t[j * R + i] = m[i * R + j];
+  return t;
+}
+
+/// One training step on this rank, every row move under `scheme` (flat or two_level).
+rank_result run_step(const setup& s, locmoe::exchange_scheme scheme) {
+  const options& o = s.opt;
+  const std::size_t R = s.topo.ranks(), n = o.experts, d = o.hidden;
   const bool flat = scheme == locmoe::exchange_scheme::flat;
-  const std::size_t stages = flat ? 1 : 3;
-  const char* const name = flat ? "flat exchange" : "two-level exchange";
-  exchange_result result;
-  result.sent_bytes.assign(stages, std::vector<std::int64_t>(ranks, 0));
+  rank_result result;
+  result.sent_bytes.assign(all_moves.size(), std::vector<std::vector<std::int64_t>>(flat ? 1 : 3, std::vector<std::int64_t>(R, 0)));
+  locmoe::thread_pool pool(1);
+  const locmoe::cpu_backend cpu(pool);
+  ep_rank me(o, s.topo, s.params, cpu, s.world.self);
 
-  const locmoe::exchange_router router(s.topo);
-  std::vector<std::vector<locmoe::exchange_hop>> routes(ranks * ranks);  // [source][destination]
-  for (std::size_t r = 0; r < ranks * ranks; ++r) routes[r] = router.route(scheme, r / ranks, r % ranks);
-
-  row_store store;  // this rank's kept rows
-  for (std::size_t p = 0; p < pairs; ++p) {
-    if (s.source[p] != me) continue;
-    const float* row = &x_mine[(static_cast<std::size_t>(plan.order[p]) / k - first) * d];
-    store.position.push_back(p);
-    store.rows.insert(store.rows.end(), row, row + d);
+  const std::int64_t* routed = me.route();
+  std::vector<std::int64_t> all_counts;
+  if (o.global_capacity) {  // one capacity over all ranks: every rank's n routed counts, in rank order
+    all_counts.resize(R * n);
+    MPI_Allgather(routed, static_cast<int>(n), MPI_INT64_T, all_counts.data(), static_cast<int>(n), MPI_INT64_T, MPI_COMM_WORLD);
   }
-  for (std::size_t stage = 0; stage < stages; ++stage) {
-    std::vector<locmoe::exchange_hop> hops(pairs, {stage, -1, -1});
-    for (std::size_t p = 0; p < pairs; ++p) {
-      for (const locmoe::exchange_hop& h : routes[s.source[p] * ranks + s.destination[p]]) {
-        if (h.stage == stage) hops[p] = h;
-      }
+  me.assign_and_dispatch(o.global_capacity ? all_counts.data() : nullptr);
+  me.plan(exchange_counts(s, me.kept_per_expert()).data());
+  // The send matrix [R x R] in rows, for the two-level routes: R integers from each rank.
+  std::vector<std::int64_t> send_matrix(R * R);
+  MPI_Allgather(me.exchange_plan().send_count.data(), static_cast<int>(R), MPI_INT64_T, send_matrix.data(),
+                static_cast<int>(R), MPI_INT64_T, MPI_COMM_WORLD);
+  const std::vector<std::int64_t> return_matrix = transpose(send_matrix, R);
+
+  const auto moved = [&](move m) {
+    const move_buffers b = me.buffers(m);
+    row_move rm{d, b.from.data(), &b.from_offset, b.to.data(), &b.to_offset,
+                std::string(to_string(m)) + (flat ? ", flat exchange" : ", two-level exchange"), -1};
+    std::vector<std::vector<std::int64_t>>& bytes = result.sent_bytes[static_cast<std::size_t>(m)];
+    if (flat) {
+      if (m == move::dispatch && s.world.self == o.corrupt_counts) rm.lie_to = static_cast<int>((static_cast<std::size_t>(s.world.self) + 1) % R);
+      return flat_move(s.world, rm, bytes);
     }
-    // Two-level: gathers and scatters stay inside the node; the gateways' stage goes over the world.
-    const comm_group& g = flat || stage == 1 ? s.world : s.node;
-    const int lie_to = flat && s.world.self == s.opt.corrupt_counts ? static_cast<int>((me + 1) % ranks) : -1;
-    if (!move_rows(g, hops, d, store, lie_to, name, result.sent_bytes[stage])) return result;
-  }
-
-  // The experts of this rank: only their rows of the [n C x d] buffer exist here.
-  const std::size_t capacity = plan.capacity;
-  std::vector<std::size_t> local_block(plan.experts, 0);
-  std::size_t local_experts = 0;
-  for (std::size_t e = 0; e < plan.experts; ++e) {
-    if (expert_rank(e) == me) local_block[e] = local_experts++;
-  }
-  std::vector<float> buffer(local_experts * capacity * d, 0.0f);
-  auto local_row = [&](std::size_t p) {
-    const auto pair = static_cast<std::size_t>(plan.order[p]);
-    const auto e = static_cast<std::size_t>(plan.expert[pair]);
-    if (expert_rank(e) != me) throw std::logic_error(std::string(name) + ": a row reached the wrong rank");
-    return &buffer[(local_block[e] * capacity + static_cast<std::size_t>(plan.slot[pair])) * d];
+    return two_level_move(s.world, s.node, s.topo, is_dispatch(m) ? send_matrix : return_matrix, rm, bytes);
   };
-  for (std::size_t i = 0; i < store.position.size(); ++i) {
-    std::copy(&store.rows[i * d], &store.rows[i * d] + d, local_row(store.position[i]));
-  }
-  for (std::size_t e = 0; e < plan.experts; ++e) {
-    if (expert_rank(e) != me) continue;
-    for (std::size_t row = local_block[e] * capacity; row < (local_block[e] + 1) * capacity; ++row) {
-      toy_expert(e, &buffer[row * d], d);
-    }
-  }
+  // A failed move returns on every rank together (alltoallv_rows agrees over the world).
+  if (!moved(move::dispatch)) return result;
+  me.experts_forward();
+  if (!moved(move::combine_return)) return result;
+  me.combine();
+  if (!moved(move::grad_dispatch)) return result;
+  me.experts_backward();
+  if (!moved(move::grad_return)) return result;
+  me.backward();
 
-  // Back to the source ranks in one flat Alltoallv (rows for this rank's own experts never leave it).
-  for (std::size_t i = 0; i < store.position.size(); ++i) {
-    const float* row = local_row(store.position[i]);
-    std::copy(row, row + d, &store.rows[i * d]);
+  // Reductions, deterministic: the gate's gradient and the loss summed in rank order on every rank.
+  result.y = me.y();
+  result.dx = me.dx();
+  const std::size_t g = gate_gradient_size(o);
+  std::vector<float> gate_all(R * g);
+  MPI_Allgather(me.gate_gradient().data(), as_count(g), MPI_FLOAT, gate_all.data(), as_count(g), MPI_FLOAT, MPI_COMM_WORLD);
+  result.gate_gradient = sum_in_rank_order(gate_all, R, g);
+  const double my_loss = me.loss();
+  std::vector<double> losses(R);
+  MPI_Allgather(&my_loss, 1, MPI_DOUBLE, losses.data(), 1, MPI_DOUBLE, MPI_COMM_WORLD);
+  result.loss = sum_in_rank_order(losses);
+  // Each expert's gradient lives on its rank; experts are in rank order, so rank 0 gathers them in expert order.
+  std::vector<int> count(R), at(R);
+  for (std::size_t q = 0; q < R; ++q) {
+    const auto [first, local] = locmoe::experts_of_rank(s.topo, q);
+    count[q] = as_count(local * d * d);
+    at[q] = as_count(first * d * d);
   }
-  std::vector<locmoe::exchange_hop> back(pairs, {0, -1, -1});
-  for (std::size_t p = 0; p < pairs; ++p) {
-    const auto from = static_cast<std::int32_t>(s.destination[p]), to = static_cast<std::int32_t>(s.source[p]);
-    if (from != to) back[p] = {0, from, to};
-  }
-  std::vector<std::int64_t> back_bytes(ranks, 0);
-  if (!move_rows(s.world, back, d, store, -1, "return exchange", back_bytes)) return result;
-
-  // locmoe::combine over an [n C x d] buffer holding the returned rows at e C + slot, with the plan of this
-  // rank's tokens: the reference's own code, so equal inputs give equal bits.
-  std::vector<float> returned(plan.buffer_rows() * d, 0.0f);
-  for (std::size_t i = 0; i < store.position.size(); ++i) {
-    const auto pair = static_cast<std::size_t>(plan.order[store.position[i]]);
-    const auto row = static_cast<std::size_t>(plan.expert[pair]) * capacity + static_cast<std::size_t>(plan.slot[pair]);
-    std::copy(&store.rows[i * d], &store.rows[i * d] + d, &returned[row * d]);
-  }
-  const std::vector<std::int32_t> my_rank(mine, s.world.self);
-  const locmoe::dispatch_plan my_plan = locmoe::build_dispatch_plan(
-      view<const expert_index>(plan.expert.data() + first * k, mine, k),
-      view<const slot_index>(plan.slot.data() + first * k, mine, k), static_cast<std::int64_t>(capacity), s.topo,
-      my_rank.data());
-  result.y.assign(mine * d, 0.0f);
-  locmoe::combine(my_plan, view<const float>(returned.data(), plan.buffer_rows(), d),
-                  view<const float>(s.a.weight.data() + first * k, mine, k), view(result.y.data(), mine, d));
+  if (s.world.self == 0) result.expert_gradient.resize(n * d * d);
+  MPI_Gatherv(me.expert_gradient().data(), as_count(me.expert_gradient().size()), MPI_FLOAT, result.expert_gradient.data(),
+              count.data(), at.data(), MPI_FLOAT, 0, MPI_COMM_WORLD);
   result.delivered = true;
   return result;
 }
 
-/// Compares this rank's outputs with the reference rows, bit for bit; prints the first few differences.
-int compare_outputs(const setup& s, const exchange_result& r, const std::vector<float>& reference, const char* name) {
-  const std::size_t d = s.opt.hidden, first = s.offset[static_cast<std::size_t>(s.world.self)];
+/// Bit-for-bit comparison; prints the first difference. Returns 1 on a mismatch.
+int compare(const char* scheme, const char* what, int rank, const std::vector<float>& got, const std::vector<float>& want) {
+  if (got.size() != want.size()) {
+    std::fprintf(stderr, "mpi_exchange: %s: rank %d: %s has %zu values, the reference %zu\n", scheme, rank, what, got.size(), want.size());
+    return 1;
+  }
+  if (got.empty() || std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0) return 0;
+  std::size_t i = 0;
+  while (std::memcmp(&got[i], &want[i], sizeof(float)) == 0) ++i;
+  std::fprintf(stderr, "mpi_exchange: %s: rank %d: %s[%zu] = %a, the reference has %a\n", scheme, rank, what, i,
+               static_cast<double>(got[i]), static_cast<double>(want[i]));
+  return 1;
+}
+
+/// Compares this rank's results with the reference; every rank its own y and dL/dx and the reduced values, rank
+/// 0 the experts' gradients too.
+int check_values(const setup& s, const rank_result& r, const step_result& ref, const char* scheme) {
+  const int me = s.world.self;
+  const auto self = static_cast<std::size_t>(me);
+  int failures = compare(scheme, "y", me, r.y, ref.y[self]) + compare(scheme, "dL/dx", me, r.dx, ref.dx[self]) +
+                 compare(scheme, "dL/d(gate)", me, r.gate_gradient, ref.gate_gradient);
+  if (me == 0) failures += compare(scheme, "dL/d(expert weights)", me, r.expert_gradient, ref.expert_gradient);
+  if (std::memcmp(&r.loss, &ref.loss, sizeof(double)) != 0) {
+    std::fprintf(stderr, "mpi_exchange: %s: rank %d: loss %a, the reference has %a\n", scheme, me, r.loss, ref.loss);
+    ++failures;
+  }
+  return failures;
+}
+
+/// Checks the bytes this rank sent in each stage of each move against the exchange plan of that move's send
+/// matrix (the reference's, in bytes: the transpose for the moves back).
+int check_bytes(const setup& s, const rank_result& r, const step_result& ref, locmoe::exchange_scheme scheme) {
+  const std::size_t R = s.topo.ranks();
+  const int me = s.world.self;
+  const auto row_bytes = static_cast<std::int64_t>(s.opt.hidden * sizeof(float));
   int failures = 0;
-  for (std::size_t t = 0; t * d < r.y.size(); ++t) {
-    const float* got = &r.y[t * d];
-    const float* want = &reference[(first + t) * d];
-    if (std::memcmp(got, want, d * sizeof(float)) == 0) continue;
-    std::size_t c = 0;
-    while (std::memcmp(&got[c], &want[c], sizeof(float)) == 0) ++c;
-    if (++failures <= 3) {
-      std::fprintf(stderr, "mpi_exchange: %s: rank %d token %zu (global %zu) column %zu: %a, the reference has %a\n",
-                   name, s.world.self, t, first + t, c, static_cast<double>(got[c]), static_cast<double>(want[c]));
+  for (const move m : all_moves) {
+    std::vector<std::int64_t> bytes = is_dispatch(m) ? ref.send_rows : transpose(ref.send_rows, R);
+    for (std::int64_t& b : bytes) b *= row_bytes;
+    const locmoe::exchange_plan plan = locmoe::build_exchange_plan(bytes, s.topo, {scheme, false});
+    const auto& sent = r.sent_bytes[static_cast<std::size_t>(m)];
+    for (std::size_t stage = 0; stage < plan.stages.size(); ++stage) {
+      std::vector<std::int64_t> planned(R, 0);
+      for (const locmoe::transfer& t : plan.stages[stage].transfers) {
+        if (t.source == me) planned[static_cast<std::size_t>(t.destination)] = t.bytes;
+      }
+      for (std::size_t t = 0; t < R; ++t) {
+        if (sent[stage][t] == planned[t]) continue;
+        std::fprintf(stderr, "mpi_exchange: %s, %s exchange, stage %zu: rank %d sent %lld bytes to rank %zu, the plan says %lld\n",
+                     to_string(m), locmoe::to_string(scheme), stage, me, static_cast<long long>(sent[stage][t]), t,
+                     static_cast<long long>(planned[t]));
+        ++failures;
+      }
     }
   }
   return failures;
 }
 
-/// Checks the bytes this rank sent to each rank in each stage against the plan; returns {intra, inter} totals.
-std::pair<std::int64_t, std::int64_t> check_bytes(const setup& s, const exchange_result& r,
-                                                  const std::vector<std::vector<std::int64_t>>& planned,
-                                                  const char* name, int& failures) {
-  std::pair<std::int64_t, std::int64_t> by_class{0, 0};
+/// Rank 0 prints the step's shape, each rank's tokens and the bytes it sent in the forward dispatch.
+void print_summary(const setup& s, const step_result& ref, const rank_result& flat, const rank_result& staged) {
+  const options& o = s.opt;
+  const std::size_t R = s.topo.ranks();
   const int me = s.world.self;
-  for (std::size_t stage = 0; stage < planned.size(); ++stage) {
-    for (std::size_t t = 0; t < s.topo.ranks(); ++t) {
-      const std::int64_t sent = r.sent_bytes[stage][t];
-      if (sent != planned[stage][t]) {
-        ++failures;
-        std::fprintf(stderr, "mpi_exchange: %s, stage %zu: rank %d sent %lld bytes to rank %zu, the plan says %lld\n",
-                     name, stage, me, static_cast<long long>(sent), t, static_cast<long long>(planned[stage][t]));
-      }
-      const bool same_node = s.topo.node_of_rank(t) == s.topo.node_of_rank(static_cast<std::size_t>(me));
-      (same_node ? by_class.first : by_class.second) += sent;
-    }
+  // Per rank: flat intra-node, flat inter-node, two-level stages 0, 1, 2 (the forward dispatch).
+  std::int64_t mine[5] = {0, 0, 0, 0, 0};
+  for (std::size_t t = 0; t < R; ++t) {
+    const bool same_node = s.topo.node_of_rank(t) == s.topo.node_of_rank(static_cast<std::size_t>(me));
+    mine[same_node ? 0 : 1] += flat.sent_bytes[0][0][t];
+    for (std::size_t stage = 0; stage < 3; ++stage) mine[2 + stage] += staged.sent_bytes[0][stage][t];
   }
-  return by_class;
+  std::vector<std::int64_t> every(5 * R);
+  MPI_Gather(mine, 5, MPI_INT64_T, every.data(), 5, MPI_INT64_T, 0, MPI_COMM_WORLD);
+  if (me != 0) return;
+  std::int64_t routed = 0, kept = 0;
+  for (const locmoe::assignment_stats& st : ref.stats) routed += st.routed, kept += st.kept;
+  char capacity[96];
+  if (o.global_capacity) {
+    std::snprintf(capacity, sizeof capacity, "global capacity %lld per expert over all ranks",
+                  static_cast<long long>(locmoe::classic_capacity(routed, o.capacity_factor, 1, static_cast<std::int64_t>(o.experts), 0)));
+  } else {
+    std::snprintf(capacity, sizeof capacity, "capacity factor %g per rank", o.capacity_factor);
+  }
+  const std::string dropped = o.dropped_rank >= 0 ? ", rank " + std::to_string(o.dropped_rank) + "'s tokens all dropped" : "";
+  std::printf("%zu rank%s as %zu node%s, %s gate, d = %zu, n = %zu, top-%zu, %zu tokens per rank%s%s; %s: %lld of %lld choices kept\n",
+              R, R == 1 ? "" : "s", s.topo.nodes(), s.topo.nodes() == 1 ? "" : "s",
+              o.gate == locmoe::gate_type::dense ? "dense" : "GrAP", o.hidden, o.experts, o.top_k, o.tokens_per_rank,
+              o.empty_rank >= 0 ? ", one rank empty" : "", dropped.c_str(), capacity, static_cast<long long>(kept),
+              static_cast<long long>(routed));
+  std::printf("                               bytes sent in the forward dispatch\n");
+  std::printf("rank (node) tokens kept  rows in   flat: intra-node inter-node   two-level: stage 0  stage 1  stage 2\n");
+  for (std::size_t r = 0; r < R; ++r) {
+    const std::int64_t* b = &every[5 * r];
+    std::printf("rank %zu (%d) %6lld %5lld %8zu %17lld %10lld %19lld %8lld %8lld\n", r, s.topo.node_of_rank(r),
+                static_cast<long long>(ref.stats[r].tokens), static_cast<long long>(ref.stats[r].kept),
+                ref.received_rows[r], static_cast<long long>(b[0]),
+                static_cast<long long>(b[1]), static_cast<long long>(b[2]), static_cast<long long>(b[3]),
+                static_cast<long long>(b[4]));
+  }
+  std::printf("loss %.9g (sum over ranks of sum(y R) + router losses)\n", ref.loss);
 }
 
 int run(const options& o, int me, int world) {
   // Nodes: color = node, key = world rank, so node-communicator ranks follow world order.
   MPI_Comm node_comm = MPI_COMM_NULL;
   MPI_Comm_split(MPI_COMM_WORLD, me / o.ranks_per_node, me, &node_comm);
-  setup s{o, locmoe::topology::uniform(world, o.ranks_per_node, static_cast<std::int64_t>(o.experts)),
-          make_group(MPI_COMM_WORLD, me, world), make_group(node_comm, me, world), {}, {}, {}, {}};
-  const std::size_t k = o.top_k, d = o.hidden, ranks = static_cast<std::size_t>(world);
-  const auto self = static_cast<std::size_t>(me);
+  const setup s{o, locmoe::topology::uniform(world, o.ranks_per_node, static_cast<std::int64_t>(o.experts)),
+                make_parameters(o), make_group(MPI_COMM_WORLD, me, world), make_group(node_comm, me, world)};
+  // Every rank simulates the whole step alone first (cheap at these sizes): the reference.
+  const step_result ref = simulate_step(o, s.topo, s.params);
 
-  // This rank's tokens, routed here; then every rank's choices, gathered in rank order.
-  const std::vector<float> x = make_tokens(o, me);
-  const choices routed = route(o, x);
-  const auto my_tokens = static_cast<std::int64_t>(x.size() / d);
-  std::vector<std::int64_t> tokens_of(ranks);
-  MPI_Allgather(&my_tokens, 1, MPI_INT64_T, tokens_of.data(), 1, MPI_INT64_T, MPI_COMM_WORLD);
-  s.offset.assign(1, 0);
-  std::vector<int> choice_count(ranks), choice_at(ranks);
-  for (std::size_t r = 0; r < ranks; ++r) {
-    choice_at[r] = as_count(s.offset.back() * k);
-    choice_count[r] = as_count(static_cast<std::size_t>(tokens_of[r]) * k);
-    s.offset.push_back(s.offset.back() + static_cast<std::size_t>(tokens_of[r]));
-  }
-  const std::size_t tokens = s.offset.back();
-  choices all{std::vector<expert_index>(tokens * k), std::vector<float>(tokens * k)};
-  MPI_Allgatherv(routed.expert.data(), choice_count[self], MPI_INT32_T, all.expert.data(),
-                 choice_count.data(), choice_at.data(), MPI_INT32_T, MPI_COMM_WORLD);
-  MPI_Allgatherv(routed.weight.data(), choice_count[self], MPI_FLOAT, all.weight.data(),
-                 choice_count.data(), choice_at.data(), MPI_FLOAT, MPI_COMM_WORLD);
-
-  // The same assignment and plan on every rank, and each kept pair's source and expert rank.
-  const std::vector<std::int32_t> token_rank = token_ranks(s.offset);
-  s.a = assign(o, s.topo, all, token_rank);
-  const locmoe::dispatch_plan& plan = s.a.plan;
-  for (const std::int64_t pair : plan.order) {
-    const auto p = static_cast<std::size_t>(pair);
-    s.source.push_back(static_cast<std::size_t>(token_rank[p / k]));
-    s.destination.push_back(static_cast<std::size_t>(s.topo.rank_of_expert(static_cast<std::size_t>(plan.expert[p]))));
-  }
-
-  const std::vector<float> reference = single_process_reference(o, s.topo, world);
-  int failures = 0;
-
-  // What this rank should send to each rank in each stage: its row of the dispatch plan's send_bytes (flat),
-  // its transfers in the two-level exchange plan.
-  const auto my_row = plan.send_bytes.begin() + static_cast<std::ptrdiff_t>(self * ranks);
-  std::vector<std::vector<std::int64_t>> flat_plan{{my_row, my_row + static_cast<std::ptrdiff_t>(ranks)}};
-  flat_plan[0][self] = 0;  // rows for this rank's own experts never travel
-  const locmoe::exchange_plan two_level =
-      locmoe::build_exchange_plan(plan.send_bytes, s.topo, {locmoe::exchange_scheme::two_level, false});
-  std::vector<std::vector<std::int64_t>> two_level_plan(two_level.stages.size(), std::vector<std::int64_t>(ranks, 0));
-  for (std::size_t stage = 0; stage < two_level.stages.size(); ++stage) {
-    for (const locmoe::transfer& m : two_level.stages[stage].transfers) {
-      if (m.source == me) two_level_plan[stage][static_cast<std::size_t>(m.destination)] = m.bytes;
-    }
-  }
-
-  const exchange_result flat = run_exchange(s, locmoe::exchange_scheme::flat, x);
-  const exchange_result staged =
-      flat.delivered ? run_exchange(s, locmoe::exchange_scheme::two_level, x) : exchange_result{};
+  const rank_result flat = run_step(s, locmoe::exchange_scheme::flat);
+  const rank_result staged = flat.delivered ? run_step(s, locmoe::exchange_scheme::two_level) : rank_result{};
   if (!flat.delivered || !staged.delivered) {  // every rank takes this branch together
     if (me == 0) std::fprintf(stderr, "mpi_exchange: FAILED: announced row counts differ from the plan (above)\n");
     MPI_Comm_free(&node_comm);
     return 1;
   }
-  failures += compare_outputs(s, flat, reference, "flat exchange");
-  failures += compare_outputs(s, staged, reference, "two-level exchange");
-  const auto flat_bytes = check_bytes(s, flat, flat_plan, "flat exchange", failures);
-  const auto staged_bytes = check_bytes(s, staged, two_level_plan, "two-level exchange", failures);
-
-  // Rank 0 prints every rank's bytes, in rank order.
-  const std::int64_t mine[4] = {flat_bytes.first, flat_bytes.second, staged_bytes.first, staged_bytes.second};
-  std::vector<std::int64_t> every(4 * ranks);
-  MPI_Gather(mine, 4, MPI_INT64_T, every.data(), 4, MPI_INT64_T, 0, MPI_COMM_WORLD);
-  int total_failures = 0;
+  int failures = check_values(s, flat, ref, "flat exchange") + check_values(s, staged, ref, "two-level exchange") +
+                 check_bytes(s, flat, ref, locmoe::exchange_scheme::flat) +
+                 check_bytes(s, staged, ref, locmoe::exchange_scheme::two_level);
+  if (o.dropped_rank == me && ref.stats[static_cast<std::size_t>(me)].kept != 0) {
+    std::fprintf(stderr, "mpi_exchange: rank %d should drop every choice, it kept %lld\n", me,
+                 static_cast<long long>(ref.stats[static_cast<std::size_t>(me)].kept));
+    ++failures;
+  }
+  print_summary(s, ref, flat, staged);
+  int total_failures = 0;  // an integer sum: any order gives the same
   MPI_Allreduce(&failures, &total_failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
   if (me == 0) {
-    std::printf("%zu tokens (%zu per rank%s), d = %zu, n = %zu, top-%zu, capacity %lld: %lld of %lld choices kept, "
-                "%lld dropped\n", tokens, o.tokens_per_rank, o.empty_rank >= 0 ? ", one rank empty" : "", d,
-                o.experts, k, static_cast<long long>(s.a.stats.capacity), static_cast<long long>(s.a.stats.kept),
-                static_cast<long long>(s.a.stats.routed), static_cast<long long>(s.a.stats.dropped));
-    std::printf("kept choices: %lld stay on their rank, %lld cross intra-node links, %lld cross nodes\n",
-                static_cast<long long>(plan.intra_rank), static_cast<long long>(plan.intra_node),
-                static_cast<long long>(plan.inter_node));
-    std::printf("bytes sent            flat: intra-node  inter-node   two-level: intra-node  inter-node\n");
-    for (std::size_t r = 0; r < ranks; ++r) {
-      const std::int64_t* b = &every[4 * r];
-      std::printf("rank %zu (node %d)  %21lld %11lld %23lld %11lld\n", r, s.topo.node_of_rank(r),
-                  static_cast<long long>(b[0]), static_cast<long long>(b[1]), static_cast<long long>(b[2]),
-                  static_cast<long long>(b[3]));
-    }
     if (total_failures == 0) {
-      std::printf("mpi_exchange: %d rank%s, %zu node%s: flat and two-level outputs identical to the single-process "
-                  "reference; bytes match the plans\n", world, world == 1 ? "" : "s", s.topo.nodes(),
+      std::printf("mpi_exchange: %d rank%s, %zu node%s: flat and two-level outputs and gradients identical to the "
+                  "single-process reference; bytes match the plans\n", world, world == 1 ? "" : "s", s.topo.nodes(),
                   s.topo.nodes() == 1 ? "" : "s");
     } else {
       std::fprintf(stderr, "mpi_exchange: FAILED: %d mismatches (listed above)\n", total_failures);
@@ -526,15 +310,21 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &world);
 
   options o;
-  CLI::App app{"mpi_exchange: a flat and a two-level MoE exchange over MPI, checked against a single process"};
+  std::string gate = "dense";
+  CLI::App app{"mpi_exchange: an expert-parallel training step over MPI (flat and two-level exchanges, forward and "
+               "backward), checked against a single process"};
   app.add_option("--ranks-per-node", o.ranks_per_node, "G: a node is G consecutive ranks")->check(CLI::PositiveNumber);
   app.add_option("--tokens-per-rank", o.tokens_per_rank, "tokens made on each rank");
   app.add_option("--hidden", o.hidden, "d, the token width")->check(CLI::PositiveNumber);
   app.add_option("--experts", o.experts, "n experts, placed in blocks over the ranks")->check(CLI::PositiveNumber);
   app.add_option("--top-k", o.top_k, "experts per token")->check(CLI::PositiveNumber);
-  app.add_option("--seed", o.seed, "seed of every rank's tokens");
-  app.add_option("--capacity-factor", o.capacity_factor, "C = ceil(T k cf / n)")->check(CLI::PositiveNumber);
+  app.add_option("--seed", o.seed, "seed of every token, gradient and parameter");
+  app.add_option("--capacity-factor", o.capacity_factor, "C = ceil(T k cf / n), T this rank's tokens (all ranks' "
+                 "with --global-capacity)")->check(CLI::PositiveNumber);
+  app.add_option("--gate", gate, "dense (a weight and a bias) or grap (a bias)")->check(CLI::IsMember({"dense", "grap"}));
+  app.add_flag("--global-capacity", o.global_capacity, "one capacity over all ranks' tokens (counts all-gathered)");
   app.add_option("--empty-rank", o.empty_rank, "this rank makes no tokens");
+  app.add_option("--dropped-rank", o.dropped_rank, "this rank's capacity is 0: all its tokens dropped");
   app.add_option("--corrupt-counts", o.corrupt_counts, "this rank announces one row too many (a bad-plan test)");
   std::string problem;
   try {
@@ -544,11 +334,14 @@ int main(int argc, char** argv) {
     MPI_Finalize();
     return code == 0 ? 0 : 2;
   }
+  o.gate = gate == "grap" ? locmoe::gate_type::grap : locmoe::gate_type::dense;
   if (world % o.ranks_per_node != 0) problem = "--ranks-per-node must divide the number of ranks";
-  if (o.experts > o.hidden) problem = "--experts must be <= --hidden (GrAP pools d / n features per expert)";
+  if (o.gate == locmoe::gate_type::grap && o.experts > o.hidden) problem = "--experts must be <= --hidden for GrAP (d / n features per expert)";
   if (o.top_k > o.experts) problem = "--top-k must be <= --experts";
   if (o.empty_rank < -1 || o.empty_rank >= world) problem = "--empty-rank must be a rank (or -1)";
+  if (o.dropped_rank < -1 || o.dropped_rank >= world) problem = "--dropped-rank must be a rank (or -1)";
   if (o.corrupt_counts < -1 || o.corrupt_counts >= world) problem = "--corrupt-counts must be a rank (or -1)";
+  if (o.dropped_rank >= 0 && o.global_capacity) problem = "--dropped-rank needs per-rank capacities (not --global-capacity)";
   if (!problem.empty()) {
     if (me == 0) std::fprintf(stderr, "mpi_exchange: %s (%d ranks)\n", problem.c_str(), world);
     MPI_Finalize();
