@@ -1,20 +1,25 @@
-// The CPU dispatch and combine of dispatch.hpp against a plain memcpy of the same bytes, single-threaded.
-// Args (T, d, n, k); the layer: T = 16384 tokens, d = 5120, n = 16 experts, k in {1, 2}; choices from
-// score_route on N(0, 1) logits (softmax, Top-k), kept by capacity_assigner (capacity factor 1.25, drop policy
-// position) with topology::uniform(16, 8, n); token ranks in contiguous blocks.
-// Families (bytes_per_second counts bytes read + bytes written, the same way in every family):
-//   plan_build               build_dispatch_plan on the assignment; items_per_second = tokens/s
-//   dispatch_{f32,bf16}      dispatch(plan, x, buffer): kept rows * d * sizeof(T) read and as many written
-//   memcpy_dispatch_{f32,bf16}  std::memcpy of one contiguous block of kept rows * d * sizeof(T) bytes
-//   combine_f32              combine(plan, buffer, weight, y): kept rows read, T rows written (float)
-//   memcpy_combine_f32       std::memcpy of (read + written) / 2 bytes: the same traffic as combine
-// bench/dispatch_ratios.py prints each family's median bytes/s over its memcpy's.
+// The CPU dispatch and combine of dispatch.hpp, and their backwards, against a plain copy of the same bytes,
+// single-threaded. Args (T, d, n, k); the layer: T = 16384 tokens, d = 5120, n = 16 experts, k in {1, 2}; choices
+// from score_route on N(0, 1) logits (softmax, Top-k), kept by capacity_assigner (capacity factor 1.25, drop policy
+// position) with topology::uniform(16, 8, n); token ranks in contiguous blocks. Every buffer is 64-byte aligned
+// (bench/aligned.hpp), as tensor libraries allocate them.
+// Families, each for float and bf16 rows (suffix _f32, _bf16); bytes_per_second counts bytes read + written:
+//   plan_build                build_dispatch_plan; items_per_second = tokens/s
+//   dispatch                  dispatch(plan, x, buffer): kept rows read, n C rows written (padding as zeros)
+//   combine                   combine(plan, buffer, weight, y): kept rows read, T rows written
+//   combine_backward          combine_backward: T rows of dL/dy and kept rows of the buffer read, n C rows written
+//   dispatch_backward         dispatch_backward: kept rows read, T rows written
+//   memcpy_<family>           std::memcpy of (read + written) / 2 bytes: the same traffic as <family>
+//   rowcopy_<family>          the same bytes copied one row (d elements) at a time
+// bench/dispatch_ratios.py prints each family's median bytes/s over the faster of its two copies.
 // Every array is allocated and touched once per (k) and shared by the families, outside the timing loop; each
 // run starts with one untimed call (on this VM the first pass over freshly zeroed memory ran up to 10x slower).
 #include <locmoe/assign.hpp>
 #include <locmoe/dispatch.hpp>
 #include <locmoe/routers.hpp>
 #include <locmoe/topology.hpp>
+
+#include "aligned.hpp"
 
 #include <benchmark/benchmark.h>
 
@@ -41,8 +46,13 @@ struct layer {
   std::vector<float> kept_weight;
   std::int64_t capacity = 0;
   locmoe::dispatch_plan plan;
-  std::vector<float> x, buffer, y;
-  std::vector<locmoe::bf16> x_bf16, buffer_bf16;
+  template <class T>
+  struct rows_of {  // one element type's operands
+    locmoe_bench::aligned_vector<T> x, buffer, y, grad_buffer;
+  };
+  rows_of<float> f32;
+  rows_of<locmoe::bf16> bf16;
+  locmoe_bench::aligned_vector<float> grad_weight;
 
   layer(std::size_t tokens_, std::size_t d_, std::size_t n_, std::size_t k_)
       : tokens(tokens_), d(d_), n(n_), k(k_), rows(0),
@@ -73,13 +83,26 @@ struct layer {
                    .capacity;
     plan = build();
     rows = plan.buffer_rows();
-    x.resize(tokens * d);
-    for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 1021) * 0.001f - 0.5f;
-    x_bf16.resize(x.size());
-    for (std::size_t i = 0; i < x.size(); ++i) x_bf16[i] = locmoe::bf16(x[i]);
-    buffer.assign(rows * d, 1.0f);
-    buffer_bf16.assign(rows * d, locmoe::bf16(1.0f));
-    y.assign(tokens * d, 0.0f);
+    fill(f32);
+    fill(bf16);
+    grad_weight.assign(tokens * k, 0.0f);
+  }
+
+  template <class T>
+  void fill(rows_of<T>& r) {
+    r.x.resize(tokens * d);
+    for (std::size_t i = 0; i < r.x.size(); ++i) r.x[i] = T(static_cast<float>(i % 1021) * 0.001f - 0.5f);
+    r.buffer.assign(rows * d, T(1.0f));
+    r.grad_buffer.assign(rows * d, T(0.0f));
+    r.y.assign(tokens * d, T(0.5f));
+  }
+  template <class T>
+  rows_of<T>& operands() {
+    if constexpr (std::is_same_v<T, float>) {
+      return f32;
+    } else {
+      return bf16;
+    }
   }
 
   locmoe::dispatch_plan build() const {
@@ -90,12 +113,27 @@ struct layer {
   std::size_t kept() const { return plan.order.size(); }
 
   template <class T>
-  void dispatch(const std::vector<T>& from, std::vector<T>& to) const {
-    locmoe::dispatch(plan, matrix_view<const T>(from.data(), tokens, d), matrix_view<T>(to.data(), rows, d));
+  void dispatch() {
+    rows_of<T>& r = operands<T>();
+    locmoe::dispatch(plan, matrix_view<const T>(r.x.data(), tokens, d), matrix_view<T>(r.buffer.data(), rows, d));
   }
+  template <class T>
   void combine() {
-    locmoe::combine(plan, matrix_view<const float>(buffer.data(), rows, d),
-                    matrix_view<const float>(kept_weight.data(), tokens, k), matrix_view<float>(y.data(), tokens, d));
+    rows_of<T>& r = operands<T>();
+    locmoe::combine(plan, matrix_view<const T>(r.buffer.data(), rows, d), matrix_view<const float>(kept_weight.data(), tokens, k),
+                    matrix_view<T>(r.y.data(), tokens, d));
+  }
+  template <class T>
+  void combine_backward() {
+    rows_of<T>& r = operands<T>();
+    locmoe::combine_backward(plan, matrix_view<const T>(r.buffer.data(), rows, d),
+                             matrix_view<const float>(kept_weight.data(), tokens, k), matrix_view<const T>(r.y.data(), tokens, d),
+                             matrix_view<T>(r.grad_buffer.data(), rows, d), matrix_view<float>(grad_weight.data(), tokens, k));
+  }
+  template <class T>
+  void dispatch_backward() {
+    rows_of<T>& r = operands<T>();
+    locmoe::dispatch_backward(plan, matrix_view<const T>(r.grad_buffer.data(), rows, d), matrix_view<T>(r.x.data(), tokens, d));
   }
 };
 
@@ -111,9 +149,9 @@ layer& shared_layer(const benchmark::State& state) {
   return *slot;
 }
 
-// The memcpy reference's source and destination, grown to the largest block asked for and kept.
+// The copy references' source and destination, grown to the largest block asked for and kept.
 struct copy_blocks {
-  std::vector<unsigned char> from, to;
+  locmoe_bench::aligned_vector<unsigned char> from, to;
   void reserve(std::size_t bytes) {
     if (from.size() >= bytes) return;
     from.assign(bytes, 1);
@@ -131,8 +169,20 @@ void set_bytes(benchmark::State& state, std::size_t bytes) {
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(bytes));
 }
 
-std::size_t dispatch_bytes(const layer& l, std::size_t element) { return 2 * l.kept() * l.d * element; }
-std::size_t combine_bytes(const layer& l) { return (l.kept() + l.tokens) * l.d * sizeof(float); }
+enum class op { dispatch, combine, combine_backward, dispatch_backward };
+
+/// Bytes read + written by each operation (rows of d elements of `element` bytes).
+std::size_t traffic(const layer& l, op o, std::size_t element) {
+  const std::size_t kept = l.kept(), buffer = l.rows, tokens = l.tokens;
+  std::size_t rows = 0;
+  switch (o) {
+    case op::dispatch: rows = kept + buffer; break;
+    case op::combine: rows = kept + tokens; break;
+    case op::combine_backward: rows = tokens + kept + buffer; break;
+    case op::dispatch_backward: rows = kept + tokens; break;
+  }
+  return rows * l.d * element;
+}
 
 void plan_build(benchmark::State& state) {
   const layer& l = shared_layer(state);
@@ -143,55 +193,45 @@ void plan_build(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(l.tokens));
 }
 
-void dispatch_f32(benchmark::State& state) {
+template <class T, op O>
+void kernel(benchmark::State& state) {
   layer& l = shared_layer(state);
-  l.dispatch(l.x, l.buffer);  // warm-up
+  const auto run = [&] {
+    if constexpr (O == op::dispatch) l.dispatch<T>();
+    if constexpr (O == op::combine) l.combine<T>();
+    if constexpr (O == op::combine_backward) l.combine_backward<T>();
+    if constexpr (O == op::dispatch_backward) l.dispatch_backward<T>();
+  };
+  run();  // warm-up
   for (auto _ : state) {
-    l.dispatch(l.x, l.buffer);
+    run();
     benchmark::ClobberMemory();
   }
-  set_bytes(state, dispatch_bytes(l, sizeof(float)));
+  set_bytes(state, traffic(l, O, sizeof(T)));
 }
 
-void dispatch_bf16(benchmark::State& state) {
-  layer& l = shared_layer(state);
-  l.dispatch(l.x_bf16, l.buffer_bf16);  // warm-up
+/// A copy that reads `bytes / 2` and writes as many: `bytes` of traffic, as the kernel it stands by; one memcpy
+/// (Rows false) or one memcpy per row of d elements (Rows true).
+template <class T, op O, bool Rows>
+void copy_reference(benchmark::State& state) {
+  const layer& l = shared_layer(state);
+  const std::size_t half = traffic(l, O, sizeof(T)) / 2, row = l.d * sizeof(T);
+  copy_blocks& blocks = shared_blocks(half);
+  const auto copy = [&] {
+    if (!Rows) {
+      std::memcpy(blocks.to.data(), blocks.from.data(), half);
+      return;
+    }
+    for (std::size_t at = 0; at + row <= half; at += row) std::memcpy(blocks.to.data() + at, blocks.from.data() + at, row);
+  };
+  copy();  // warm-up
   for (auto _ : state) {
-    l.dispatch(l.x_bf16, l.buffer_bf16);
-    benchmark::ClobberMemory();
-  }
-  set_bytes(state, dispatch_bytes(l, sizeof(locmoe::bf16)));
-}
-
-void combine_f32(benchmark::State& state) {
-  layer& l = shared_layer(state);
-  l.combine();  // warm-up
-  for (auto _ : state) {
-    l.combine();
-    benchmark::ClobberMemory();
-  }
-  set_bytes(state, combine_bytes(l));
-}
-
-// One std::memcpy that reads `bytes / 2` and writes as many: `bytes` of traffic, as the kernel it stands by.
-void memcpy_reference(benchmark::State& state, std::size_t bytes) {
-  copy_blocks& blocks = shared_blocks(bytes / 2);
-  std::memcpy(blocks.to.data(), blocks.from.data(), bytes / 2);  // warm-up
-  for (auto _ : state) {
-    std::memcpy(blocks.to.data(), blocks.from.data(), bytes / 2);
+    copy();
     benchmark::DoNotOptimize(blocks.to.data());
     benchmark::ClobberMemory();
   }
-  set_bytes(state, bytes / 2 * 2);
+  set_bytes(state, half * 2);
 }
-
-void memcpy_dispatch_f32(benchmark::State& state) {
-  memcpy_reference(state, dispatch_bytes(shared_layer(state), sizeof(float)));
-}
-void memcpy_dispatch_bf16(benchmark::State& state) {
-  memcpy_reference(state, dispatch_bytes(shared_layer(state), sizeof(locmoe::bf16)));
-}
-void memcpy_combine_f32(benchmark::State& state) { memcpy_reference(state, combine_bytes(shared_layer(state))); }
 
 // (T, d, n, k): the paper's layer, k in {1, 2}.
 void shapes(benchmark::internal::Benchmark* b) {
@@ -199,13 +239,19 @@ void shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "d", "n", "k"})->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
+#define LOCMOE_BENCH_FAMILY(name, O)                                                                   \
+  BENCHMARK(kernel<float, O>)->Name(#name "_f32")->Apply(shapes);                                    \
+  BENCHMARK(copy_reference<float, O, false>)->Name("memcpy_" #name "_f32")->Apply(shapes);           \
+  BENCHMARK(copy_reference<float, O, true>)->Name("rowcopy_" #name "_f32")->Apply(shapes);           \
+  BENCHMARK(kernel<locmoe::bf16, O>)->Name(#name "_bf16")->Apply(shapes);                            \
+  BENCHMARK(copy_reference<locmoe::bf16, O, false>)->Name("memcpy_" #name "_bf16")->Apply(shapes);   \
+  BENCHMARK(copy_reference<locmoe::bf16, O, true>)->Name("rowcopy_" #name "_bf16")->Apply(shapes)
+
 BENCHMARK(plan_build)->Apply(shapes);
-BENCHMARK(dispatch_f32)->Apply(shapes);
-BENCHMARK(memcpy_dispatch_f32)->Apply(shapes);
-BENCHMARK(dispatch_bf16)->Apply(shapes);
-BENCHMARK(memcpy_dispatch_bf16)->Apply(shapes);
-BENCHMARK(combine_f32)->Apply(shapes);
-BENCHMARK(memcpy_combine_f32)->Apply(shapes);
+LOCMOE_BENCH_FAMILY(dispatch, op::dispatch);
+LOCMOE_BENCH_FAMILY(combine, op::combine);
+LOCMOE_BENCH_FAMILY(combine_backward, op::combine_backward);
+LOCMOE_BENCH_FAMILY(dispatch_backward, op::dispatch_backward);
 
 }  // namespace
 

@@ -1,7 +1,9 @@
 // Gating and selection at the memory-bandwidth limit (issue 3). Every family reports bytes/s (the
 // activation bytes read per second) and tokens/s, with args (T, d, n[, k]):
 //   read_reference_{f32,bf16}  a plain streaming read of the same bytes (XOR of 64-bit words), dispatched
-//                              to the same instruction set as the kernels: the machine's limit
+//                              to the same instruction set as the kernels, one 64-byte chunk per step;
+//   read_wide_{f32,bf16}       the same with 8 registers per step: the reference is the faster of the two
+// Activations are 64-byte aligned, as tensor libraries allocate them (bench/aligned.hpp).
 //   grap_top1_{f32,bf16,fp16}  fused GrAP gate -> softmax -> Top-1 (grap_route, k = 1)
 //   grap_topk_f32              fused GrAP gate -> softmax -> Top-k
 //   dense_top1_f32             dense gate (Eigen GEMM, single thread) -> softmax -> Top-1 (dense_route)
@@ -10,6 +12,8 @@
 // this with repetitions and prints the medians' ratios to read_reference.
 #include <locmoe/reference.hpp>
 #include <locmoe/select.hpp>
+
+#include "aligned.hpp"
 
 #include <benchmark/benchmark.h>
 
@@ -25,8 +29,8 @@ using locmoe::matrix_view;
 
 // Activations: N(0, 1) plus a per-token offset per block, so that the experts' logits differ.
 template <class T>
-const std::vector<T>& activations(std::size_t tokens, std::size_t d) {
-  static std::map<std::pair<std::size_t, std::size_t>, std::vector<T>> cache;
+const locmoe_bench::aligned_vector<T>& activations(std::size_t tokens, std::size_t d) {
+  static std::map<std::pair<std::size_t, std::size_t>, locmoe_bench::aligned_vector<T>> cache;
   auto& x = cache[{tokens, d}];
   if (x.empty()) {
     x.resize(tokens * d);
@@ -53,13 +57,14 @@ void set_counters(benchmark::State& state, const shape& s) {
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(s.tokens), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-template <class T>
+template <class T, bool Wide>
 void read_reference(benchmark::State& state) {
   const shape s(state, false);
   const auto& x = activations<T>(s.tokens, s.d);
   locmoe::detail::stream_read_kernel::args_type a;
   a.data = reinterpret_cast<const unsigned char*>(x.data());
   a.bytes = x.size() * sizeof(T);
+  a.wide = Wide;
   for (auto _ : state) benchmark::DoNotOptimize(locmoe::detail::run<locmoe::detail::stream_read_kernel>(a));
   set_counters<T>(state, s);
   state.SetLabel(locmoe::detail::dispatched_arch_name());
@@ -127,9 +132,12 @@ void shapes_k(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "d", "n", "k"})->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
-BENCHMARK(read_reference<float>)->Name("read_reference_f32")->Apply(shapes);
-BENCHMARK(read_reference<locmoe::bf16>)->Name("read_reference_bf16")->Apply(shapes);
-BENCHMARK(read_reference<locmoe::fp16>)->Name("read_reference_fp16")->Apply(shapes);
+BENCHMARK(read_reference<float, false>)->Name("read_reference_f32")->Apply(shapes);
+BENCHMARK(read_reference<locmoe::bf16, false>)->Name("read_reference_bf16")->Apply(shapes);
+BENCHMARK(read_reference<locmoe::fp16, false>)->Name("read_reference_fp16")->Apply(shapes);
+BENCHMARK(read_reference<float, true>)->Name("read_wide_f32")->Apply(shapes);
+BENCHMARK(read_reference<locmoe::bf16, true>)->Name("read_wide_bf16")->Apply(shapes);
+BENCHMARK(read_reference<locmoe::fp16, true>)->Name("read_wide_fp16")->Apply(shapes);
 BENCHMARK(grap_route<float, false>)->Name("grap_top1_f32")->Apply(shapes);
 BENCHMARK(grap_route<locmoe::bf16, false>)->Name("grap_top1_bf16")->Apply(shapes);
 BENCHMARK(grap_route<locmoe::fp16, false>)->Name("grap_top1_fp16")->Apply(shapes);

@@ -240,3 +240,30 @@ TEST_CASE("dispatch plan: a row between kept slots is padding too") {
   dispatch(plan, matrix_view<const float>(x.data(), 2, 1), matrix_view<float>(buffer.data(), 3, 1));
   CHECK(buffer == std::vector<float>{1, 0, 2});
 }
+
+TEST_CASE("16-bit row codec: bf16 decode and round-to-nearest-even encode equal Eigen's conversions bit for bit") {
+  // Every bf16 pattern decodes as Eigen decodes it.
+  std::vector<bf16> all(65536);
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    const auto bits = static_cast<std::uint16_t>(i);
+    std::memcpy(static_cast<void*>(&all[i]), &bits, 2);
+  }
+  std::vector<float> decoded(all.size());
+  for (std::size_t c0 = 0; c0 < all.size(); c0 += detail::row_chunk) detail::decode_row(all.data() + c0, decoded.data() + c0, detail::row_chunk);
+  for (std::size_t i = 0; i < all.size(); ++i) CHECK(same_bits(decoded[i], static_cast<float>(all[i])));
+  // Floats: random bit patterns (NaNs with payloads and signs, infinities, subnormals, ties) encode as Eigen does.
+  std::mt19937 rng(17);
+  std::vector<float> values(detail::row_chunk * 64);
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    std::uint32_t bits = static_cast<std::uint32_t>(rng());
+    if (i % 7 == 0) bits = (bits & 0xffff0000u) | 0x8000u;  // exact ties
+    if (i % 11 == 0) bits |= 0x7f800000u;                  // Inf and NaN
+    if (i % 13 == 0) bits &= 0x807fffffu;                  // zero and subnormals
+    std::memcpy(&values[i], &bits, 4);
+  }
+  std::vector<bf16> encoded(values.size());
+  for (std::size_t c0 = 0; c0 < values.size(); c0 += detail::row_chunk) {
+    detail::encode_row(values.data() + c0, encoded.data() + c0, detail::row_chunk);
+  }
+  for (std::size_t i = 0; i < values.size(); ++i) CHECK(same_bits(encoded[i], bf16(values[i])));
+}

@@ -53,12 +53,14 @@ struct select_kernel {
   std::size_t operator()(Arch arch, const args_type& a) const noexcept;
 };
 
-/// A plain streaming read of `bytes` bytes (the benchmarks' memory-bandwidth reference): XOR of all
-/// 64-bit words, one 64-byte chunk per step (more in flight measured slower; docs/benchmarks.md). Returns the XOR so the read cannot be elided.
+/// A plain streaming read of `bytes` bytes (the benchmarks' memory-bandwidth reference): XOR of all 64-bit
+/// words, one 64-byte chunk per step, or with `wide` 8 registers of the set's width per step (8 loads in flight);
+/// the benchmarks report the faster. Returns the XOR so the read cannot be elided.
 struct stream_read_kernel {
   struct args_type {
     const unsigned char* data = nullptr;
     std::size_t bytes = 0;
+    bool wide = false;
   };
   template <class Arch>
   std::size_t operator()(Arch arch, const args_type& a) const noexcept;
@@ -122,25 +124,32 @@ std::size_t select_kernel<S>::operator()(Arch arch, const args_type& a) const no
   return invalid;
 }
 
-template <class Arch>
-std::size_t stream_read_kernel::operator()(Arch, const args_type& a) const noexcept {
+namespace simd {
+/// XOR of every 64-bit word of [data, data + bytes) with `Registers` independent accumulators of Arch's width.
+template <std::size_t Registers, class Arch>
+std::size_t xor_read(Arch, const unsigned char* data, std::size_t bytes) noexcept {
   using batch = xsimd::batch<std::uint64_t, Arch>;
-  constexpr std::size_t width = batch::size;
-  constexpr std::size_t registers = simd::virtual_bytes / (width * sizeof(std::uint64_t));
-  constexpr std::size_t step = simd::virtual_bytes;
-  batch acc[registers];
+  constexpr std::size_t width = batch::size, step = Registers * width * sizeof(std::uint64_t);
+  batch acc[Registers];
   for (auto& v : acc) v = batch(std::uint64_t{0});
   std::size_t offset = 0;
-  for (; offset + step <= a.bytes; offset += step) {
-    const auto* words = reinterpret_cast<const std::uint64_t*>(a.data + offset);
-    for (std::size_t r = 0; r < registers; ++r) acc[r] ^= batch::load_unaligned(words + r * width);
+  for (; offset + step <= bytes; offset += step) {
+    const auto* words = reinterpret_cast<const std::uint64_t*>(data + offset);
+    for (std::size_t r = 0; r < Registers; ++r) acc[r] ^= batch::load_unaligned(words + r * width);
   }
-  alignas(simd::virtual_bytes) std::uint64_t lane[registers * width];
-  for (std::size_t r = 0; r < registers; ++r) acc[r].store_aligned(lane + r * width);
+  alignas(64) std::uint64_t lane[Registers * width];
+  for (std::size_t r = 0; r < Registers; ++r) acc[r].store_unaligned(lane + r * width);
   std::uint64_t folded = 0;
   for (const auto v : lane) folded ^= v;
-  for (; offset < a.bytes; ++offset) folded ^= a.data[offset];
+  for (; offset < bytes; ++offset) folded ^= data[offset];
   return static_cast<std::size_t>(folded);
+}
+}  // namespace simd
+
+template <class Arch>
+std::size_t stream_read_kernel::operator()(Arch arch, const args_type& a) const noexcept {
+  constexpr std::size_t per_chunk = simd::virtual_bytes / (xsimd::batch<std::uint64_t, Arch>::size * sizeof(std::uint64_t));
+  return a.wide ? simd::xor_read<8>(arch, a.data, a.bytes) : simd::xor_read<per_chunk>(arch, a.data, a.bytes);
 }
 
 }  // namespace locmoe::detail

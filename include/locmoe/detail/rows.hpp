@@ -245,6 +245,48 @@ void dispatch_rows(const pair_layout& pairs, const std::int64_t* order, std::siz
   }
 }
 
+/// Rows of 16-bit values to float and back, in chunks the compiler vectorizes: bf16 by integer shifts and a
+/// branch-free round to nearest even (Eigen's conversion, bit for bit, NaN included: 0x7fc0 with the sign);
+/// fp16 through Eigen's conversions; float and double as they are.
+inline constexpr std::size_t row_chunk = 256;
+
+inline float bf16_bits_to_float(std::uint16_t bits) noexcept {
+  const std::uint32_t wide = static_cast<std::uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+inline std::uint16_t float_to_bf16_bits(float f) noexcept {
+  std::uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const std::uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const std::uint32_t nan = ((x >> 16) & 0x8000u) | 0x7fc0u;
+  return static_cast<std::uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+template <class T>
+void decode_row(const T* in, float* out, std::size_t len) noexcept {
+  for (std::size_t c = 0; c < len; ++c) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      out[c] = bf16_bits_to_float(in[c].value);
+    } else {
+      out[c] = static_cast<float>(in[c]);
+    }
+  }
+}
+
+template <class T>
+void encode_row(const float* in, T* out, std::size_t len) noexcept {
+  for (std::size_t c = 0; c < len; ++c) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      out[c].value = float_to_bf16_bits(in[c]);
+    } else {
+      out[c] = T(in[c]);
+    }
+  }
+}
+
 /// combine's sums for the tokens [begin, end), with non-temporal stores or without (the tests run both).
 /// 16-bit rows (bf16, fp16): each element summed in float, ((0 + w0 r0) + w1 r1) + ..., then rounded once to T
 /// (round to nearest even); plain stores. The CUDA backend does the same operations. Chunks of 256 elements
@@ -252,21 +294,41 @@ void dispatch_rows(const pair_layout& pairs, const std::int64_t* order, std::siz
 template <class T, class Weights>
 void combine_rows_16bit(const pair_layout& pairs, const matrix_view<const T>& buffer, const Weights& weight,
                         const matrix_view<T>& y, std::size_t begin, std::size_t end) {
-  constexpr std::size_t chunk = 256;
+  constexpr std::size_t chunk = row_chunk, tracked = 8, ahead = prefetch_bytes / sizeof(T), line = 64 / sizeof(T);
   const std::size_t k = pairs.top_k, d = y.cols;
+  // The rows of a token's first `tracked` choices (null: dropped), prefetched ahead and on into the next token's.
+  const auto rows_of = [&](std::size_t t, const T** rows) {
+    for (std::size_t j = 0; j < tracked; ++j)
+      rows[j] = t < end && j < k && pairs.kept(t * k + j) ? buffer.row(pairs.row(t * k + j)) : nullptr;
+  };
+  const T* now[tracked];
+  const T* next[tracked];
+  rows_of(begin, next);
   for (std::size_t t = begin; t < end; ++t) {
     T* out = y.row(t);
+    std::copy(next, next + tracked, now);
+    rows_of(t + 1, next);
     for (std::size_t c0 = 0; c0 < d; c0 += chunk) {
       const std::size_t len = std::min(chunk, d - c0);
-      float sum[chunk];
-      std::fill(sum, sum + len, 0.0f);
+      for (std::size_t j = 0; j < tracked; ++j)
+        for (std::size_t c = 0; now[j] && c < len; c += line) prefetch_ahead(now[j], next[j], c0 + c, ahead, d);
+      float sum[chunk], row[chunk];
+      bool first = true;  // the first kept row sets sum = 0 + w r: the same as zeroing, then adding
       for (std::size_t j = 0; j < k; ++j) {
         if (!pairs.kept(t * k + j)) continue;
         const float w = static_cast<float>(weight(t, j));
-        const T* row = buffer.row(pairs.row(t * k + j)) + c0;
-        for (std::size_t c = 0; c < len; ++c) sum[c] += w * static_cast<float>(row[c]);
+        decode_row(buffer.row(pairs.row(t * k + j)) + c0, row, len);
+        if (first) {
+          for (std::size_t c = 0; c < len; ++c) sum[c] = 0.0f + w * row[c];
+        } else {
+          for (std::size_t c = 0; c < len; ++c) sum[c] += w * row[c];
+        }
+        first = false;
       }
-      for (std::size_t c = 0; c < len; ++c) out[c0 + c] = T(sum[c]);
+      if (first) {
+        for (std::size_t c = 0; c < len; ++c) sum[c] = 0.0f;
+      }
+      encode_row(sum, out + c0, len);
     }
   }
 }
@@ -307,30 +369,58 @@ void zero_padding_rows(const pair_layout& pairs, const matrix_view<T>& buffer, s
 template <class T>
 using row_math_t = std::conditional_t<std::is_floating_point_v<T>, T, float>;
 
-/// sum_c a_c b_c in A over 16 partial sums (element c into sum c mod 16), combined by a fixed pairwise tree:
-/// one order whatever the caller's thread, vectorizable without reassociation.
+/// One pair of combine's backward: out[c] = w dy[c] (16-bit rows: the float product rounded once), and the dot
+/// dy . row in A over 16 partial sums (element c into sum c mod 16) combined by a fixed pairwise tree: one order
+/// whatever the caller's thread; one pass over the three rows, in chunks (out may be null: the dot alone); `row`
+/// is prefetched ahead and then `next` (the next pair's row, or null).
 template <class A, class T>
-A row_dot(const T* a, const T* b, std::size_t d) noexcept {
-  constexpr std::size_t lanes = 16;
+A scale_and_dot(const T* dy, const T* row, std::size_t d, A w, T* out, const T* next) noexcept {
+  constexpr std::size_t lanes = 16, chunk = row_chunk, ahead = prefetch_bytes / sizeof(T), line = 64 / sizeof(T);
   A part[lanes] = {};
-  std::size_t c = 0;
-  for (; c + lanes <= d; c += lanes)
-    for (std::size_t i = 0; i < lanes; ++i) part[i] += static_cast<A>(a[c + i]) * static_cast<A>(b[c + i]);
-  for (std::size_t i = 0; c < d; ++c, ++i) part[i] += static_cast<A>(a[c]) * static_cast<A>(b[c]);
+  for (std::size_t c0 = 0; c0 < d; c0 += chunk) {
+    const std::size_t len = std::min(chunk, d - c0);
+    for (std::size_t c = 0; c < len; c += line) prefetch_ahead(row, next, c0 + c, ahead, d);
+    if constexpr (std::is_floating_point_v<T>) {
+      const T* a = dy + c0;
+      const T* b = row + c0;
+      std::size_t c = 0;
+      for (; c + lanes <= len; c += lanes)
+        for (std::size_t i = 0; i < lanes; ++i) part[i] += a[c + i] * b[c + i];
+      for (; c < len; ++c) part[(c0 + c) % lanes] += a[c] * b[c];
+      if (out)
+        for (c = 0; c < len; ++c) out[c0 + c] = w * a[c];
+    } else {
+      float a[chunk], b[chunk], scaled[chunk];
+      decode_row(dy + c0, a, len);
+      decode_row(row + c0, b, len);
+      std::size_t c = 0;
+      for (; c + lanes <= len; c += lanes)
+        for (std::size_t i = 0; i < lanes; ++i) part[i] += a[c + i] * b[c + i];
+      for (; c < len; ++c) part[(c0 + c) % lanes] += a[c] * b[c];
+      if (out) {
+        for (c = 0; c < len; ++c) scaled[c] = w * a[c];
+        encode_row(scaled, out + c0, len);
+      }
+    }
+  }
   for (std::size_t width = lanes / 2; width > 0; width /= 2)
     for (std::size_t i = 0; i < width; ++i) part[i] += part[i + width];
   return part[0];
 }
 
 /// combine's backward for the tokens [begin, end): grad_buffer[row_tj] = w_tj grad_y[t] (16-bit rows: the float
-/// product rounded once) and grad_weight(t, j) = grad_y[t] . buffer[row_tj] (row_dot; 0 for a dropped pair).
+/// product rounded once) and grad_weight(t, j) = grad_y[t] . buffer[row_tj] (scale_and_dot; 0 for a dropped pair).
 /// Either output may be absent. Padding rows are zero_padding_rows' job.
 template <class T, class W>
 void combine_backward_rows(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                            const matrix_view<const T>& grad_y, const matrix_view<T>& grad_buffer,
                            const matrix_view<W>& grad_weight, std::size_t begin, std::size_t end) {
   using A = row_math_t<T>;
-  const std::size_t k = pairs.top_k, d = grad_y.cols;
+  const std::size_t k = pairs.top_k, d = grad_y.cols, last = end * k;
+  const auto next_kept = [&](std::size_t p) {  // the first kept pair after p in the range, or `last`
+    for (++p; p < last && !pairs.kept(p); ++p) {}
+    return p;
+  };
   for (std::size_t t = begin; t < end; ++t) {
     const T* dy = grad_y.row(t);
     for (std::size_t j = 0; j < k; ++j) {
@@ -339,13 +429,11 @@ void combine_backward_rows(const pair_layout& pairs, const matrix_view<const T>&
         if (grad_weight.present()) grad_weight(t, j) = W(0);
         continue;
       }
-      const std::size_t r = pairs.row(p);
-      if (grad_weight.present()) grad_weight(t, j) = static_cast<W>(row_dot<A>(dy, buffer.row(r), d));
-      if (grad_buffer.present()) {
-        const A w = static_cast<A>(weight(t, j));
-        T* out = grad_buffer.row(r);
-        for (std::size_t c = 0; c < d; ++c) out[c] = T(w * static_cast<A>(dy[c]));
-      }
+      const std::size_t r = pairs.row(p), after = next_kept(p);
+      const A dot = scale_and_dot<A>(dy, buffer.row(r), d, static_cast<A>(weight(t, j)),
+                                     grad_buffer.present() ? grad_buffer.row(r) : nullptr,
+                                     after < last ? buffer.row(pairs.row(after)) : nullptr);
+      if (grad_weight.present()) grad_weight(t, j) = static_cast<W>(dot);
     }
   }
 }
