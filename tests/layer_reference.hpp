@@ -26,6 +26,26 @@ struct layer_case {
   bool drops = false;  ///< capacity below the largest load (else dropless)
 };
 
+/// Calls f(c, name, index) for the 48 cases the layer tests cover: both gates, four score functions (softmax
+/// before Top-k, the same renormalized, softmax after Top-k, sigmoid), k = 1, 2, 4, drops off and on.
+template <class F>
+void for_each_layer_case(F&& f) {
+  struct scoring {
+    locmoe::score_function score;
+    bool before, renormalize;
+    const char* name;
+  };
+  const scoring scorings[] = {{locmoe::score_function::softmax, true, false, "softmax before Top-k"},
+                              {locmoe::score_function::softmax, true, true, "softmax before Top-k, renormalized"},
+                              {locmoe::score_function::softmax, false, false, "softmax after Top-k"},
+                              {locmoe::score_function::sigmoid, true, false, "sigmoid"}};
+  int index = 0;
+  for (const bool dense : {false, true})
+    for (const scoring& s : scorings)
+      for (const std::size_t k : {std::size_t{1}, std::size_t{2}, std::size_t{4}})
+        for (const bool drops : {false, true}) f(layer_case{dense, s.score, s.before, s.renormalize, k, drops}, s.name, index++);
+}
+
 /// Sizes and parameters: T tokens of width d, n experts (each a d x d linear map), 2 ranks on 2 nodes.
 struct layer_params {
   std::size_t tokens = 8, d = 8, n = 4;

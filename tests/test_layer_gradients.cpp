@@ -38,35 +38,19 @@ double worst_over(layer_params& p, const layer_case& c, std::vector<double>& val
 }  // namespace
 
 TEST_CASE("layer gradients: x, gate and expert parameters against central differences") {
-  struct scoring {
-    score_function score;
-    bool before, renormalize;
-    const char* name;
-  };
-  const scoring scorings[] = {{score_function::softmax, true, false, "softmax before Top-k"},
-                              {score_function::softmax, true, true, "softmax before Top-k, renormalized"},
-                              {score_function::softmax, false, false, "softmax after Top-k"},
-                              {score_function::sigmoid, true, false, "sigmoid"}};
   int cases = 0;
-  for (const bool dense : {false, true}) {
-    for (const scoring& s : scorings) {
-      for (const std::size_t k : {1u, 2u, 4u}) {
-        for (const bool drops : {false, true}) {
-          const layer_case c{dense, s.score, s.before, s.renormalize, k, drops};
-          CAPTURE(dense);
-          CAPTURE(std::string(s.name));
-          CAPTURE(k);
-          CAPTURE(drops);
-          layer_params p(static_cast<std::uint32_t>(100 + cases));
-          const locmoe_test::layer_gradients g = run_layer(p, c, true);
-          CHECK(worst_over(p, c, p.x, g.x, g.routed) < 1.0);
-          CHECK(worst_over(p, c, p.gate_bias, g.gate_bias, g.routed) < 1.0);
-          CHECK(worst_over(p, c, p.expert_weight, g.expert_weight, g.routed) < 1.0);
-          if (dense) CHECK(worst_over(p, c, p.gate_weight, g.gate_weight, g.routed) < 1.0);
-          ++cases;
-        }
-      }
-    }
-  }
+  locmoe_test::for_each_layer_case([&](const layer_case& c, const char* name, int index) {
+    CAPTURE(c.dense);
+    CAPTURE(std::string(name));
+    CAPTURE(c.k);
+    CAPTURE(c.drops);
+    layer_params p(static_cast<std::uint32_t>(100 + index));
+    const locmoe_test::layer_gradients g = run_layer(p, c, true);
+    CHECK(worst_over(p, c, p.x, g.x, g.routed) < 1.0);
+    CHECK(worst_over(p, c, p.gate_bias, g.gate_bias, g.routed) < 1.0);
+    CHECK(worst_over(p, c, p.expert_weight, g.expert_weight, g.routed) < 1.0);
+    if (c.dense) CHECK(worst_over(p, c, p.gate_weight, g.gate_weight, g.routed) < 1.0);
+    ++cases;
+  });
   CHECK(cases == 48);
 }

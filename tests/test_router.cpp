@@ -98,47 +98,30 @@ double worst_relative(const std::vector<double>& a, const std::vector<double>& b
 }  // namespace
 
 TEST_CASE("moe_router: a training step equals the free-function layer (itself checked by finite differences)") {
-  struct scoring {
-    score_function score;
-    bool before, renormalize;
-  };
-  const scoring scorings[] = {{score_function::softmax, true, false},
-                              {score_function::softmax, true, true},
-                              {score_function::softmax, false, false},
-                              {score_function::sigmoid, true, false}};
   thread_pool pool(2);
   const cpu_backend cpu(pool, 1);
   int cases = 0;
-  for (const bool dense : {false, true}) {
-    for (const scoring& s : scorings) {
-      for (const std::size_t k : {1u, 2u, 4u}) {
-        for (const bool drops : {false, true}) {
-          const layer_case c{dense, s.score, s.before, s.renormalize, k, drops};
-          CAPTURE(dense);
-          CAPTURE(static_cast<int>(s.score));
-          CAPTURE(s.before);
-          CAPTURE(s.renormalize);
-          CAPTURE(k);
-          CAPTURE(drops);
-          layer_params p(static_cast<std::uint32_t>(500 + cases));
-          std::fill(p.token_rank.begin(), p.token_rank.end(), 0);  // rank-local: every token is rank 0's
-          const locmoe_test::layer_gradients want = run_layer(p, c, true);
-          const topology topo = topology::uniform(2, 1, static_cast<std::int64_t>(p.n));
-          moe_router<cpu_backend, double> router(cpu, options_for(p, c, topo));
-          for (int step = 0; step < 2; ++step) {  // a second step reuses every buffer
-            const locmoe_test::layer_gradients got = router_step(router, p, dense);
-            CHECK(got.routed == want.routed);
-            CHECK(std::abs(got.loss - want.loss) <= 1e-12 * std::abs(want.loss));
-            CHECK(worst_relative(got.x, want.x) < 1e-9);
-            CHECK(worst_relative(got.gate_bias, want.gate_bias) < 1e-9);
-            CHECK(worst_relative(got.expert_weight, want.expert_weight) < 1e-9);
-            if (dense) CHECK(worst_relative(got.gate_weight, want.gate_weight) < 1e-9);
-          }
-          ++cases;
-        }
-      }
+  locmoe_test::for_each_layer_case([&](const layer_case& c, const char* name, int index) {
+    CAPTURE(c.dense);
+    CAPTURE(std::string(name));
+    CAPTURE(c.k);
+    CAPTURE(c.drops);
+    layer_params p(static_cast<std::uint32_t>(500 + index));
+    std::fill(p.token_rank.begin(), p.token_rank.end(), 0);  // rank-local: every token is rank 0's
+    const locmoe_test::layer_gradients want = run_layer(p, c, true);
+    const topology topo = topology::uniform(2, 1, static_cast<std::int64_t>(p.n));
+    moe_router<cpu_backend, double> router(cpu, options_for(p, c, topo));
+    for (int step = 0; step < 2; ++step) {  // a second step reuses every buffer
+      const locmoe_test::layer_gradients got = router_step(router, p, c.dense);
+      CHECK(got.routed == want.routed);
+      CHECK(std::abs(got.loss - want.loss) <= 1e-12 * std::abs(want.loss));
+      CHECK(worst_relative(got.x, want.x) < 1e-9);
+      CHECK(worst_relative(got.gate_bias, want.gate_bias) < 1e-9);
+      CHECK(worst_relative(got.expert_weight, want.expert_weight) < 1e-9);
+      if (c.dense) CHECK(worst_relative(got.gate_weight, want.gate_weight) < 1e-9);
     }
-  }
+    ++cases;
+  });
   CHECK(cases == 48);
 }
 

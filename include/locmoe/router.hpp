@@ -28,8 +28,9 @@
 // 1 <= k <= n, capacity parameters as assign.hpp, 0 < locality_smoothing <= 1, rank in [0, R), a topology with n
 // experts; local_overflow only with softmax before Top-k without renormalization (a rerouted choice's weight is its
 // probability). Per call: shapes as planned (errors name the argument).
-// Memory: every [T x ...] buffer is owned and reused: after the first step at the largest T nothing of size O(T)
-// is allocated (the losses and selection keep O(n + R n) scratch per call). Backend: the route, dispatch, combine
+// Memory: every [T x ...] buffer and the selection's scratch are owned and reused: after the first step at the
+// largest T nothing of size O(T) is allocated; the losses allocate O(n + R n) scratch per step (a few hundred
+// bytes at n = 16; tests/test_router_allocations.cpp measures it). Backend: the route, dispatch, combine
 // and their backwards run on `Backend` (cpu_backend's threads); the selection's backward, the losses and the
 // gate's backward run on the host, so this object needs host memory (a CUDA router is future work).
 // Example: docs/api.md#a-training-step.
@@ -50,6 +51,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -137,6 +139,7 @@ class moe_router {
   moe_router(const Backend& backend, const moe_router_options& options)
       : backend_(backend), o_(options), assigner_(options.experts, assignment_options(options)) {
     check_options();
+    scratch_ = std::make_unique<route_scratch<Real>>(selection(), o_.experts);
   }
 
   const moe_router_options& options() const noexcept { return o_; }
@@ -184,7 +187,7 @@ class moe_router {
         dense_logits(g, x, logits, token_range{}, workspace_.data(), workspace_.size());
       }
     }
-    if (!fused) invalid_ = score_route(matrix_view<const Real>(logits), selection(), out);
+    if (!fused) invalid_ = score_route(matrix_view<const Real>(logits), selection(), out, {}, throw_on_error{}, scratch_.get());
     count_routed(tokens);
     losses(tokens);
     r_.routed_expert = indices;
@@ -539,6 +542,7 @@ class moe_router {
   const Backend& backend_;
   moe_router_options o_;
   capacity_assigner<Real> assigner_;
+  std::unique_ptr<route_scratch<Real>> scratch_;  // the selection's per-token scratch, built once
   routing<Real> r_;
   std::size_t tokens_ = 0, invalid_ = 0;
   bool assigned_ = false;

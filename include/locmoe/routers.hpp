@@ -35,7 +35,8 @@
 // Returns the number of invalid tokens (errno_on_error: -1, as size_t, on bad arguments).
 // Cost: score_route O(n k) per token, one exp per score (SIMD for the softmax-before-Top-k path without bias
 // or groups, which is select.hpp's softmax_top_k); hash/rre O(1) per token. The generic path allocates one
-// workspace per call (about 90 KB for float); little stack. Thread safety: no state; disjoint token ranges may run concurrently.
+// workspace per call (about 90 KB for float) unless the caller passes a reusable route_scratch; little stack.
+// Thread safety: no state; disjoint token ranges may run concurrently (each with its own route_scratch).
 // Example: docs/api.md#routers.
 #pragma once
 
@@ -282,12 +283,18 @@ bool check_ids(const char* fn, const char* argument, const Id* ids, std::size_t 
 
 }  // namespace detail
 
+/// Reusable scratch of score_route's generic path (about 21 n bytes for float; keep it on the heap), built from
+/// the options and n of the calls that use it: a caller that routes every step keeps one and allocates nothing.
+template <class S>
+using route_scratch = detail::route_workspace<S>;
+
 /// Routes logits [T x n] (see the header comment). `out.logits` is not used; `out.probabilities`, if passed,
-/// receives the scores (softmax probabilities or sigmoids) [T x n].
+/// receives the scores (softmax probabilities or sigmoids) [T x n]. `scratch`, if passed, must have been built
+/// from the same options and n; without it the generic path allocates one per call.
 template <class In, class Policy = default_policy>
 std::size_t score_route(const matrix_view<In>& logits, const router_options<detail::plain_t<In>>& options,
                         const route_outputs<detail::plain_t<In>>& out, token_range range = {},
-                        const Policy& = Policy{}) {
+                        const Policy& policy = Policy{}, route_scratch<detail::plain_t<In>>* scratch = nullptr) {
   using S = detail::plain_t<In>;
   static_assert(std::is_floating_point_v<S>, "score_route: logits are float or double");
   constexpr const char* fn = "locmoe::score_route";
@@ -303,11 +310,13 @@ std::size_t score_route(const matrix_view<In>& logits, const router_options<deta
     return detail::run_select<S>(logits, range, {options.k, true, options.renormalize}, out.probabilities,
                                  out.indices, out.weights);
   }
-  const auto workspace = std::make_unique<detail::route_workspace<S>>(options, n);
+  static_cast<void>(policy);
+  std::unique_ptr<detail::route_workspace<S>> own;
+  if (!scratch) scratch = (own = std::make_unique<detail::route_workspace<S>>(options, n)).get();
   std::size_t invalid = 0;
   for (std::size_t t = range.begin; t < range.end; ++t) {
     S* scores = out.probabilities.present() ? out.probabilities.row(t) : nullptr;
-    if (!detail::route_token(options, *workspace, logits.row(t), n, out.indices.row(t), out.weights.row(t), scores)) {
+    if (!detail::route_token(options, *scratch, logits.row(t), n, out.indices.row(t), out.weights.row(t), scores)) {
       ++invalid;
       std::fill(out.indices.row(t), out.indices.row(t) + options.k, no_expert);
       std::fill(out.weights.row(t), out.weights.row(t) + options.k, S(0));
