@@ -11,7 +11,8 @@
 //   dispatch_backward         dispatch_backward: kept rows read, T rows written
 //   memcpy_<family>           std::memcpy of (read + written) / 2 bytes: the same traffic as <family>
 //   rowcopy_<family>          the same bytes copied one row (d elements) at a time
-// bench/dispatch_ratios.py prints each family's median bytes/s over the faster of its two copies.
+//   ntcopy_<family>           the same rows copied with non-temporal stores and prefetching, as the kernels write
+// bench/dispatch_ratios.py prints each family's median bytes/s over the fastest of its three copies.
 // Every array is allocated and touched once per (k) and shared by the families, outside the timing loop; each
 // run starts with one untimed call (on this VM the first pass over freshly zeroed memory ran up to 10x slower).
 #include <locmoe/assign.hpp>
@@ -210,19 +211,30 @@ void kernel(benchmark::State& state) {
   set_bytes(state, traffic(l, O, sizeof(T)));
 }
 
-/// A copy that reads `bytes / 2` and writes as many: `bytes` of traffic, as the kernel it stands by; one memcpy
-/// (Rows false) or one memcpy per row of d elements (Rows true).
-template <class T, op O, bool Rows>
+enum class copy_kind { memcpy, rows, streaming };
+
+/// A copy that reads `bytes / 2` and writes as many: `bytes` of traffic, as the kernel it stands by; one memcpy,
+/// one memcpy per row of d elements, or rows copied with non-temporal stores and prefetching (what the kernels
+/// do above LOCMOE_STREAMING_STORE_BYTES).
+template <class T, op O, copy_kind Kind>
 void copy_reference(benchmark::State& state) {
   const layer& l = shared_layer(state);
   const std::size_t half = traffic(l, O, sizeof(T)) / 2, row = l.d * sizeof(T);
   copy_blocks& blocks = shared_blocks(half);
   const auto copy = [&] {
-    if (!Rows) {
+    if (Kind == copy_kind::memcpy) {
       std::memcpy(blocks.to.data(), blocks.from.data(), half);
       return;
     }
-    for (std::size_t at = 0; at + row <= half; at += row) std::memcpy(blocks.to.data() + at, blocks.from.data() + at, row);
+    for (std::size_t at = 0; at + row <= half; at += row) {
+      if (Kind == copy_kind::rows) {
+        std::memcpy(blocks.to.data() + at, blocks.from.data() + at, row);
+      } else {
+        const unsigned char* next = at + 2 * row <= half ? blocks.from.data() + at + row : nullptr;
+        locmoe::detail::copy_row_streaming(blocks.from.data() + at, row, blocks.to.data() + at, next);
+      }
+    }
+    if (Kind == copy_kind::streaming) locmoe::detail::streaming_fence();
   };
   copy();  // warm-up
   for (auto _ : state) {
@@ -241,11 +253,13 @@ void shapes(benchmark::internal::Benchmark* b) {
 
 #define LOCMOE_BENCH_FAMILY(name, O)                                                                   \
   BENCHMARK(kernel<float, O>)->Name(#name "_f32")->Apply(shapes);                                    \
-  BENCHMARK(copy_reference<float, O, false>)->Name("memcpy_" #name "_f32")->Apply(shapes);           \
-  BENCHMARK(copy_reference<float, O, true>)->Name("rowcopy_" #name "_f32")->Apply(shapes);           \
-  BENCHMARK(kernel<locmoe::bf16, O>)->Name(#name "_bf16")->Apply(shapes);                            \
-  BENCHMARK(copy_reference<locmoe::bf16, O, false>)->Name("memcpy_" #name "_bf16")->Apply(shapes);   \
-  BENCHMARK(copy_reference<locmoe::bf16, O, true>)->Name("rowcopy_" #name "_bf16")->Apply(shapes)
+  BENCHMARK(copy_reference<float, O, copy_kind::memcpy>)->Name("memcpy_" #name "_f32")->Apply(shapes);          \
+  BENCHMARK(copy_reference<float, O, copy_kind::rows>)->Name("rowcopy_" #name "_f32")->Apply(shapes);            \
+  BENCHMARK(copy_reference<float, O, copy_kind::streaming>)->Name("ntcopy_" #name "_f32")->Apply(shapes);        \
+  BENCHMARK(kernel<locmoe::bf16, O>)->Name(#name "_bf16")->Apply(shapes);                                        \
+  BENCHMARK(copy_reference<locmoe::bf16, O, copy_kind::memcpy>)->Name("memcpy_" #name "_bf16")->Apply(shapes);   \
+  BENCHMARK(copy_reference<locmoe::bf16, O, copy_kind::rows>)->Name("rowcopy_" #name "_bf16")->Apply(shapes);    \
+  BENCHMARK(copy_reference<locmoe::bf16, O, copy_kind::streaming>)->Name("ntcopy_" #name "_bf16")->Apply(shapes)
 
 BENCHMARK(plan_build)->Apply(shapes);
 LOCMOE_BENCH_FAMILY(dispatch, op::dispatch);

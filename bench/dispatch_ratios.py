@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs bench/bench_dispatch.cpp's binary with repetitions and prints, per shape, the median bytes/s of
-dispatch, combine and their backwards as a ratio to the faster copy of the same bytes (memcpy_<family> or
-rowcopy_<family>), from wall-clock time
+dispatch, combine and their backwards as a ratio to the fastest copy of the same bytes (memcpy_<family>,
+rowcopy_<family> or ntcopy_<family>, non-temporal stores), from wall-clock time
 (bytes_per_second) and from CPU time (the same bytes, so the ratio of median CPU times; it leaves out the time
 the thread waited for a core on a busy machine), and plan_build's median tokens/s. Usage:
     bench/dispatch_ratios.py build/default/bench/locmoe_bench_dispatch [--repetitions 5] [--min-time 0.2]
@@ -25,7 +25,7 @@ def main():
         cells = []
         for s in shapes:
             x = medians.get((family, s))
-            refs = [medians.get((kind + family, s)) for kind in ("memcpy_", "rowcopy_")]
+            refs = [medians.get((kind + family, s)) for kind in ("memcpy_", "rowcopy_", "ntcopy_")]
             refs = [r for r in refs if r]
             if not (x and refs):
                 cells.append(f"{'-':>26}")
@@ -36,7 +36,7 @@ def main():
         print(f"{family + ' / best copy':38} " + " ".join(cells))
     print()
     for family in families:
-        for kind in ("memcpy_", "rowcopy_"):
+        for kind in ("memcpy_", "rowcopy_", "ntcopy_"):
             cells = [f"{medians[(kind + family, s)]['bytes_per_second'] / 1e9:21.1f} GB/s" if (kind + family, s) in medians
                      else f"{'-':>26}" for s in shapes]
             print(f"{kind + family:38} " + " ".join(cells))
