@@ -157,11 +157,6 @@ inline dispatch_plan build_dispatch_plan(const matrix_view<const expert_index>& 
 
 namespace detail {
 
-template <class T>
-void check_rows(const char* fn, const char* argument, const matrix_view<T>& v, std::size_t rows, std::size_t d) {
-  check_view<throw_on_error>(fn, argument, v, rows, d, "must have d columns, as the other operand");
-}
-
 /// The plan's pairs in the capacity layout (padding rows are the plan's own job: zero_free_rows).
 inline pair_layout layout_of(const dispatch_plan& plan) noexcept {
   pair_layout pairs{plan.expert.data(), plan.slot.data(), plan.tokens, plan.top_k, plan.capacity};

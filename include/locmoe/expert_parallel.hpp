@@ -139,21 +139,14 @@ inline ep_exchange_plan build_ep_exchange_plan(const topology& topo, std::size_t
   return plan;
 }
 
-namespace detail {
-template <class T>
-void check_ep_rows(const char* fn, const char* argument, const matrix_view<T>& v, std::size_t rows, std::size_t d) {
-  check_view<throw_on_error>(fn, argument, v, rows, d, "must have d columns, as the other operand");
-}
-}  // namespace detail
-
 /// The experts' buffer [expert_rows x d] from the receive buffer [received x d]: each received row to its place,
 /// padding rows zero. Also the backward's move of dL/d(returned rows) to dL/d(experts' output).
 template <class T>
 void scatter_received(const ep_exchange_plan& plan, const matrix_view<const T>& received, const matrix_view<T>& experts) {
   constexpr const char* fn = "locmoe::scatter_received";
   const std::size_t d = received.cols;
-  detail::check_ep_rows(fn, "received", received, plan.received_rows(), d);
-  detail::check_ep_rows(fn, "experts", experts, plan.expert_rows(), d);
+  detail::check_rows(fn, "received", received, plan.received_rows(), d);
+  detail::check_rows(fn, "experts", experts, plan.expert_rows(), d);
   for (std::size_t row = 0; row < plan.expert_rows(); ++row) {  // destination order: every row written once
     const std::int32_t i = plan.received_of_row[row];
     if (i < 0) {
@@ -171,8 +164,8 @@ template <class T>
 void gather_for_return(const ep_exchange_plan& plan, const matrix_view<const T>& experts, const matrix_view<T>& returned) {
   constexpr const char* fn = "locmoe::gather_for_return";
   const std::size_t d = experts.cols;
-  detail::check_ep_rows(fn, "experts", experts, plan.expert_rows(), d);
-  detail::check_ep_rows(fn, "returned", returned, plan.received_rows(), d);
+  detail::check_rows(fn, "experts", experts, plan.expert_rows(), d);
+  detail::check_rows(fn, "returned", returned, plan.received_rows(), d);
   for (std::size_t i = 0; i < plan.received_rows(); ++i) {
     if (d > 0) {
       std::memcpy(static_cast<void*>(returned.row(i)), experts.row(static_cast<std::size_t>(plan.row_of_received[i])),
