@@ -15,6 +15,8 @@ function(locmoe_enable_simd_dispatch target)
   set(archs "sse2" "sse4_2" "fma3_avx2" "avx512bw")
   set(types "::xsimd::sse2" "::xsimd::sse4_2" "::xsimd::fma3<::xsimd::avx2>" "::xsimd::avx512bw")
   set(flags "-msse2" "-msse4.2" "-mavx2 -mfma" "-mavx512f -mavx512cd -mavx512dq -mavx512bw -mavx2 -mfma")
+  # Products and sums rounded one by one on every set (row_kernels.hpp): no multiply-add contracted into FMA.
+  list(TRANSFORM flags APPEND " -ffp-contract=off")
   set(dir "${CMAKE_CURRENT_BINARY_DIR}/locmoe_simd/${target}")
   foreach(i RANGE 3)
     list(GET archs ${i} arch)

@@ -6,7 +6,10 @@
 
 #include <doctest/doctest.h>
 
+#include "kernel_util.hpp"
+
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -189,24 +192,31 @@ TEST_CASE_TEMPLATE("combine equals zeroing then adding each kept row in choice o
         CHECK(kept < tokens * k - tokens / 5 * k);  // some choices dropped for capacity, not only whole tokens
         const matrix_view<const T> buffer_view(buffer.data(), plan.buffer_rows(), d, stride);
         const matrix_view<const T> weight_view(weight.data(), tokens, k);
-        // The public call (small: plain stores), the non-temporal path, and token ranges as the backends
-        // split them (three pieces, each its own call).
-        for (const int mode : {0, 1, 2}) {
-          CAPTURE(mode);
-          std::vector<T> y(tokens * stride, T(-1));
-          const matrix_view<T> y_view(y.data(), tokens, d, stride);
-          const pair_layout pairs = detail::layout_of(plan);
-          if (mode == 0) {
-            combine(plan, buffer_view, weight_view, y_view);
-          } else if (mode == 1) {
-            detail::combine_rows(pairs, buffer_view, weight_view, y_view, 0, tokens, true);
-          } else {
+        // The public call (small: plain stores); then the kernel on every instruction set this CPU has, with
+        // non-temporal stores (into 64-byte aligned rows where the stride allows) and over token ranges as the
+        // backends split them (three pieces, each its own call).
+        const auto check_y = [&](const auto& fill) {
+          std::vector<T> storage(tokens * stride + 64 / sizeof(T), T(-1));
+          T* y = storage.data();
+          while (reinterpret_cast<std::uintptr_t>(y) % 64 != 0) ++y;
+          const matrix_view<T> y_view(y, tokens, d, stride);
+          fill(y_view);
+          CHECK(std::memcmp(y, want.data(), tokens * stride * sizeof(T)) == 0);
+        };
+        check_y([&](const matrix_view<T>& y) { combine(plan, buffer_view, weight_view, y); });
+        const pair_layout pairs = detail::layout_of(plan);
+        const detail::weight_rows weights = detail::weight_rows_of(weight_view);
+        locmoe_test::for_each_arch([&](auto arch) {
+          CAPTURE(decltype(arch)::name());
+          check_y([&](const matrix_view<T>& y) {
+            detail::combine_kernel<T>{}(arch, {pairs, buffer_view, weights, y, 0, tokens, true});
+          });
+          check_y([&](const matrix_view<T>& y) {
             for (const auto& [begin, end] : {std::pair<std::size_t, std::size_t>{0, 5}, {5, 6}, {6, tokens}}) {
-              detail::combine_rows(pairs, buffer_view, weight_view, y_view, begin, end, false);
+              detail::combine_kernel<T>{}(arch, {pairs, buffer_view, weights, y, begin, end, false});
             }
-          }
-          CHECK(std::memcmp(y.data(), want.data(), y.size() * sizeof(T)) == 0);
-        }
+          });
+        });
       }
     }
   }

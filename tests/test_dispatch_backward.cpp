@@ -8,11 +8,14 @@
 
 #include <doctest/doctest.h>
 
+#include "kernel_util.hpp"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 using namespace locmoe;
@@ -78,9 +81,10 @@ bool is_zero_row(const T* row, std::size_t d) {
 
 TEST_CASE_TEMPLATE("combine_backward and dispatch_backward against scalar references", T, float, double, bf16, fp16) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  for (const std::size_t k : {1u, 2u, 3u}) {
+  // k = 20: more kept rows than the kernel sums in registers (16); d: tails of every step width, several chunks.
+  for (const std::size_t k : {1u, 2u, 3u, 20u}) {
     CAPTURE(k);
-    const std::size_t tokens = 41, n = 6, d = 37;
+    const std::size_t tokens = 41, n = k + 5, d = k == 2 ? 300 : k == 20 ? 530 : 37;
     const batch b = make_batch(static_cast<std::uint32_t>(k), tokens, n, k, d, 9);
     const std::size_t rows = b.plan.buffer_rows();
     std::mt19937 rng(3);
@@ -90,6 +94,23 @@ TEST_CASE_TEMPLATE("combine_backward and dispatch_backward against scalar refere
     combine_backward(b.plan, matrix_view<const T>(buffer.data(), rows, d), matrix_view<const float>(b.weight.data(), tokens, k),
                      matrix_view<const T>(grad_y.data(), tokens, d), matrix_view<T>(grad_buffer.data(), rows, d),
                      matrix_view<float>(grad_weight.data(), tokens, k));
+    // Every instruction set this CPU has, with non-temporal stores or without, gives the same bits.
+    locmoe_test::for_each_arch([&](auto arch) {
+      CAPTURE(decltype(arch)::name());
+      for (const bool streaming : {false, true}) {
+        std::vector<T> again(rows * d, T(std::numeric_limits<float>::quiet_NaN()));
+        std::vector<float> again_weight(tokens * k, std::numeric_limits<float>::quiet_NaN());
+        detail::combine_backward_kernel<T>{}(
+            arch, {detail::layout_of(b.plan), matrix_view<const T>(buffer.data(), rows, d),
+                   detail::weight_rows_of(matrix_view<const float>(b.weight.data(), tokens, k)),
+                   matrix_view<const T>(grad_y.data(), tokens, d), matrix_view<T>(again.data(), rows, d),
+                   detail::weight_grads_of(matrix_view<float>(again_weight.data(), tokens, k)), 0, tokens, streaming});
+        CHECK(std::memcmp(again_weight.data(), grad_weight.data(), grad_weight.size() * sizeof(float)) == 0);
+        for (std::size_t r = 0; r < rows; ++r) {  // rows the kernel writes (padding is zero_padding_rows' job)
+          if (b.plan.pair_of_row[r] >= 0) CHECK(std::memcmp(&again[r * d], &grad_buffer[r * d], d * sizeof(T)) == 0);
+        }
+      }
+    });
     std::vector<bool> filled(rows, false);
     for (std::size_t t = 0; t < tokens; ++t) {
       for (std::size_t j = 0; j < k; ++j) {
@@ -241,29 +262,50 @@ TEST_CASE("dispatch plan: a row between kept slots is padding too") {
   CHECK(buffer == std::vector<float>{1, 0, 2});
 }
 
-TEST_CASE("16-bit row codec: bf16 decode and round-to-nearest-even encode equal Eigen's conversions bit for bit") {
-  // Every bf16 pattern decodes as Eigen decodes it.
-  std::vector<bf16> all(65536);
+TEST_CASE_TEMPLATE("16-bit row codec: decode and round-to-nearest-even encode equal Eigen's conversions bit for bit, "
+                   "on every instruction set", T, bf16, fp16) {
+  // Every pattern decodes as Eigen decodes it; floats (NaNs with payloads and signs, infinities, subnormals, ties,
+  // values around T's overflow and subnormal thresholds) encode as Eigen's portable conversion does.
+  std::vector<T> all(65536);
   for (std::size_t i = 0; i < all.size(); ++i) {
     const auto bits = static_cast<std::uint16_t>(i);
     std::memcpy(static_cast<void*>(&all[i]), &bits, 2);
   }
-  std::vector<float> decoded(all.size());
-  for (std::size_t c0 = 0; c0 < all.size(); c0 += detail::row_chunk) detail::decode_row(all.data() + c0, decoded.data() + c0, detail::row_chunk);
-  for (std::size_t i = 0; i < all.size(); ++i) CHECK(same_bits(decoded[i], static_cast<float>(all[i])));
-  // Floats: random bit patterns (NaNs with payloads and signs, infinities, subnormals, ties) encode as Eigen does.
   std::mt19937 rng(17);
-  std::vector<float> values(detail::row_chunk * 64);
+  std::vector<float> values(1 << 16);
   for (std::size_t i = 0; i < values.size(); ++i) {
     std::uint32_t bits = static_cast<std::uint32_t>(rng());
-    if (i % 7 == 0) bits = (bits & 0xffff0000u) | 0x8000u;  // exact ties
-    if (i % 11 == 0) bits |= 0x7f800000u;                  // Inf and NaN
-    if (i % 13 == 0) bits &= 0x807fffffu;                  // zero and subnormals
+    if (i % 3 == 0) bits = (bits & 0x807fffffu) | ((100u + (bits >> 8) % 50u) << 23);  // exponents 2^-27 .. 2^22
+    if (i % 7 == 0) bits = (bits & 0xffff0000u) | 0x8000u;                             // bf16 ties
+    if (i % 5 == 0) bits = (bits & 0xffffe000u) | 0x1000u;                             // fp16 ties
+    if (i % 11 == 0) bits |= 0x7f800000u;                                              // Inf and NaN
+    if (i % 13 == 0) bits &= 0x807fffffu;                                              // zero and subnormals
     std::memcpy(&values[i], &bits, 4);
   }
-  std::vector<bf16> encoded(values.size());
-  for (std::size_t c0 = 0; c0 < values.size(); c0 += detail::row_chunk) {
-    detail::encode_row(values.data() + c0, encoded.data() + c0, detail::row_chunk);
+  for (const float edge : {65504.0f, 65519.99f, 65520.0f, 0x1p-14f, 0x1p-15f, 0x1p-24f, 0x1p-25f, 0x1.8p-25f, 3.0e38f}) {
+    values[0] = edge;
+    values[1] = -edge;
   }
-  for (std::size_t i = 0; i < values.size(); ++i) CHECK(same_bits(encoded[i], bf16(values[i])));
+  locmoe_test::for_each_arch([&](auto arch) {
+    const std::string arch_name = decltype(arch)::name();
+    CAPTURE(arch_name);
+    std::vector<float> decoded(all.size());
+    std::vector<T> encoded(values.size());
+    // Counts that end in a partial step of every width, then the whole arrays.
+    for (const std::size_t count : {std::size_t{37}, all.size()}) {
+      detail::convert_kernel<T>{}(arch, {all.data(), decoded.data(), values.data(), encoded.data(), count});
+      std::size_t wrong = 0;
+      for (std::size_t i = 0; i < count; ++i) wrong += !same_bits(decoded[i], static_cast<float>(all[i]));
+      CHECK(wrong == 0);
+      for (std::size_t i = 0; i < count; ++i) {
+        if (!same_bits(encoded[i], T(values[i])) && wrong < 3) {
+          std::uint32_t v;
+          std::memcpy(&v, &values[i], 4);
+          MESSAGE(arch_name << " " << std::hex << v << " -> " << detail::simd::bits16(encoded[i]) << " want " << detail::simd::bits16(T(values[i])));
+        }
+        wrong += !same_bits(encoded[i], T(values[i]));
+      }
+      CHECK(wrong == 0);
+    }
+  });
 }

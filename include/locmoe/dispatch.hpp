@@ -32,6 +32,7 @@
 #pragma once
 
 #include <locmoe/config.hpp>
+#include <locmoe/detail/kernels.hpp>
 #include <locmoe/detail/rows.hpp>
 #include <locmoe/error.hpp>
 #include <locmoe/topology.hpp>
@@ -199,8 +200,8 @@ void combine(const dispatch_plan& plan, const matrix_view<const T>& buffer, cons
   detail::check_rows(fn, "buffer", buffer, plan.buffer_rows(), d);
   detail::check_view<throw_on_error>(fn, "weight", weight, plan.tokens, k, "must be [T x k]");
   detail::check_rows(fn, "y", y, plan.tokens, d);
-  detail::combine_rows(detail::layout_of(plan), buffer, weight, y, 0, plan.tokens,
-                       detail::use_streaming_stores(plan.tokens * d * sizeof(T)));
+  detail::run<detail::combine_kernel<T>>({detail::layout_of(plan), buffer, detail::weight_rows_of(weight), y, 0,
+                                         plan.tokens, detail::use_streaming_stores(plan.tokens * d * sizeof(T))});
 }
 
 /// combine's backward. From dL/dy [T x d]: grad_buffer [n C x d] (optional) gets dL/d(buffer), w_tj dL/dy_t at
@@ -218,8 +219,10 @@ void combine_backward(const dispatch_plan& plan, const matrix_view<const T>& buf
   detail::check_view<throw_on_error>(fn, "weight", weight, plan.tokens, k, "must be [T x k]");
   if (grad_buffer.present()) detail::check_rows(fn, "grad_buffer", grad_buffer, plan.buffer_rows(), d);
   if (grad_weight.present()) detail::check_view<throw_on_error>(fn, "grad_weight", grad_weight, plan.tokens, k, "must be [T x k]");
-  pair_layout pairs = detail::layout_of(plan);
-  detail::combine_backward_rows(pairs, buffer, weight, grad_y, grad_buffer, grad_weight, 0, plan.tokens);
+  detail::run<detail::combine_backward_kernel<T>>(
+      {detail::layout_of(plan), buffer, detail::weight_rows_of(weight), grad_y, grad_buffer,
+       grad_weight.present() ? detail::weight_grads_of(grad_weight) : detail::weight_grads{}, 0, plan.tokens,
+       detail::use_streaming_stores(plan.order.size() * d * sizeof(T))});
   if (grad_buffer.present()) detail::zero_free_rows(plan, grad_buffer);
 }
 
@@ -231,8 +234,8 @@ void dispatch_backward(const dispatch_plan& plan, const matrix_view<const T>& gr
   const std::size_t d = grad_x.cols;
   detail::check_rows(fn, "grad_buffer", grad_buffer, plan.buffer_rows(), d);
   detail::check_rows(fn, "grad_x", grad_x, plan.tokens, d);
-  detail::combine_rows(detail::layout_of(plan), grad_buffer, detail::unit_weights{}, grad_x, 0, plan.tokens,
-                       detail::use_streaming_stores(plan.tokens * d * sizeof(T)));
+  detail::run<detail::combine_kernel<T>>({detail::layout_of(plan), grad_buffer, detail::weight_rows{}, grad_x, 0,
+                                         plan.tokens, detail::use_streaming_stores(plan.tokens * d * sizeof(T))});
 }
 
 /// The grouped (dropless) layout (MegaBlocks; Megatron-Core's dropless path): expert e's rows are

@@ -160,7 +160,8 @@ class cpu_backend {
     const bool streaming = detail::use_streaming_stores(pairs.tokens * y.cols * sizeof(T));
     const range_split split = ranges(pairs.tokens);
     pool_.run(split.count, [&](std::size_t r) {
-      detail::combine_rows(pairs, buffer, weight, y, split.begin(r), split.end(r), streaming);
+      detail::run<detail::combine_kernel<T>>(
+          {pairs, buffer, detail::weight_rows_of(weight), y, split.begin(r), split.end(r), streaming});
     });
   }
 
@@ -184,9 +185,12 @@ class cpu_backend {
     }
     const range_split split = ranges(pairs.tokens), experts = expert_ranges(pairs);
     const std::size_t zero_tasks = grad_buffer.present() ? experts.count : 0;
+    const bool streaming = detail::use_streaming_stores(pairs.tokens * pairs.top_k * d * sizeof(T));
+    const detail::weight_grads grads = grad_weight.present() ? detail::weight_grads_of(grad_weight) : detail::weight_grads{};
     pool_.run(split.count + zero_tasks, [&](std::size_t r) {
       if (r < split.count) {
-        detail::combine_backward_rows(pairs, buffer, weight, grad_y, grad_buffer, grad_weight, split.begin(r), split.end(r));
+        detail::run<detail::combine_backward_kernel<T>>({pairs, buffer, detail::weight_rows_of(weight), grad_y, grad_buffer,
+                                                         grads, split.begin(r), split.end(r), streaming});
       } else {
         detail::zero_padding_rows(pairs, grad_buffer, experts.begin(r - split.count), experts.end(r - split.count));
       }
@@ -205,7 +209,8 @@ class cpu_backend {
     const bool streaming = detail::use_streaming_stores(pairs.tokens * grad_x.cols * sizeof(T));
     const range_split split = ranges(pairs.tokens);
     pool_.run(split.count, [&](std::size_t r) {
-      detail::combine_rows(pairs, grad_buffer, detail::unit_weights{}, grad_x, split.begin(r), split.end(r), streaming);
+      detail::run<detail::combine_kernel<T>>(
+          {pairs, grad_buffer, detail::weight_rows{}, grad_x, split.begin(r), split.end(r), streaming});
     });
   }
 

@@ -10,6 +10,7 @@
 //    LOCMOE_INSTANTIATE_SIMD_KERNELS(arch) per set), and every call picks the best one the CPU has.
 #pragma once
 
+#include <locmoe/detail/row_kernels.hpp>
 #include <locmoe/detail/simd.hpp>
 
 #include <cstddef>
@@ -163,6 +164,16 @@ std::size_t stream_read_kernel::operator()(Arch arch, const args_type& a) const 
   X(locmoe::detail::grap_kernel<locmoe::fp16>, ARCH)  \
   X(locmoe::detail::select_kernel<float>, ARCH)         \
   X(locmoe::detail::select_kernel<double>, ARCH)      \
+  X(locmoe::detail::combine_kernel<float>, ARCH)      \
+  X(locmoe::detail::combine_kernel<double>, ARCH)     \
+  X(locmoe::detail::combine_kernel<locmoe::bf16>, ARCH) \
+  X(locmoe::detail::combine_kernel<locmoe::fp16>, ARCH) \
+  X(locmoe::detail::combine_backward_kernel<float>, ARCH)      \
+  X(locmoe::detail::combine_backward_kernel<double>, ARCH)     \
+  X(locmoe::detail::combine_backward_kernel<locmoe::bf16>, ARCH) \
+  X(locmoe::detail::combine_backward_kernel<locmoe::fp16>, ARCH) \
+  X(locmoe::detail::convert_kernel<locmoe::bf16>, ARCH) \
+  X(locmoe::detail::convert_kernel<locmoe::fp16>, ARCH) \
   X(locmoe::detail::stream_read_kernel, ARCH)
 
 #define LOCMOE_DETAIL_EXTERN_KERNEL(KERNEL, ARCH) \

@@ -1,5 +1,5 @@
-// locmoe/detail/rows.hpp - where an assignment's rows live (pair_layout) and the CPU row kernels every
-// dispatch, combine and their backwards run: gathers, weighted scatter-adds, row dot products, padding.
+// locmoe/detail/rows.hpp - where an assignment's rows live (pair_layout) and dispatch's CPU row copies and
+// padding; combine and the backwards are SIMD kernels in row_kernels.hpp.
 // Nobody includes this directly: dispatch.hpp (plans, the public calls) and the backends do.
 //
 // A pair p = t k + j is token t's choice j. In the capacity layout expert e's rows are [e C, e C + C) and a kept
@@ -66,8 +66,10 @@ struct pair_layout {
 
 namespace detail {
 
-/// How far ahead of the element being read the rows are prefetched: the best of 1-16 KiB measured.
+/// How far ahead of the element being read dispatch's copies prefetch their rows (the best of 1-16 KiB measured),
+/// and the row kernels (row_kernels.hpp) theirs (best of 1, 4 and 16 KiB, and none, measured on combine).
 inline constexpr std::size_t prefetch_bytes = 4096;
+inline constexpr std::size_t row_prefetch_bytes = 1024;
 
 inline void prefetch(const void* p) noexcept {
 #if LOCMOE_DETAIL_SSE2
@@ -135,81 +137,6 @@ inline void copy_row_streaming(const unsigned char* from, std::size_t bytes, uns
   std::memcpy(to + c, from + c, bytes - c);
 }
 
-/// The first two kept choices of a token: rows (null: none) and weights, and the choice after the second.
-template <class T>
-struct first_kept {
-  const T* a = nullptr;
-  const T* b = nullptr;
-  T wa = 0, wb = 0;
-  std::size_t rest = 0;
-};
-
-template <class T, class Weights>
-first_kept<T> first_two_kept(const pair_layout& pairs, const matrix_view<const T>& buffer, const Weights& weight,
-                             std::size_t t) {
-  const std::size_t k = pairs.top_k;
-  first_kept<T> kept;
-  for (std::size_t j = 0; j < k && !kept.b; ++j) {
-    if (!pairs.kept(t * k + j)) continue;
-    const T* row = buffer.row(pairs.row(t * k + j));
-    (kept.a ? kept.b : kept.a) = row;
-    (kept.b ? kept.wb : kept.wa) = static_cast<T>(weight(t, j));
-    kept.rest = j + 1;
-  }
-  return kept;
-}
-
-/// out[c] = value(c) for c in [0, d), in 64-byte chunks from the first 16-byte aligned element (non-temporal
-/// where Streaming), prefetching the rows of `now` and then of `next` ahead.
-template <bool Streaming, class T, class Value>
-void write_row(T* out, std::size_t d, const first_kept<T>& now, const first_kept<T>& next, const Value& value) {
-  constexpr std::size_t chunk = 64 / sizeof(T), ahead = prefetch_bytes / sizeof(T);
-  std::size_t c = 0;
-  for (; c < d && reinterpret_cast<std::uintptr_t>(out + c) % 16 != 0; ++c) out[c] = value(c);
-  for (; c + chunk <= d; c += chunk) {
-    if (now.a) prefetch_ahead(now.a, next.a, c, ahead, d);
-    if (now.b) prefetch_ahead(now.b, next.b, c, ahead, d);
-    alignas(16) T values[chunk];
-    for (std::size_t i = 0; i < chunk; ++i) values[i] = value(c + i);
-    store_64<Streaming>(out + c, values);
-  }
-  for (; c < d; ++c) out[c] = value(c);
-}
-
-/// out = token t's weighted sum of its kept rows in choice order, ((0 + w_0 r_0) + w_1 r_1) + ...: the same
-/// operations as zeroing out and adding each row, with the first two rows in one pass. "T(0) +" is not a
-/// no-op: the sum starts at +0, and +0 + (-0) is +0, so out never holds a -0 that the sum does not.
-template <bool Streaming, class T, class Weights>
-void combine_token(const pair_layout& pairs, const matrix_view<const T>& buffer, const Weights& weight, std::size_t t,
-                   const first_kept<T>& now, const first_kept<T>& next, T* out) {
-  const std::size_t k = pairs.top_k, d = buffer.cols;
-  const T* a = now.a;
-  const T* b = now.b;
-  const T wa = now.wa, wb = now.wb;
-  if (!a) {
-    write_row<Streaming>(out, d, now, next, [](std::size_t) { return T(0); });
-  } else if (!b) {
-    write_row<Streaming>(out, d, now, next, [a, wa](std::size_t c) { return T(0) + wa * a[c]; });
-  } else {
-    const auto two = [a, b, wa, wb](std::size_t c) {
-      T sum = T(0) + wa * a[c];
-      sum += wb * b[c];
-      return sum;
-    };
-    if (now.rest == k) {
-      write_row<Streaming>(out, d, now, next, two);
-      return;
-    }
-    write_row<false>(out, d, now, next, two);  // more rows follow: out is read back, keep it in cache
-    for (std::size_t j = now.rest; j < k; ++j) {
-      if (!pairs.kept(t * k + j)) continue;
-      const T* row = buffer.row(pairs.row(t * k + j));
-      const T w = static_cast<T>(weight(t, j));
-      for (std::size_t c = 0; c < d; ++c) out[c] += w * row[c];
-    }
-  }
-}
-
 /// dispatch's copies of the kept pairs order[i] for i in [begin, end) (order null: the pairs p in [begin, end),
 /// dropped ones skipped), with non-temporal stores or without (the tests run both).
 template <class T>
@@ -245,114 +172,8 @@ void dispatch_rows(const pair_layout& pairs, const std::int64_t* order, std::siz
   }
 }
 
-/// Rows of 16-bit values to float and back, in chunks the compiler vectorizes: bf16 by integer shifts and a
-/// branch-free round to nearest even (Eigen's conversion, bit for bit, NaN included: 0x7fc0 with the sign);
-/// fp16 through Eigen's conversions; float and double as they are.
+/// Elements per chunk of the row kernels (row_kernels.hpp): a token's partial sums stay in registers and L1.
 inline constexpr std::size_t row_chunk = 256;
-
-inline float bf16_bits_to_float(std::uint16_t bits) noexcept {
-  const std::uint32_t wide = static_cast<std::uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, sizeof f);
-  return f;
-}
-
-inline std::uint16_t float_to_bf16_bits(float f) noexcept {
-  std::uint32_t x;
-  std::memcpy(&x, &f, sizeof x);
-  const std::uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
-  const std::uint32_t nan = ((x >> 16) & 0x8000u) | 0x7fc0u;
-  return static_cast<std::uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-}
-
-template <class T>
-void decode_row(const T* in, float* out, std::size_t len) noexcept {
-  for (std::size_t c = 0; c < len; ++c) {
-    if constexpr (std::is_same_v<T, bf16>) {
-      out[c] = bf16_bits_to_float(in[c].value);
-    } else {
-      out[c] = static_cast<float>(in[c]);
-    }
-  }
-}
-
-template <class T>
-void encode_row(const float* in, T* out, std::size_t len) noexcept {
-  for (std::size_t c = 0; c < len; ++c) {
-    if constexpr (std::is_same_v<T, bf16>) {
-      out[c].value = float_to_bf16_bits(in[c]);
-    } else {
-      out[c] = T(in[c]);
-    }
-  }
-}
-
-/// combine's sums for the tokens [begin, end), with non-temporal stores or without (the tests run both).
-/// 16-bit rows (bf16, fp16): each element summed in float, ((0 + w0 r0) + w1 r1) + ..., then rounded once to T
-/// (round to nearest even); plain stores. The CUDA backend does the same operations. Chunks of 256 elements
-/// keep the float sums in registers and L1 while each kept row is added.
-template <class T, class Weights>
-void combine_rows_16bit(const pair_layout& pairs, const matrix_view<const T>& buffer, const Weights& weight,
-                        const matrix_view<T>& y, std::size_t begin, std::size_t end) {
-  constexpr std::size_t chunk = row_chunk, tracked = 8, ahead = prefetch_bytes / sizeof(T), line = 64 / sizeof(T);
-  const std::size_t k = pairs.top_k, d = y.cols;
-  // The rows of a token's first `tracked` choices (null: dropped), prefetched ahead and on into the next token's.
-  const auto rows_of = [&](std::size_t t, const T** rows) {
-    for (std::size_t j = 0; j < tracked; ++j)
-      rows[j] = t < end && j < k && pairs.kept(t * k + j) ? buffer.row(pairs.row(t * k + j)) : nullptr;
-  };
-  const T* now[tracked];
-  const T* next[tracked];
-  rows_of(begin, next);
-  for (std::size_t t = begin; t < end; ++t) {
-    T* out = y.row(t);
-    std::copy(next, next + tracked, now);
-    rows_of(t + 1, next);
-    for (std::size_t c0 = 0; c0 < d; c0 += chunk) {
-      const std::size_t len = std::min(chunk, d - c0);
-      for (std::size_t j = 0; j < tracked; ++j)
-        for (std::size_t c = 0; now[j] && c < len; c += line) prefetch_ahead(now[j], next[j], c0 + c, ahead, d);
-      float sum[chunk], row[chunk];
-      bool first = true;  // the first kept row sets sum = 0 + w r: the same as zeroing, then adding
-      for (std::size_t j = 0; j < k; ++j) {
-        if (!pairs.kept(t * k + j)) continue;
-        const float w = static_cast<float>(weight(t, j));
-        decode_row(buffer.row(pairs.row(t * k + j)) + c0, row, len);
-        if (first) {
-          for (std::size_t c = 0; c < len; ++c) sum[c] = 0.0f + w * row[c];
-        } else {
-          for (std::size_t c = 0; c < len; ++c) sum[c] += w * row[c];
-        }
-        first = false;
-      }
-      if (first) {
-        for (std::size_t c = 0; c < len; ++c) sum[c] = 0.0f;
-      }
-      encode_row(sum, out + c0, len);
-    }
-  }
-}
-
-template <class T, class Weights>
-void combine_rows(const pair_layout& pairs, const matrix_view<const T>& buffer, const Weights& weight,
-                  const matrix_view<T>& y, std::size_t begin, std::size_t end, bool streaming) {
-  if constexpr (!std::is_floating_point_v<T>) {
-    combine_rows_16bit(pairs, buffer, weight, y, begin, end);
-    static_cast<void>(streaming);
-  } else {
-    first_kept<T> next = begin < end ? first_two_kept(pairs, buffer, weight, begin) : first_kept<T>{};
-    for (std::size_t t = begin; t < end; ++t) {
-      const first_kept<T> now = next;
-      next = t + 1 < end ? first_two_kept(pairs, buffer, weight, t + 1) : first_kept<T>{};
-      if (streaming) {
-        combine_token<true>(pairs, buffer, weight, t, now, next, y.row(t));
-      } else {
-        combine_token<false>(pairs, buffer, weight, t, now, next, y.row(t));
-      }
-    }
-    if (streaming) streaming_fence();
-  }
-}
 
 /// The padding rows of the experts [e_begin, e_end): rows begin_of(e) + kept_e up to end_of(e), set to zero.
 template <class T>
@@ -364,84 +185,6 @@ void zero_padding_rows(const pair_layout& pairs, const matrix_view<T>& buffer, s
     }
   }
 }
-
-/// The arithmetic of 16-bit rows: float for bf16/fp16, T itself for float/double.
-template <class T>
-using row_math_t = std::conditional_t<std::is_floating_point_v<T>, T, float>;
-
-/// One pair of combine's backward: out[c] = w dy[c] (16-bit rows: the float product rounded once), and the dot
-/// dy . row in A over 16 partial sums (element c into sum c mod 16) combined by a fixed pairwise tree: one order
-/// whatever the caller's thread; one pass over the three rows, in chunks (out may be null: the dot alone); `row`
-/// is prefetched ahead and then `next` (the next pair's row, or null).
-template <class A, class T>
-A scale_and_dot(const T* dy, const T* row, std::size_t d, A w, T* out, const T* next) noexcept {
-  constexpr std::size_t lanes = 16, chunk = row_chunk, ahead = prefetch_bytes / sizeof(T), line = 64 / sizeof(T);
-  A part[lanes] = {};
-  for (std::size_t c0 = 0; c0 < d; c0 += chunk) {
-    const std::size_t len = std::min(chunk, d - c0);
-    for (std::size_t c = 0; c < len; c += line) prefetch_ahead(row, next, c0 + c, ahead, d);
-    if constexpr (std::is_floating_point_v<T>) {
-      const T* a = dy + c0;
-      const T* b = row + c0;
-      std::size_t c = 0;
-      for (; c + lanes <= len; c += lanes)
-        for (std::size_t i = 0; i < lanes; ++i) part[i] += a[c + i] * b[c + i];
-      for (; c < len; ++c) part[(c0 + c) % lanes] += a[c] * b[c];
-      if (out)
-        for (c = 0; c < len; ++c) out[c0 + c] = w * a[c];
-    } else {
-      float a[chunk], b[chunk], scaled[chunk];
-      decode_row(dy + c0, a, len);
-      decode_row(row + c0, b, len);
-      std::size_t c = 0;
-      for (; c + lanes <= len; c += lanes)
-        for (std::size_t i = 0; i < lanes; ++i) part[i] += a[c + i] * b[c + i];
-      for (; c < len; ++c) part[(c0 + c) % lanes] += a[c] * b[c];
-      if (out) {
-        for (c = 0; c < len; ++c) scaled[c] = w * a[c];
-        encode_row(scaled, out + c0, len);
-      }
-    }
-  }
-  for (std::size_t width = lanes / 2; width > 0; width /= 2)
-    for (std::size_t i = 0; i < width; ++i) part[i] += part[i + width];
-  return part[0];
-}
-
-/// combine's backward for the tokens [begin, end): grad_buffer[row_tj] = w_tj grad_y[t] (16-bit rows: the float
-/// product rounded once) and grad_weight(t, j) = grad_y[t] . buffer[row_tj] (scale_and_dot; 0 for a dropped pair).
-/// Either output may be absent. Padding rows are zero_padding_rows' job.
-template <class T, class W>
-void combine_backward_rows(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
-                           const matrix_view<const T>& grad_y, const matrix_view<T>& grad_buffer,
-                           const matrix_view<W>& grad_weight, std::size_t begin, std::size_t end) {
-  using A = row_math_t<T>;
-  const std::size_t k = pairs.top_k, d = grad_y.cols, last = end * k;
-  const auto next_kept = [&](std::size_t p) {  // the first kept pair after p in the range, or `last`
-    for (++p; p < last && !pairs.kept(p); ++p) {}
-    return p;
-  };
-  for (std::size_t t = begin; t < end; ++t) {
-    const T* dy = grad_y.row(t);
-    for (std::size_t j = 0; j < k; ++j) {
-      const std::size_t p = t * k + j;
-      if (!pairs.kept(p)) {
-        if (grad_weight.present()) grad_weight(t, j) = W(0);
-        continue;
-      }
-      const std::size_t r = pairs.row(p), after = next_kept(p);
-      const A dot = scale_and_dot<A>(dy, buffer.row(r), d, static_cast<A>(weight(t, j)),
-                                     grad_buffer.present() ? grad_buffer.row(r) : nullptr,
-                                     after < last ? buffer.row(pairs.row(after)) : nullptr);
-      if (grad_weight.present()) grad_weight(t, j) = static_cast<W>(dot);
-    }
-  }
-}
-
-/// The weights of dispatch's backward, a combine with every weight 1 (1 r = r exactly: the same sums).
-struct unit_weights {
-  float operator()(std::size_t, std::size_t) const noexcept { return 1.0f; }
-};
 
 }  // namespace detail
 }  // namespace locmoe
