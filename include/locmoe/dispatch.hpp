@@ -18,7 +18,8 @@
 // choices (0 for a token with none), summing in choice order: deterministic. Their backwards:
 // combine_backward (dL/dy -> dL/d(buffer), the weighted gather, and dL/d(weight), the row dot products) and
 // dispatch_backward (dL/d(buffer) -> dL/dx, the unweighted sum back to the tokens); dropped pairs and padding
-// rows carry no gradient. detail/rows.hpp holds the kernels, also those of the backends and other layouts.
+// rows carry no gradient. detail/rows.hpp holds the row copies, detail/row_kernels.hpp the SIMD kernels of combine
+// and the backwards (runtime-dispatched with the gate's kernels); the CPU backend runs the same ones on its threads.
 // Preconditions (checked; errors name the argument): shapes agree; experts in [-1, n), slots in [-1, C) and
 // -1 together; no two pairs on one (expert, slot); token ranks in [0, R); token_bytes * counts fit int64.
 // Cost: building O(T k + n C + R^2) time and memory (a counting sort); dispatch and combine one pass over the
@@ -165,12 +166,15 @@ inline pair_layout layout_of(const dispatch_plan& plan) noexcept {
   return pairs;
 }
 
-/// The rows of `buffer` that hold no kept pair (plan.pair_of_row = -1), set to zero.
+/// The rows of `buffer` that hold no kept pair (plan.pair_of_row = -1), set to zero (non-temporal stores when the
+/// buffer is large: use_streaming_stores).
 template <class T>
 void zero_free_rows(const dispatch_plan& plan, const matrix_view<T>& buffer) {
+  const bool streaming = use_streaming_stores(buffer.rows * buffer.cols * sizeof(T));
   for (std::size_t r = 0; r < plan.pair_of_row.size(); ++r) {
-    if (plan.pair_of_row[r] < 0) std::fill(buffer.row(r), buffer.row(r) + buffer.cols, T(0));
+    if (plan.pair_of_row[r] < 0) zero_row(buffer.row(r), buffer.cols, streaming);
   }
+  if (streaming) streaming_fence();
 }
 
 }  // namespace detail
@@ -206,7 +210,8 @@ void combine(const dispatch_plan& plan, const matrix_view<const T>& buffer, cons
 
 /// combine's backward. From dL/dy [T x d]: grad_buffer [n C x d] (optional) gets dL/d(buffer), w_tj dL/dy_t at
 /// each kept pair's row and zero on every other row; grad_weight [T x k] (optional) gets dL/dw_tj = dL/dy_t .
-/// buffer[row_tj] (16 partial sums in a fixed order), 0 for a dropped pair. 16-bit rows: products and sums in
+/// buffer[row_tj] (32 partial sums for float and 16-bit rows, 16 for double, in a fixed order: the same on every
+/// instruction set), 0 for a dropped pair. 16-bit rows: products and sums in
 /// float, each output rounded once.
 template <class T, class W>
 void combine_backward(const dispatch_plan& plan, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,

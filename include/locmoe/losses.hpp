@@ -197,6 +197,19 @@ struct router_loss_values {
   locality_value<S> locality;
 };
 
+/// Scratch the losses reuse from call to call (router_losses' last argument; our addition): kept by the caller,
+/// a call at a shape it has seen allocates nothing. It grows to the largest (T, n, R) seen and never shrinks.
+template <class S>
+struct loss_workspace {
+  using double_matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  std::vector<S> probabilities;  ///< softmax(logits) [T x n] when the caller passes none
+  std::vector<S> row;            ///< one row's scores [n]
+  std::vector<double> count, mean_q, grad_q;            ///< per expert [n]
+  std::vector<std::size_t> rank_tokens;                 ///< per source rank [R]
+  double_matrix sum_p, choices, grad_p;                 ///< per (source rank, expert) [R x n]
+  Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> grad_p_s;  ///< grad_p in S
+};
+
 namespace detail {
 
 /// Which terms to compute, and whether `aux` is required to have indices.
@@ -223,11 +236,18 @@ bool check_locality(const char* fn, const locality_loss_options<S>& o, std::size
 
 /// The aux loss with sigmoid scores (Megatron-Core): row by row, its own pass (not on the fused path).
 template <class S>
-loss_value<S> aux_sigmoid(const loss_inputs<S>& in, const aux_loss_options<S>& o, const matrix_view<S>& grad) {
+loss_value<S> aux_sigmoid(const loss_inputs<S>& in, const aux_loss_options<S>& o, const matrix_view<S>& grad,
+                          loss_workspace<S>& ws) {
   const std::size_t tokens = in.logits.rows, n = in.logits.cols;
   const std::size_t k_used = o.normalization == aux_normalization::first_choice ? 1 : in.indices.cols;
-  std::vector<double> mean_q(n, 0.0), count(n, 0.0), g(n);
-  std::vector<S> buffer(n);
+  std::vector<double>& mean_q = ws.mean_q;
+  std::vector<double>& count = ws.count;
+  std::vector<double>& g = ws.grad_q;
+  std::vector<S>& buffer = ws.row;
+  mean_q.assign(n, 0.0);
+  count.assign(n, 0.0);
+  g.assign(n, 0.0);
+  buffer.resize(n);
   loss_value<S> v;
   for (std::size_t t = 0; t < tokens; ++t) {
     const S* q = sigmoid_row(in, t, buffer.data());
@@ -304,14 +324,13 @@ S dot8(const S* a, const S* b, std::size_t n) noexcept {
 /// (aux and locality together). Arguments are checked by the caller.
 template <class S>
 router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router_loss_options<S>& o, loss_terms terms,
-                                   const matrix_view<S>& grad) {
+                                   const matrix_view<S>& grad, loss_workspace<S>& ws) {
   const std::size_t tokens = in_caller.logits.rows, n = in_caller.logits.cols;
   router_loss_values<S> out;
   loss_inputs<S> in = in_caller;
-  std::vector<S> own;  // softmax(logits) when the caller did not pass it: one SIMD pass
-  if (!in.probabilities.present() && tokens > 0) {
-    own.resize(tokens * n);
-    const matrix_view<S> p(own.data(), tokens, n);
+  if (!in.probabilities.present() && tokens > 0) {  // softmax(logits): one SIMD pass
+    ws.probabilities.resize(tokens * n);
+    const matrix_view<S> p(ws.probabilities.data(), tokens, n);
     run_select<S>(in.logits, token_range{0, tokens}, {0, true, false}, p, {}, {});
     in.probabilities = p;
   }
@@ -320,12 +339,17 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
   const std::size_t ranks = topo ? topo->ranks() : 1;
   rank_map rank_of{nullptr, 1, tokens};  // checked by the caller
   if (topo) resolve_token_ranks<throw_on_error>("locmoe::router_losses", "token_rank", o.locality.token_rank, tokens, ranks, rank_of);
-  using matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const auto R = static_cast<Eigen::Index>(ranks), N = static_cast<Eigen::Index>(n);
-  matrix sum_p = matrix::Zero(R, N), choices = matrix::Zero(R, N);
-  std::vector<double> count(n, 0.0);
-  std::vector<std::size_t> rank_tokens(ranks, 0);
-  std::vector<S> run_sum_buffer(n);
+  auto& sum_p = ws.sum_p;
+  auto& choices = ws.choices;
+  sum_p.setZero(R, N);
+  choices.setZero(R, N);
+  std::vector<double>& count = ws.count;
+  std::vector<std::size_t>& rank_tokens = ws.rank_tokens;
+  std::vector<S>& run_sum_buffer = ws.row;
+  count.assign(n, 0.0);
+  rank_tokens.assign(ranks, 0);
+  run_sum_buffer.resize(n);
   const std::size_t k_aux =
       !in.indices.present() ? 0 : (o.aux.normalization == aux_normalization::first_choice ? 1 : in.indices.cols);
   std::size_t valid = 0;
@@ -357,12 +381,14 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
   const double tv = static_cast<double>(valid);
 
   // Values and dL/dp per rank: g(r, e).
-  matrix g = matrix::Zero(R, N);
+  auto& g = ws.grad_p;
+  g.setZero(R, N);
   if (softmax_aux) {
     const double scale = static_cast<double>(o.aux.coeff) * static_cast<double>(n) / static_cast<double>(k_aux);
-    const Eigen::RowVectorXd mean_p = sum_p.colwise().sum() / tv;
+    double dot = 0;  // f . mean_p, with f = count / T_v and mean_p the column means of sum_p
+    for (Eigen::Index e = 0; e < N; ++e) dot += (count[static_cast<std::size_t>(e)] / tv) * (sum_p.col(e).sum() / tv);
+    out.aux.value = static_cast<S>(scale * dot);
     const Eigen::Map<const Eigen::RowVectorXd> f(count.data(), N);
-    out.aux.value = static_cast<S>(scale * (f / tv).dot(mean_p));
     g.rowwise() += (scale / (tv * tv)) * f;
   }
   if (terms.z) out.z.value = static_cast<S>(static_cast<double>(o.z_coeff) * z_sum / tv);
@@ -407,7 +433,8 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
   if (!grad.present()) return out;
 
   // Pass 2.
-  const Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> gs = g.template cast<S>();
+  auto& gs = ws.grad_p_s;
+  gs = g.template cast<S>();
   const double z_factor = terms.z ? 2.0 * static_cast<double>(o.z_coeff) / tv : 0.0;
   for_each_valid_run(in, terms.z, rank_of, [&](std::size_t r, std::size_t t0, std::size_t rows, const auto& lse) {
     const S* gr = gs.data() + r * n;
@@ -435,20 +462,25 @@ bool check_router_losses(const char* fn, const loss_inputs<S>& in, const router_
 
 template <class S>
 router_loss_values<S> run_losses(const loss_inputs<S>& in, const router_loss_options<S>& o, loss_terms terms,
-                                 const matrix_view<S>& grad) {
+                                 const matrix_view<S>& grad, loss_workspace<S>* workspace = nullptr) {
   const bool sigmoid_aux = terms.aux && o.aux.score == score_function::sigmoid;
+  loss_workspace<S> own;
+  loss_workspace<S>& ws = workspace ? *workspace : own;
   router_loss_values<S> out;
-  if (terms.z || terms.locality || (terms.aux && !sigmoid_aux)) out = fused_losses(in, o, terms, grad);
-  if (sigmoid_aux) out.aux = aux_sigmoid(in, o.aux, grad);
+  if (terms.z || terms.locality || (terms.aux && !sigmoid_aux)) out = fused_losses(in, o, terms, grad, ws);
+  if (sigmoid_aux) out.aux = aux_sigmoid(in, o.aux, grad, ws);
   return out;
 }
 
 }  // namespace detail
 
 /// aux, z and locality losses together (two passes); see router_loss_options. Errors name the argument.
+/// `workspace` (optional, ours): scratch kept between calls, so that a step at a shape seen before allocates
+/// nothing; without it each call allocates O(n + R n) (and T n when `in` has no probabilities).
 template <class S, class Policy = default_policy>
 router_loss_values<S> router_losses(const loss_inputs<S>& in, const router_loss_options<S>& options,
-                                    const matrix_view<S>& grad_logits = {}, const Policy& = Policy{}) {
+                                    const matrix_view<S>& grad_logits = {}, const Policy& = Policy{},
+                                    loss_workspace<S>* workspace = nullptr) {
   const detail::loss_terms terms{!(options.aux.coeff == S(0)), !(options.z_coeff == S(0)), options.locality.topo != nullptr};
   if (!detail::check_router_losses<Policy>("locmoe::router_losses", in, options, terms, grad_logits, true)) {
     router_loss_values<S> failed;
@@ -456,7 +488,7 @@ router_loss_values<S> router_losses(const loss_inputs<S>& in, const router_loss_
     failed.locality.value = failed.aux.value;
     return failed;
   }
-  return detail::run_losses(in, options, terms, grad_logits);
+  return detail::run_losses(in, options, terms, grad_logits, workspace);
 }
 
 /// Auxiliary load-balancing loss (eq. 5) and, if grad_logits is passed, its gradient added there.

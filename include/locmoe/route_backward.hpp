@@ -135,14 +135,21 @@ bool check_route_choices(const char* fn, const matrix_view<const expert_index>& 
 
 }  // namespace detail
 
+/// Scratch route_backward reuses from call to call when the caller keeps one (ours): two rows of n.
+struct route_backward_workspace {
+  std::vector<std::size_t> mark;
+  std::vector<double> dense;
+};
+
 /// Adds dL/d(logits) to grad_logits [T x n] from dL/d(weights) `grad_weights` [T x k] of the routed choices
-/// `indices` [T x k], for the forward described by `options` (see the header comment).
+/// `indices` [T x k], for the forward described by `options` (see the header comment). `workspace` (optional):
+/// kept by the caller, a call allocates nothing once it has seen n; without it each call allocates O(n).
 template <class In, class Policy = default_policy>
 std::size_t route_backward(const matrix_view<In>& logits, const router_options<detail::plain_t<In>>& options,
                            const matrix_view<const expert_index>& indices,
                            const matrix_view<const detail::plain_t<In>>& grad_weights,
                            const matrix_view<detail::plain_t<In>>& grad_logits, token_range range = {},
-                           const Policy& = Policy{}) {
+                           const Policy& = Policy{}, route_backward_workspace* workspace = nullptr) {
   using S = detail::plain_t<In>;
   static_assert(std::is_floating_point_v<S>, "route_backward: logits are float or double");
   constexpr const char* fn = "locmoe::route_backward";
@@ -157,10 +164,14 @@ std::size_t route_backward(const matrix_view<In>& logits, const router_options<d
   if (!std::isfinite(options.scale)) {
     return detail::raise<Policy>(errc::domain, fn, "scale", options.scale, "must be finite", detail::failed);
   }
-  std::vector<std::size_t> mark(n, 0);
+  route_backward_workspace own;
+  route_backward_workspace& ws = workspace ? *workspace : own;
+  std::vector<std::size_t>& mark = ws.mark;
+  mark.assign(n, 0);
   const matrix_view<const expert_index> in_range(indices.row(range.begin), range.end - range.begin, k, indices.stride);
   if (!detail::check_route_choices<Policy>(fn, in_range, n, mark)) return detail::failed;
-  std::vector<double> dense(n, 0.0);
+  std::vector<double>& dense = ws.dense;
+  dense.assign(n, 0.0);
   std::size_t skipped = 0;
   for (std::size_t t = range.begin; t < range.end; ++t) {
     double max_logit = 0;

@@ -28,9 +28,8 @@
 // 1 <= k <= n, capacity parameters as assign.hpp, 0 < locality_smoothing <= 1, rank in [0, R), a topology with n
 // experts; local_overflow only with softmax before Top-k without renormalization (a rerouted choice's weight is its
 // probability). Per call: shapes as planned (errors name the argument).
-// Memory: every [T x ...] buffer and the selection's scratch are owned and reused: after the first step at the
-// largest T nothing of size O(T) is allocated; the losses allocate O(n + R n) scratch per step (a few hundred
-// bytes at n = 16; tests/test_router_allocations.cpp measures it). Backend: the route, dispatch, combine
+// Memory: every [T x ...] buffer, the selection's and the losses' scratch are owned and reused: a step at a shape
+// seen before allocates nothing (tests/test_router_allocations.cpp counts every operator new). Backend: the route, dispatch, combine
 // and their backwards run on `Backend` (cpu_backend's threads); the selection's backward, the losses and the
 // gate's backward run on the host, so this object needs host memory (a CUDA router is future work).
 // Example: docs/api.md#a-training-step.
@@ -311,7 +310,8 @@ class moe_router {
     std::copy(grad_loss_.begin(), grad_loss_.begin() + static_cast<std::ptrdiff_t>(tokens * n), grad_logits_.begin());
     const matrix_view<Real> g(grad_logits_.data(), tokens, n);
     route_backward(matrix_view<const Real>(logits_.data(), tokens, n), selection(),
-                   matrix_view<const expert_index>(choice_.data(), tokens, k), grad_weight, g);
+                   matrix_view<const expert_index>(choice_.data(), tokens, k), grad_weight, g, token_range{},
+                   default_policy{}, &backward_scratch_);
     gate_backward(x, gate, matrix_view<const Real>(g), grad_x, grad_gate);
   }
 
@@ -476,7 +476,7 @@ class moe_router {
     }
     const router_loss_values<Real> v =
         router_losses(loss_inputs<Real>{logits, matrix_view<const expert_index>(routed_.data(), tokens, k), softmax_probs}, lo,
-                      matrix_view<Real>(grad_loss_.data(), tokens, n));
+                      matrix_view<Real>(grad_loss_.data(), tokens, n), default_policy{}, &loss_scratch_);
     r_.aux_loss = static_cast<double>(v.aux.value);
     r_.z_loss = static_cast<double>(v.z.value);
     r_.locality_loss = static_cast<double>(v.locality.value);
@@ -543,6 +543,8 @@ class moe_router {
   moe_router_options o_;
   capacity_assigner<Real> assigner_;
   std::unique_ptr<route_scratch<Real>> scratch_;  // the selection's per-token scratch, built once
+  loss_workspace<Real> loss_scratch_;              // the losses' scratch, grown once per shape
+  route_backward_workspace backward_scratch_;      // the selection backward's scratch
   routing<Real> r_;
   std::size_t tokens_ = 0, invalid_ = 0;
   bool assigned_ = false;

@@ -143,7 +143,7 @@ class cpu_backend {
       if (r < split.count) {
         detail::dispatch_rows(pairs, nullptr, split.begin(r), split.end(r), x, buffer, streaming);
       } else {
-        detail::zero_padding_rows(pairs, buffer, experts.begin(r - split.count), experts.end(r - split.count));
+        detail::zero_padding_rows(pairs, buffer, experts.begin(r - split.count), experts.end(r - split.count), streaming);
       }
     });
   }
@@ -192,7 +192,8 @@ class cpu_backend {
         detail::run<detail::combine_backward_kernel<T>>({pairs, buffer, detail::weight_rows_of(weight), grad_y, grad_buffer,
                                                          grads, split.begin(r), split.end(r), streaming});
       } else {
-        detail::zero_padding_rows(pairs, grad_buffer, experts.begin(r - split.count), experts.end(r - split.count));
+        detail::zero_padding_rows(pairs, grad_buffer, experts.begin(r - split.count), experts.end(r - split.count),
+                                  streaming);
       }
     });
   }

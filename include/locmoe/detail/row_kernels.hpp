@@ -334,13 +334,15 @@ void weighted_sum(const summed_rows<T, A>& in, std::size_t begin, std::size_t en
       partial[2 * s + 1] = second;
     }
   };
+  // Blocks of whole lines and at least two steps: the prefetches of a block, then its steps, unrolled.
+  constexpr std::size_t block = every < 2 * step ? 2 * step : every;
   std::size_t c = begin, s = 0;
-  for (; c + step <= end; c += step, ++s) {
-    if (c % every == 0)
-      for (std::size_t i = 0; i < count; ++i)
-        for (std::size_t o = 0; o < every; o += line) prefetch_ahead(in.rows[i], in.next[i], c + o, ahead, d);
-    run(c, s, step);
+  for (; c + block <= end; c += block) {
+    for (std::size_t i = 0; i < count; ++i)
+      for (std::size_t o = 0; o < block; o += line) prefetch_ahead(in.rows[i], in.next[i], c + o, ahead, d);
+    for (std::size_t b = 0; b < block; b += step, ++s) run(c + b, s, step);
   }
+  for (; c + step <= end; c += step, ++s) run(c, s, step);
   if (c < end) run(c, s, end - c);
 }
 }  // namespace simd

@@ -175,15 +175,35 @@ void dispatch_rows(const pair_layout& pairs, const std::int64_t* order, std::siz
 /// Elements per chunk of the row kernels (row_kernels.hpp): a token's partial sums stay in registers and L1.
 inline constexpr std::size_t row_chunk = 256;
 
+/// Sets a row of d elements to zero (every element type here is zero in all bits), with non-temporal stores where
+/// Streaming (then the caller fences), else plainly.
+template <class T>
+void zero_row(T* row, std::size_t d, bool streaming) noexcept {
+  static_assert(std::is_trivially_copyable_v<T>, "rows are trivially copyable");
+  auto* to = reinterpret_cast<unsigned char*>(row);
+  const std::size_t bytes = d * sizeof(T);
+  if (!streaming) {
+    std::memset(to, 0, bytes);
+    return;
+  }
+  alignas(16) static constexpr unsigned char zeros[64] = {};
+  std::size_t c = std::min(bytes, (16 - reinterpret_cast<std::uintptr_t>(to) % 16) % 16);  // up to 16-byte alignment
+  std::memset(to, 0, c);
+  for (; c + 64 <= bytes; c += 64) store_64<true>(to + c, zeros);
+  std::memset(to + c, 0, bytes - c);
+}
+
 /// The padding rows of the experts [e_begin, e_end): rows begin_of(e) + kept_e up to end_of(e), set to zero.
 template <class T>
-void zero_padding_rows(const pair_layout& pairs, const matrix_view<T>& buffer, std::size_t e_begin, std::size_t e_end) {
+void zero_padding_rows(const pair_layout& pairs, const matrix_view<T>& buffer, std::size_t e_begin, std::size_t e_end,
+                       bool streaming) {
   if (!pairs.kept_per_expert) return;
   for (std::size_t e = e_begin; e < e_end; ++e) {
     for (std::size_t r = pairs.begin_of(e) + static_cast<std::size_t>(pairs.kept_per_expert[e]); r < pairs.end_of(e); ++r) {
-      std::fill(buffer.row(r), buffer.row(r) + buffer.cols, T(0));
+      zero_row(buffer.row(r), buffer.cols, streaming);
     }
   }
+  if (streaming) streaming_fence();
 }
 
 }  // namespace detail
