@@ -5,13 +5,15 @@
 // (bench/aligned.hpp), as tensor libraries allocate them.
 // Families, each for float and bf16 rows (suffix _f32, _bf16); bytes_per_second counts bytes read + written:
 //   plan_build                build_dispatch_plan; items_per_second = tokens/s
-//   dispatch                  dispatch(plan, x, buffer): kept rows read, n C rows written (padding as zeros)
+//   dispatch                  dispatch(plan, x, buffer): the rows of x with a kept choice read (each once: a
+//                             token's second copy comes from cache), n C rows written (padding as zeros)
 //   combine                   combine(plan, buffer, weight, y): kept rows read, T rows written
 //   combine_backward          combine_backward: T rows of dL/dy and kept rows of the buffer read, n C rows written
 //   dispatch_backward         dispatch_backward: kept rows read, T rows written
 //   memcpy_<family>           std::memcpy of (read + written) / 2 bytes: the same traffic as <family>
 //   rowcopy_<family>          the same bytes copied one row (d elements) at a time
-//   ntcopy_<family>           the same rows copied with non-temporal stores and prefetching, as the kernels write
+//   ntcopy_<family>           the family's own reads and writes: rows copied with non-temporal stores and
+//                             prefetching, as the kernels write, then the rest as non-temporal zeros or a plain read
 // bench/dispatch_ratios.py prints each family's median bytes/s over the fastest of its three copies.
 // Every array is allocated and touched once per (k) and shared by the families, outside the timing loop; each
 // run starts with one untimed call (on this VM the first pass over freshly zeroed memory ran up to 10x slower).
@@ -24,6 +26,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -112,6 +115,17 @@ struct layer {
                                        locmoe::token_ranks::contiguous_blocks());
   }
   std::size_t kept() const { return plan.order.size(); }
+  /// Tokens with at least one kept choice: the rows of x dispatch reads (a token's second copy is read from cache,
+  /// its rank's rows being read close together in plan order).
+  std::size_t tokens_read() const {
+    std::size_t count = 0;
+    for (std::size_t t = 0; t < tokens; ++t) {
+      bool any = false;
+      for (std::size_t j = 0; j < k; ++j) any = any || expert[t * k + j] != locmoe::no_expert;
+      count += any;
+    }
+    return count;
+  }
 
   template <class T>
   void dispatch() {
@@ -172,17 +186,25 @@ void set_bytes(benchmark::State& state, std::size_t bytes) {
 
 enum class op { dispatch, combine, combine_backward, dispatch_backward };
 
-/// Bytes read + written by each operation (rows of d elements of `element` bytes).
-std::size_t traffic(const layer& l, op o, std::size_t element) {
-  const std::size_t kept = l.kept(), buffer = l.rows, tokens = l.tokens;
-  std::size_t rows = 0;
+/// Bytes each operation reads and writes (rows of d elements of `element` bytes).
+struct bytes_moved {
+  std::size_t read = 0, written = 0;
+};
+bytes_moved moved(const layer& l, op o, std::size_t element) {
+  const std::size_t kept = l.kept(), buffer = l.rows, tokens = l.tokens, row = l.d * element;
   switch (o) {
-    case op::dispatch: rows = kept + buffer; break;
-    case op::combine: rows = kept + tokens; break;
-    case op::combine_backward: rows = tokens + kept + buffer; break;
-    case op::dispatch_backward: rows = kept + tokens; break;
+    case op::dispatch: return {l.tokens_read() * row, buffer * row};
+    case op::combine: return {kept * row, tokens * row};
+    case op::combine_backward: return {(tokens + kept) * row, buffer * row};
+    case op::dispatch_backward: return {kept * row, tokens * row};
   }
-  return rows * l.d * element;
+  return {};
+}
+
+/// Bytes read + written.
+std::size_t traffic(const layer& l, op o, std::size_t element) {
+  const bytes_moved m = moved(l, o, element);
+  return m.read + m.written;
 }
 
 void plan_build(benchmark::State& state) {
@@ -213,36 +235,48 @@ void kernel(benchmark::State& state) {
 
 enum class copy_kind { memcpy, rows, streaming };
 
-/// A copy that reads `bytes / 2` and writes as many: `bytes` of traffic, as the kernel it stands by; one memcpy,
-/// one memcpy per row of d elements, or rows copied with non-temporal stores and prefetching (what the kernels
-/// do above LOCMOE_STREAMING_STORE_BYTES).
+/// The plain way to move a kernel's bytes. memcpy and rows: a copy that reads half the kernel's traffic and writes
+/// as much, in one memcpy or one memcpy per row of d elements. streaming: the kernel's own split of reads and
+/// writes, done as the kernels do above LOCMOE_STREAMING_STORE_BYTES: rows copied with non-temporal stores and
+/// prefetching, then the rest of the writes as non-temporal zeros or the rest of the reads as a plain read.
 template <class T, op O, copy_kind Kind>
 void copy_reference(benchmark::State& state) {
   const layer& l = shared_layer(state);
-  const std::size_t half = traffic(l, O, sizeof(T)) / 2, row = l.d * sizeof(T);
-  copy_blocks& blocks = shared_blocks(half);
+  const bytes_moved m = moved(l, O, sizeof(T));
+  const std::size_t half = (m.read + m.written) / 2, row = l.d * sizeof(T);
+  const std::size_t copied = Kind == copy_kind::streaming ? std::min(m.read, m.written) : half;
+  copy_blocks& blocks = shared_blocks(std::max(m.read, m.written));
+  std::size_t sink = 0;
   const auto copy = [&] {
     if (Kind == copy_kind::memcpy) {
       std::memcpy(blocks.to.data(), blocks.from.data(), half);
       return;
     }
-    for (std::size_t at = 0; at + row <= half; at += row) {
+    for (std::size_t at = 0; at + row <= copied; at += row) {
       if (Kind == copy_kind::rows) {
         std::memcpy(blocks.to.data() + at, blocks.from.data() + at, row);
       } else {
-        const unsigned char* next = at + 2 * row <= half ? blocks.from.data() + at + row : nullptr;
+        const unsigned char* next = at + 2 * row <= copied ? blocks.from.data() + at + row : nullptr;
         locmoe::detail::copy_row_streaming(blocks.from.data() + at, row, blocks.to.data() + at, next);
       }
     }
-    if (Kind == copy_kind::streaming) locmoe::detail::streaming_fence();
+    if (Kind != copy_kind::streaming) return;
+    for (std::size_t at = copied; at + row <= m.written; at += row) {
+      locmoe::detail::zero_row(blocks.to.data() + at, row, true);
+    }
+    locmoe::detail::streaming_fence();
+    if (m.read > copied) {
+      sink ^= locmoe::detail::run<locmoe::detail::stream_read_kernel>({blocks.from.data() + copied, m.read - copied, true});
+    }
   };
   copy();  // warm-up
   for (auto _ : state) {
     copy();
     benchmark::DoNotOptimize(blocks.to.data());
+    benchmark::DoNotOptimize(sink);
     benchmark::ClobberMemory();
   }
-  set_bytes(state, half * 2);
+  set_bytes(state, Kind == copy_kind::streaming ? m.read + m.written : half * 2);
 }
 
 // (T, d, n, k): the paper's layer, k in {1, 2}.

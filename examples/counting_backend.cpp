@@ -16,6 +16,7 @@ class counting_backend {
  public:
   using stream_type = locmoe::cpu_stream;
   static constexpr const char* name = "counting";
+  static constexpr bool host_memory = true;  // it forwards to cpu_backend
 
   explicit counting_backend(const locmoe::cpu_backend& inner) : inner_(inner) {}
 

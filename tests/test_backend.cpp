@@ -18,6 +18,8 @@ using namespace locmoe;
 static_assert(is_backend_v<cpu_backend>);
 static_assert(!is_backend_v<int>);
 static_assert(!is_backend_v<thread_pool>);
+static_assert(uses_host_memory_v<cpu_backend>);  // what moe_router requires
+static_assert(!uses_host_memory_v<int>);         // without the flag, memory counts as a device's
 
 namespace {
 

@@ -29,9 +29,11 @@
 // experts; local_overflow only with softmax before Top-k without renormalization (a rerouted choice's weight is its
 // probability). Per call: shapes as planned (errors name the argument).
 // Memory: every [T x ...] buffer, the selection's and the losses' scratch are owned and reused: a step at a shape
-// seen before allocates nothing (tests/test_router_allocations.cpp counts every operator new). Backend: the route, dispatch, combine
-// and their backwards run on `Backend` (cpu_backend's threads); the selection's backward, the losses and the
-// gate's backward run on the host, so this object needs host memory (a CUDA router is future work).
+// seen before allocates nothing (tests/test_router_allocations.cpp counts every operator new).
+// Backend: the route, dispatch, combine and their backwards run on `Backend` (cpu_backend's threads); the
+// selection's backward, the losses and the gate's backward run on the host, so the backend must say its memory is
+// the host's (Backend::host_memory, checked at compile time: cuda_backend is refused; a device router is not
+// written yet).
 // Example: docs/api.md#a-training-step.
 #pragma once
 
@@ -133,6 +135,12 @@ struct routing {
 
 template <class Backend = cpu_backend, class Real = float>
 class moe_router {
+  static_assert(is_backend_v<Backend>, "moe_router: Backend is not a locmoe backend (backend/backend.hpp)");
+  static_assert(uses_host_memory_v<Backend>,
+                "moe_router: the selection's backward, the losses and the gate's backward run on the host, so the "
+                "backend's buffers must be host memory (Backend::host_memory); a device router is not written yet: "
+                "use grap_pipeline<Backend> and the backend's dispatch/combine and backwards directly");
+
  public:
   moe_router(const Backend&&, const moe_router_options&) = delete;  // it keeps a reference to the backend
   moe_router(const Backend& backend, const moe_router_options& options)

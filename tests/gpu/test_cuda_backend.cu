@@ -10,6 +10,7 @@
 #include <vector>
 
 static_assert(locmoe::is_backend_v<locmoe::cuda_backend>, "the CUDA backend models the concept");
+static_assert(!locmoe::uses_host_memory_v<locmoe::cuda_backend>, "device memory: moe_router refuses it at compile time");
 
 namespace {
 

@@ -4,6 +4,7 @@
 // The backend concept. A backend B provides, on a const object b:
 //   typename B::stream_type                   where work is queued (cpu_stream: runs before the call returns)
 //   B::name                                   a static constexpr const char*
+//   B::host_memory (optional)                 static constexpr bool: true when views are host memory
 //   b.slot_workspace_size(T, n)               bytes assign_slots needs
 //   b.route_grap(gate, x, options, out, s)    fused GrAP gate + softmax + Top-k (eq. 4, eq. 2), select.hpp's rules;
 //                                             returns the invalid tokens
@@ -99,6 +100,18 @@ struct has_backend_members<
 /// Whether B models the backend concept (see the header comment).
 template <class B>
 inline constexpr bool is_backend_v = detail::has_backend_members<B>::value;
+
+namespace detail {
+template <class B, class = void>
+struct host_memory_of : std::false_type {};
+template <class B>
+struct host_memory_of<B, std::void_t<decltype(B::host_memory)>> : std::bool_constant<B::host_memory> {};
+}  // namespace detail
+
+/// Whether B's views are host memory (ours): a backend says so with `static constexpr bool host_memory = true`;
+/// without it, its memory counts as a device's. moe_router needs it (its host steps read the backend's buffers).
+template <class B>
+inline constexpr bool uses_host_memory_v = detail::host_memory_of<B>::value;
 
 /// The sizes of one layer: T tokens of width d, n experts, k choices each, C slots per expert.
 struct router_shape {

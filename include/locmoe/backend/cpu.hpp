@@ -35,6 +35,7 @@ class cpu_backend {
  public:
   using stream_type = cpu_stream;
   static constexpr const char* name = "cpu";
+  static constexpr bool host_memory = true;
 
   /// Runs on `pool` (which must outlive the backend); ranges hold at least `grain` tokens.
   explicit cpu_backend(thread_pool& pool, std::size_t grain = 256) : pool_(pool), grain_(std::max<std::size_t>(grain, 1)) {}

@@ -367,6 +367,7 @@ class cuda_backend {
  public:
   using stream_type = cudaStream_t;
   static constexpr const char* name = "cuda";
+  static constexpr bool host_memory = false;  // views are device memory: moe_router does not take this backend
 
   std::size_t slot_workspace_size(std::size_t /*tokens*/, std::size_t n) const noexcept {
     return cuda_detail::slot_ranges * n * sizeof(std::int64_t);
