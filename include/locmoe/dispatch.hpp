@@ -187,7 +187,8 @@ void dispatch(const dispatch_plan& plan, const matrix_view<const T>& x, const ma
   detail::check_rows(fn, "x", x, plan.tokens, x.cols);
   detail::check_rows(fn, "buffer", buffer, plan.buffer_rows(), x.cols);
   const pair_layout pairs = detail::layout_of(plan);
-  detail::dispatch_rows(pairs, plan.order.data(), 0, plan.order.size(), x, buffer,
+  // In token order: a token's copies one after another read its row from memory once.
+  detail::dispatch_rows(pairs, nullptr, 0, plan.tokens * plan.top_k, x, buffer,
                         detail::use_streaming_stores(plan.order.size() * x.cols * sizeof(T)));
   detail::zero_free_rows(plan, buffer);
 }

@@ -148,8 +148,8 @@ void dispatch_rows(const pair_layout& pairs, const std::int64_t* order, std::siz
     for (++i; i < end && !pairs.kept(pair(i)); ++i) {}
     return i;
   };
-  // In plan order (expert-major in each source -> destination range), the buffer is written front to back
-  // when experts are placed in blocks.
+  // In pair order (dispatch and the CPU backend: order null) a token's k copies are made one after another, so x
+  // is read from memory once (measured faster than plan order at k = 2: docs/benchmarks.md).
   for (std::size_t i = begin < end && pairs.kept(pair(begin)) ? begin : next_kept(begin); i < end;) {
     const std::size_t after = next_kept(i);
     const T* from = x.row(pair(i) / k);
