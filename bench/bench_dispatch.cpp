@@ -115,8 +115,8 @@ struct layer {
                                        locmoe::token_ranks::contiguous_blocks());
   }
   std::size_t kept() const { return plan.order.size(); }
-  /// Tokens with at least one kept choice: the rows of x dispatch reads (a token's second copy is read from cache,
-  /// its rank's rows being read close together in plan order).
+  /// Tokens with at least one kept choice: the rows of x dispatch reads (dispatch copies in token order, so a
+  /// token's second copy is read from cache).
   std::size_t tokens_read() const {
     std::size_t count = 0;
     for (std::size_t t = 0; t < tokens; ++t) {

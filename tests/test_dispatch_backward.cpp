@@ -11,6 +11,7 @@
 #include "kernel_util.hpp"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -153,6 +154,48 @@ TEST_CASE_TEMPLATE("combine_backward and dispatch_backward against scalar refere
       }
     }
 
+    // combine with weights (float, and the same as double) on every instruction set, with non-temporal stores into
+    // 64-byte aligned rows and without, against zeroing then adding each kept row in choice order, bit for bit.
+    // k = 20 sums more rows than the kernel keeps in registers (16).
+    {
+      const std::vector<double> weight_d(b.weight.begin(), b.weight.end());
+      const std::size_t stride = (d + 63) / 64 * 64;  // every row 64-byte aligned (T is at most 8 bytes)
+      std::vector<T> want(tokens * stride, T(0));
+      for (std::size_t t = 0; t < tokens; ++t) {
+        for (std::size_t c = 0; c < d; ++c) {
+          A sum = A(0);
+          for (std::size_t j = 0; j < k; ++j) {
+            const std::size_t p = t * k + j;
+            if (b.expert[p] == no_expert) continue;
+            const std::size_t r = static_cast<std::size_t>(b.expert[p]) * b.plan.capacity + static_cast<std::size_t>(b.slot[p]);
+            sum += static_cast<A>(b.weight[p]) * static_cast<A>(buffer[r * d + c]);
+          }
+          want[t * stride + c] = T(sum);
+        }
+      }
+      locmoe_test::for_each_arch([&](auto arch) {
+        const std::string arch_name = decltype(arch)::name();
+        CAPTURE(arch_name);
+        for (const bool streaming : {false, true}) {
+          for (const bool as_double : {false, true}) {
+            CAPTURE(streaming);
+            CAPTURE(as_double);
+            std::vector<T> storage(tokens * stride + 64, T(0));
+            T* y = storage.data();
+            while (reinterpret_cast<std::uintptr_t>(y) % 64 != 0) ++y;
+            const detail::weight_rows weights =
+                as_double ? detail::weight_rows_of(matrix_view<const double>(weight_d.data(), tokens, k))
+                          : detail::weight_rows_of(matrix_view<const float>(b.weight.data(), tokens, k));
+            detail::combine_kernel<T>{}(arch, {detail::layout_of(b.plan), matrix_view<const T>(buffer.data(), rows, d), weights,
+                                               matrix_view<T>(y, tokens, d, stride), 0, tokens, streaming});
+            std::size_t wrong = 0;
+            for (std::size_t t = 0; t < tokens; ++t) wrong += std::memcmp(y + t * stride, &want[t * stride], d * sizeof(T)) != 0;
+            CHECK(wrong == 0);
+          }
+        }
+      });
+    }
+
     // dispatch writes padding rows as zeros.
     std::vector<T> dispatched(rows * d, T(std::numeric_limits<float>::quiet_NaN()));
     dispatch(b.plan, matrix_view<const T>(grad_y.data(), tokens, d), matrix_view<T>(dispatched.data(), rows, d));
@@ -282,9 +325,10 @@ TEST_CASE_TEMPLATE("16-bit row codec: decode and round-to-nearest-even encode eq
     if (i % 13 == 0) bits &= 0x807fffffu;                                              // zero and subnormals
     std::memcpy(&values[i], &bits, 4);
   }
+  std::size_t at = 0;
   for (const float edge : {65504.0f, 65519.99f, 65520.0f, 0x1p-14f, 0x1p-15f, 0x1p-24f, 0x1p-25f, 0x1.8p-25f, 3.0e38f}) {
-    values[0] = edge;
-    values[1] = -edge;
+    values[at++] = edge;
+    values[at++] = -edge;
   }
   locmoe_test::for_each_arch([&](auto arch) {
     const std::string arch_name = decltype(arch)::name();

@@ -198,8 +198,8 @@ void dispatch(const dispatch_plan& plan, const matrix_view<const T>& x, const ma
 template <class T, class W>
 void combine(const dispatch_plan& plan, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
              const matrix_view<T>& y) {
-  static_assert(std::is_floating_point_v<T> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16>,
-                "combine: rows are float, double, bf16 or fp16 (16-bit rows are summed in float)");
+  static_assert(detail::is_row_type_v<T>, "combine: rows are float, double, bf16 or fp16 (16-bit rows are summed in float)");
+  static_assert(detail::is_weight_type_v<W>, "combine: weights are float or double");
   constexpr const char* fn = "locmoe::combine";
   const std::size_t d = y.cols, k = plan.top_k;
   detail::check_rows(fn, "buffer", buffer, plan.buffer_rows(), d);
@@ -218,6 +218,8 @@ template <class T, class W>
 void combine_backward(const dispatch_plan& plan, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                       const matrix_view<const T>& grad_y, const matrix_view<T>& grad_buffer,
                       const matrix_view<W>& grad_weight) {
+  static_assert(detail::is_row_type_v<T>, "combine_backward: rows are float, double, bf16 or fp16");
+  static_assert(detail::is_weight_type_v<W>, "combine_backward: weights are float or double");
   constexpr const char* fn = "locmoe::combine_backward";
   const std::size_t d = grad_y.cols, k = plan.top_k;
   detail::check_rows(fn, "grad_y", grad_y, plan.tokens, d);
@@ -236,6 +238,7 @@ void combine_backward(const dispatch_plan& plan, const matrix_view<const T>& buf
 /// token without any): combine with every weight 1, so the same sums bit for bit. 16-bit rows summed in float.
 template <class T>
 void dispatch_backward(const dispatch_plan& plan, const matrix_view<const T>& grad_buffer, const matrix_view<T>& grad_x) {
+  static_assert(detail::is_row_type_v<T>, "dispatch_backward: rows are float, double, bf16 or fp16");
   constexpr const char* fn = "locmoe::dispatch_backward";
   const std::size_t d = grad_x.cols;
   detail::check_rows(fn, "grad_buffer", grad_buffer, plan.buffer_rows(), d);

@@ -198,7 +198,8 @@ struct router_loss_values {
 };
 
 /// Scratch the losses reuse from call to call (router_losses' last argument; our addition): kept by the caller,
-/// a call at a shape it has seen allocates nothing. It grows to the largest (T, n, R) seen and never shrinks.
+/// a call at the shape of the call before allocates nothing (the vectors keep their largest size; the [R x n]
+/// matrices are reallocated when R n changes).
 template <class S>
 struct loss_workspace {
   using double_matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

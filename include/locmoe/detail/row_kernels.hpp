@@ -43,6 +43,13 @@
 
 namespace locmoe::detail {
 
+/// The row types of the row kernels, and the weight types.
+template <class T>
+inline constexpr bool is_row_type_v = std::is_same_v<T, float> || std::is_same_v<T, double> ||
+                                      std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
+template <class W>
+inline constexpr bool is_weight_type_v = std::is_same_v<W, float> || std::is_same_v<W, double>;
+
 /// [T x k] weights, float or double; both null: every weight 1 (dispatch's backward).
 struct weight_rows {
   const float* f32 = nullptr;
@@ -110,6 +117,20 @@ struct convert_kernel {
 
 namespace simd {
 
+/// +0 or -0 as T, from its bits: no Eigen conversion (a plain inline function that an AVX-512 file could compile
+/// with its own instructions, or with F16C where Eigen picks it, and the linker keep for every file).
+template <class T, class Arch>
+T signed_zero(Arch, bool negative) noexcept {
+  if constexpr (is_half_v<T>) {
+    const std::uint16_t bits = negative ? 0x8000u : 0u;
+    T value;
+    std::memcpy(static_cast<void*>(&value), &bits, sizeof bits);
+    return value;
+  } else {
+    return negative ? -T(0) : T(0);
+  }
+}
+
 /// Stores one register at p: non-temporal (p aligned to the register's width) where Streaming, else plainly.
 template <bool Streaming, class V, class Arch>
 LOCMOE_DETAIL_STEP void store_register(Arch, V* p, const xsimd::batch<V, Arch>& v) noexcept {
@@ -141,6 +162,7 @@ LOCMOE_DETAIL_STEP void store_register(Arch, V* p, const xsimd::batch<V, Arch>& 
 /// `store` joins them back; `spill` writes a step's two registers into `lanes` in element order.
 template <class T, class Arch, class = void>
 struct row_codec {  // float and double: the step's first and second register
+  using arch = Arch;
   using math = T;
   using batch = xsimd::batch<T, Arch>;
   static constexpr std::size_t width = batch::size, step = 2 * width;
@@ -161,6 +183,7 @@ struct row_codec {  // float and double: the step's first and second register
 
 template <class T, class Arch>
 struct row_codec<T, Arch, std::enable_if_t<is_half_v<T>>> {  // bf16, fp16: the even elements, the odd ones
+  using arch = Arch;
   using math = float;
   using batch = xsimd::batch<float, Arch>;
   using ubatch = xsimd::batch<std::uint32_t, Arch>;
@@ -257,14 +280,14 @@ LOCMOE_DETAIL_STEP void store_step(T* p, std::size_t len, const typename Codec::
 
 template <class T>
 template <class Arch>
-std::size_t convert_kernel<T>::operator()(Arch, const args_type& a) const noexcept {
+std::size_t convert_kernel<T>::operator()(Arch arch, const args_type& a) const noexcept {
   using codec = simd::row_codec<T, Arch>;
   using batch = typename codec::batch;
   constexpr std::size_t step = codec::step, width = codec::width;
   for (std::size_t c = 0; a.from && c < a.count; c += step) {
     const std::size_t n = step < a.count - c ? step : a.count - c;
     batch even, odd;
-    simd::load_step<codec>(a.from + c, n, T(0), even, odd);
+    simd::load_step<codec>(a.from + c, n, simd::signed_zero<T>(arch, false), even, odd);
     float lanes[step];
     codec::spill(even, odd, lanes);
     for (std::size_t i = 0; i < n; ++i) a.to[c + i] = lanes[i];
@@ -314,6 +337,7 @@ void weighted_sum(const summed_rows<T, A>& in, std::size_t begin, std::size_t en
   constexpr std::size_t step = Codec::step, line = 64 / sizeof(T), every = step < line ? line : step,
                         ahead = row_prefetch_bytes / sizeof(T);
   const std::size_t count = Rows ? Rows : in.count;
+  const T zero = signed_zero<T>(typename Codec::arch{}, false);
   const auto run = [&](std::size_t c, std::size_t s, std::size_t len) LOCMOE_DETAIL_STEP_LAMBDA {
     batch first(A(0)), second(A(0));
     if constexpr (!First) {
@@ -322,7 +346,7 @@ void weighted_sum(const summed_rows<T, A>& in, std::size_t begin, std::size_t en
     }
     for (std::size_t i = 0; i < count; ++i) {
       batch r0, r1;
-      load_step<Codec>(in.rows[i] + c, len, T(0), r0, r1);
+      load_step<Codec>(in.rows[i] + c, len, zero, r0, r1);
       const batch w(in.weights[i]);
       first = first + w * r0;
       second = second + w * r1;
@@ -437,11 +461,11 @@ A scale_and_dot(const T* dy, const T* row, std::size_t d, A w, T* out, const T* 
   batch sums[2 * steps];
   for (auto& v : sums) v = batch(A(0));
   const batch scale(w);
-  const T minus_zero = T(-0.0f);
+  const T zero = signed_zero<T>(typename Codec::arch{}, false), minus_zero = signed_zero<T>(typename Codec::arch{}, true);
   const auto run = [&](std::size_t c, std::size_t s, std::size_t len) LOCMOE_DETAIL_STEP_LAMBDA {
     batch g0, g1, r0, r1;
     load_step<Codec>(dy + c, len, minus_zero, g0, g1);
-    load_step<Codec>(row + c, len, T(0), r0, r1);
+    load_step<Codec>(row + c, len, zero, r0, r1);
     if constexpr (Out) store_step<Streaming, Codec>(out + c, len, scale * g0, scale * g1);
     sums[2 * s] = sums[2 * s] + g0 * r0;
     sums[2 * s + 1] = sums[2 * s + 1] + g1 * r1;
