@@ -66,6 +66,7 @@ class counting_backend {
  private:
   const locmoe::cpu_backend& inner_;
 };
+static_assert(locmoe::uses_host_memory_v<counting_backend>, "moe_router may run on it: its memory is the host's");
 
 static_assert(locmoe::is_backend_v<counting_backend>, "the example must model the concept");
 
