@@ -90,6 +90,18 @@ TEST_CASE_TEMPLATE("combine_backward and dispatch_backward against scalar refere
     const std::size_t rows = b.plan.buffer_rows();
     std::mt19937 rng(3);
     const std::vector<T> buffer = random_rows<T>(rng, rows * d), grad_y = random_rows<T>(rng, tokens * d);
+    // The buffer row of kept pair p, and the definition of combine: t's kept rows of `source` times their weights
+    // (1 when unweighted) added in choice order to a zero, in A.
+    const auto row_of = [&](std::size_t p) { return static_cast<std::size_t>(b.expert[p]) * b.plan.capacity + static_cast<std::size_t>(b.slot[p]); };
+    const auto zero_then_add = [&](const std::vector<T>& source, bool weighted, std::size_t t, std::size_t c) {
+      A sum = A(0);
+      for (std::size_t j = 0; j < k; ++j) {
+        const std::size_t p = t * k + j;
+        if (b.expert[p] == no_expert) continue;
+        sum += (weighted ? static_cast<A>(b.weight[p]) : A(1)) * static_cast<A>(source[row_of(p) * d + c]);
+      }
+      return sum;
+    };
     std::vector<T> grad_buffer(rows * d, T(std::numeric_limits<float>::quiet_NaN()));
     std::vector<float> grad_weight(tokens * k, std::numeric_limits<float>::quiet_NaN());
     combine_backward(b.plan, matrix_view<const T>(buffer.data(), rows, d), matrix_view<const float>(b.weight.data(), tokens, k),
@@ -120,7 +132,7 @@ TEST_CASE_TEMPLATE("combine_backward and dispatch_backward against scalar refere
           CHECK(grad_weight[p] == 0.0f);
           continue;
         }
-        const std::size_t r = static_cast<std::size_t>(b.expert[p]) * b.plan.capacity + static_cast<std::size_t>(b.slot[p]);
+        const std::size_t r = row_of(p);
         filled[r] = true;
         double dot = 0, magnitude = 0;
         for (std::size_t c = 0; c < d; ++c) {
@@ -142,16 +154,7 @@ TEST_CASE_TEMPLATE("combine_backward and dispatch_backward against scalar refere
     std::vector<T> grad_x(tokens * d, T(std::numeric_limits<float>::quiet_NaN()));
     dispatch_backward(b.plan, matrix_view<const T>(grad_buffer.data(), rows, d), matrix_view<T>(grad_x.data(), tokens, d));
     for (std::size_t t = 0; t < tokens; ++t) {
-      for (std::size_t c = 0; c < d; ++c) {
-        A sum = A(0);
-        for (std::size_t j = 0; j < k; ++j) {
-          const std::size_t p = t * k + j;
-          if (b.expert[p] == no_expert) continue;
-          const std::size_t r = static_cast<std::size_t>(b.expert[p]) * b.plan.capacity + static_cast<std::size_t>(b.slot[p]);
-          sum += static_cast<A>(grad_buffer[r * d + c]);
-        }
-        CHECK(same_bits(grad_x[t * d + c], T(sum)));
-      }
+      for (std::size_t c = 0; c < d; ++c) CHECK(same_bits(grad_x[t * d + c], T(zero_then_add(grad_buffer, false, t, c))));
     }
 
     // combine with weights (float, and the same as double) on every instruction set, with non-temporal stores into
@@ -162,16 +165,7 @@ TEST_CASE_TEMPLATE("combine_backward and dispatch_backward against scalar refere
       const std::size_t stride = (d + 63) / 64 * 64;  // every row 64-byte aligned (T is at most 8 bytes)
       std::vector<T> want(tokens * stride, T(0));
       for (std::size_t t = 0; t < tokens; ++t) {
-        for (std::size_t c = 0; c < d; ++c) {
-          A sum = A(0);
-          for (std::size_t j = 0; j < k; ++j) {
-            const std::size_t p = t * k + j;
-            if (b.expert[p] == no_expert) continue;
-            const std::size_t r = static_cast<std::size_t>(b.expert[p]) * b.plan.capacity + static_cast<std::size_t>(b.slot[p]);
-            sum += static_cast<A>(b.weight[p]) * static_cast<A>(buffer[r * d + c]);
-          }
-          want[t * stride + c] = T(sum);
-        }
+        for (std::size_t c = 0; c < d; ++c) want[t * stride + c] = T(zero_then_add(buffer, true, t, c));
       }
       locmoe_test::for_each_arch([&](auto arch) {
         const std::string arch_name = decltype(arch)::name();
