@@ -1,0 +1,270 @@
+"""Megatron-Core's routing functions (megatron/core/transformer/moe/moe_utils.py, the non-fused paths), with the
+same names, keyword arguments, shapes, dtypes and row order, computed by locmoe's kernels.
+
+Swap for a Megatron-Core user:  `from locmoe_torch import megatron as moe_utils`  (or import the names).
+
+Where the results differ from Megatron-Core's, docs/parity.md says so; in short: ties (equal scores) go to the
+lower expert or token index where Megatron-Core's follow torch.topk's implementation-defined order; float64
+inputs are computed in float64 (Megatron-Core computes scores in float32); bfloat16/float16 rows are summed in
+float and rounded once in unpermute; rows with NaN or +inf logits route nowhere (zero probabilities and
+gradients) and are left out of the z-loss's mean.
+"""
+import math
+
+import torch
+
+from ._ops import ROW_DTYPES, check_int, check_matrix, ops
+
+__all__ = [
+    "topk_routing_with_score_function",
+    "switch_load_balancing_loss_func",
+    "z_loss_func",
+    "get_capacity",
+    "apply_router_token_dropping",
+    "permute",
+    "unpermute",
+]
+
+
+class _Route(torch.autograd.Function):
+    """Top-k routing; the chosen set is held fixed in the backward (the gradient flows through the probs)."""
+
+    @staticmethod
+    def forward(ctx, logits, topk, use_pre_softmax, num_groups, group_topk, scale, score_function, expert_bias):
+        probs, routing_map, indices = ops.route(logits, topk, use_pre_softmax, num_groups, group_topk, scale,
+                                                score_function, expert_bias)
+        ctx.save_for_backward(logits, indices)
+        ctx.settings = (topk, use_pre_softmax, scale, score_function)
+        ctx.mark_non_differentiable(routing_map, indices)
+        return probs, routing_map, indices
+
+    @staticmethod
+    def backward(ctx, grad_probs, _grad_map, _grad_indices):
+        if grad_probs is None or not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        logits, indices = ctx.saved_tensors
+        topk, use_pre_softmax, scale, score_function = ctx.settings
+        grad = ops.route_backward(logits, indices, grad_probs, topk, use_pre_softmax, scale, score_function)
+        return (grad,) + (None,) * 7
+
+
+def topk_routing_with_score_function(logits, topk, use_pre_softmax=False, num_groups=None, group_topk=None,
+                                     scaling_factor=None, score_function="softmax", expert_bias=None, fused=False,
+                                     dense_output=False):
+    """(routing_probs [T, n] in logits' dtype, routing_map [T, n] bool): Megatron-Core's top-k routing.
+
+    softmax, use_pre_softmax=False: top-k of the logits, softmax over the k chosen (k = 1 gives 1);
+    softmax, use_pre_softmax=True: softmax over all n, then top-k (not renormalized); sigmoid: top-k of
+    sigmoid(l) + expert_bias (the bias only selects), probs s / (sum of the chosen s + 1e-20) when k > 1;
+    num_groups/group_topk: node-limited top-k; scaling_factor multiplies the probs last. `fused` is accepted and
+    ignored (locmoe is the fused path). dense_output=True returns (probs [T, k], indices [T, k] int64) instead,
+    best first. Ties go to the lower expert index.
+    """
+    check_matrix("logits", logits)
+    num_experts = logits.shape[1]
+    topk = check_int("topk", topk, 1, num_experts)
+    if score_function == "sqrtsoftplus":
+        raise ValueError("score_function 'sqrtsoftplus' is not supported by locmoe_torch (softmax or sigmoid)")
+    if score_function not in ("softmax", "sigmoid"):
+        raise ValueError(f"score_function must be 'softmax' or 'sigmoid' (got {score_function!r})")
+    groups, limit = 0, 0
+    if group_topk:
+        if not num_groups:
+            raise ValueError("num_groups must be given (> 0) with group_topk")
+        groups = check_int("num_groups", num_groups, 1, num_experts)
+        limit = check_int("group_topk", group_topk, 1, groups)
+    if expert_bias is not None:
+        if not isinstance(expert_bias, torch.Tensor) or expert_bias.shape != (num_experts,):
+            raise ValueError(f"expert_bias must be a tensor of shape [{num_experts}] (num_experts)")
+    scale = float(scaling_factor) if scaling_factor else 1.0
+    if not math.isfinite(scale):
+        raise ValueError(f"scaling_factor must be finite (got {scaling_factor})")
+    bias = expert_bias.detach() if expert_bias is not None else None
+    probs, routing_map, indices = _Route.apply(logits, topk, bool(use_pre_softmax), groups, limit, scale,
+                                               score_function, bias)
+    if dense_output:
+        chosen = indices.long()
+        return probs.gather(1, chosen.clamp(min=0)) * (chosen >= 0), chosen
+    return probs, routing_map
+
+
+def switch_load_balancing_loss_func(probs, tokens_per_expert, total_num_tokens, topk, num_experts,
+                                    moe_aux_loss_coeff, fused=False, padding_mask=None):
+    """coeff * n / (k T^2) * sum_e (sum_t probs[t, e]) * tokens_per_expert[e] (Switch Transformer's loss as
+    Megatron-Core scales it; padding_mask: True marks the tokens that count). Autograd through probs."""
+    check_matrix("probs", probs)
+    if probs.shape[1] != num_experts:
+        raise ValueError(f"probs must have num_experts = {num_experts} columns (got shape {tuple(probs.shape)})")
+    check_int("topk", topk, 1)
+    if isinstance(total_num_tokens, torch.Tensor):
+        total_num_tokens = total_num_tokens.item()
+    if not total_num_tokens > 0:
+        raise ValueError(f"total_num_tokens must be > 0 (got {total_num_tokens})")
+    if padding_mask is not None:
+        probs = probs * padding_mask.unsqueeze(-1)
+    per_expert = probs.sum(dim=0)
+    scale = num_experts * moe_aux_loss_coeff / (topk * total_num_tokens * total_num_tokens)
+    return torch.sum(per_expert * tokens_per_expert) * scale
+
+
+class _ZLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, coeff):
+        loss, grad = ops.z_loss(logits, coeff)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None
+
+
+def z_loss_func(logits, z_loss_coeff, padding_mask=None):
+    """z_loss_coeff * mean_t logsumexp(logits[t])^2 (ST-MoE); padding_mask: True marks padding (left out)."""
+    check_matrix("logits", logits)
+    coeff = float(z_loss_coeff)
+    if padding_mask is not None:
+        valid = ~padding_mask.bool()
+        if not bool(valid.any()):
+            return logits.sum() * 0
+        logits = logits[valid]
+    return _ZLoss.apply(logits, coeff)
+
+
+def get_capacity(num_tokens, num_experts, capacity_factor, min_capacity=None):
+    """ceil((num_tokens / num_experts) * capacity_factor), at least min_capacity: Megatron-Core's expression,
+    evaluated in the same order in float64, so the same rounding."""
+    check_int("num_tokens", num_tokens, 0)
+    check_int("num_experts", num_experts, 1)
+    if not (isinstance(capacity_factor, (int, float)) and math.isfinite(capacity_factor) and capacity_factor >= 0):
+        raise ValueError(f"capacity_factor must be a finite number >= 0 (got {capacity_factor})")
+    capacity = math.ceil((num_tokens / num_experts) * capacity_factor)
+    if min_capacity is not None and capacity < min_capacity:
+        capacity = min_capacity
+    return capacity
+
+
+def apply_router_token_dropping(routing_probs, routing_map, router_topk, capacity_factor, drop_policy="probs",
+                                pad_to_capacity=False):
+    """(final_probs, final_map) [T, n]: each expert keeps its capacity = get_capacity(T k, n, cf) tokens of highest
+    prob ("probs") or its first routed tokens ("position"), ties to the lower token index; pad_to_capacity fills
+    every expert to capacity (with unrouted tokens of prob 0). Kept probs are not renormalized; capacity > T
+    keeps everything."""
+    check_matrix("routing_probs", routing_probs)
+    check_matrix("routing_map", routing_map, *routing_probs.shape, dtypes=None)
+    num_tokens, num_experts = routing_probs.shape
+    topk = check_int("router_topk", router_topk, 1, num_experts)
+    if drop_policy not in ("probs", "position"):
+        raise ValueError(f"drop_policy must be 'probs' or 'position' (got {drop_policy!r})")
+    capacity = get_capacity(num_tokens * topk, num_experts, capacity_factor)
+    if capacity > num_tokens:
+        final_map = torch.ones_like(routing_map, dtype=torch.bool) if pad_to_capacity else routing_map.bool()
+    else:
+        final_map = ops.token_dropping(routing_probs.detach(), routing_map, capacity, drop_policy,
+                                       bool(pad_to_capacity))
+    return routing_probs * final_map, final_map
+
+
+class _GatherRows(torch.autograd.Function):
+    """out[r] = tokens[t] for each pair (t, r); backward: the sum of a token's rows."""
+
+    @staticmethod
+    def forward(ctx, tokens, slots, experts, rows):
+        ctx.save_for_backward(slots, experts)
+        return ops.gather_rows(tokens, slots, experts, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        slots, experts = ctx.saved_tensors
+        return ops.combine_rows(grad, slots, experts, None, slots.shape[0]), None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """y[t] = sum of t's rows, weighted when weights are given; backward through rows and weights."""
+
+    @staticmethod
+    def forward(ctx, rows, weights, slots, experts, num_tokens):
+        ctx.save_for_backward(rows, weights, slots, experts)
+        return ops.combine_rows(rows, slots, experts, weights, num_tokens)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weights, slots, experts = ctx.saved_tensors
+        if weights is None:
+            return ops.gather_rows(grad, slots, experts, rows.shape[0]), None, None, None, None
+        grad_rows, grad_weights = ops.combine_rows_backward(rows, slots, experts, weights, grad)
+        return (grad_rows if ctx.needs_input_grad[0] else None,
+                grad_weights if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+def _num_out_tokens(num_out_tokens, limit):
+    if num_out_tokens is None:
+        raise ValueError("num_out_tokens is required (Megatron-Core's permute asserts it): pass routing_map.sum()")
+    return check_int("num_out_tokens", num_out_tokens, 0, limit)
+
+
+def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False,
+            tokens_per_expert=None, align_size=0):
+    """(permuted_tokens, permuted_probs, sorted_indices, None, tokens_per_expert), as Megatron-Core's permute.
+
+    Dropless: rows grouped by expert, each expert's tokens in token order (the map's entries in expert-major order,
+    cut at num_out_tokens). drop_and_pad: capacity = num_out_tokens // n rows per expert, its routed tokens first.
+    permuted_probs[r] = probs[sorted_indices[r], expert of row r] (None without probs). `fused` and `align_size`
+    are accepted and ignored.
+    """
+    check_matrix("tokens", tokens)
+    num_tokens = tokens.shape[0]
+    check_matrix("routing_map", routing_map, rows=num_tokens, dtypes=None)
+    num_experts = routing_map.shape[1]
+    if probs is not None:
+        check_matrix("probs", probs, num_tokens, num_experts)
+    rows = _num_out_tokens(num_out_tokens, num_tokens * num_experts)
+    if drop_and_pad and rows // num_experts > num_tokens:
+        raise ValueError(f"with drop_and_pad, num_out_tokens // num_experts must be <= num_tokens = {num_tokens}")
+    sorted_indices, row_expert = ops.permute_index(routing_map, rows, bool(drop_and_pad))
+    slots, experts = ops.token_slots(sorted_indices, num_tokens)
+    permuted = _GatherRows.apply(tokens, slots, experts, sorted_indices.shape[0])
+    permuted_probs = probs[sorted_indices, row_expert] if probs is not None else None
+    return permuted, permuted_probs, sorted_indices, None, tokens_per_expert
+
+
+def unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None, fused=False,
+              drop_and_pad=False, pad_offsets=None):
+    """[T, hidden] in permuted_tokens' dtype: the sum of each token's permuted rows, times its prob for that row's
+    expert when probs are given (Megatron-Core's unpermute). Rows are added in row order (expert order); bfloat16
+    and float16 rows are summed in float and rounded once."""
+    check_matrix("permuted_tokens", permuted_tokens)
+    if len(restore_shape) != 2:
+        raise ValueError(f"restore_shape must be [num_tokens, hidden] (got {tuple(restore_shape)})")
+    num_tokens, hidden = (int(s) for s in restore_shape)
+    if permuted_tokens.shape[1] != hidden:
+        raise ValueError(f"permuted_tokens must have hidden = {hidden} columns (got {tuple(permuted_tokens.shape)})")
+    if not isinstance(sorted_indices, torch.Tensor) or sorted_indices.dim() != 1 or \
+            sorted_indices.shape[0] != permuted_tokens.shape[0]:
+        raise ValueError("sorted_indices must be 1-D with one entry per row of permuted_tokens")
+    slots, experts = ops.token_slots(sorted_indices, num_tokens)
+    weights = None
+    if probs is not None:
+        if routing_map is None:
+            raise ValueError("routing_map must be given with probs (to find each row's expert)")
+        check_matrix("probs", probs, rows=num_tokens)
+        num_experts = probs.shape[1]
+        check_matrix("routing_map", routing_map, num_tokens, num_experts, dtypes=None)
+        rows = sorted_indices.shape[0]
+        if drop_and_pad:
+            if rows % num_experts:
+                raise ValueError(f"with drop_and_pad, permuted rows ({rows}) must be a multiple of num_experts")
+            row_expert = torch.arange(rows) // max(rows // num_experts, 1)
+        else:
+            counts = routing_map.bool().sum(dim=0)
+            if int(counts.sum()) != rows:
+                raise ValueError(f"routing_map must have one true entry per permuted row ({rows}; got "
+                                 f"{int(counts.sum())})")
+            row_expert = torch.repeat_interleave(torch.arange(num_experts), counts)
+        present = slots >= 0
+        row = slots.clamp(min=0).long()
+        token = torch.arange(num_tokens).unsqueeze(1).expand_as(row)
+        weight_dtype = torch.float64 if torch.float64 in (probs.dtype, permuted_tokens.dtype) else torch.float32
+        weights = (probs[token, row_expert[row]] * present).to(weight_dtype)
+    return _CombineRows.apply(permuted_tokens, weights, slots, experts, num_tokens)

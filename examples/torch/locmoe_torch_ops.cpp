@@ -1,0 +1,533 @@
+// locmoe's kernels as PyTorch operators (torch.ops.locmoe.*), loaded by the Python package locmoe_torch
+// (examples/torch/locmoe_torch), which adds autograd and Megatron-Core's signatures on top.
+//
+// Registered with TORCH_LIBRARY, so the library needs neither Python's headers nor pybind11: the Python side
+// loads it with torch.ops.load_library. CPU tensors only (locmoe's cpu_backend on a pool of
+// at::get_num_threads() threads); every operator checks its arguments and raises ValueError (c10::ValueError)
+// naming the argument and the rule.
+//
+// Rows of tokens are read through their row stride when the columns are contiguous; other layouts are copied
+// once (a kernel needs contiguous rows). Logits and probabilities are converted to float (double for float64)
+// for the arithmetic, as Megatron-Core computes its scores in float32.
+//
+// The row operators work on a "pair table": for each token t, the rows r of a permuted buffer that hold it, in
+// increasing r ([T x k'] slots, -1 past the token's last row; k' = the most rows any token has). Every such pair
+// is laid out as expert 0 at slot r of a one-expert grouped layout (pair_layout), so cpu_backend's dispatch,
+// combine and their backwards serve Megatron-Core's permute and unpermute unchanged.
+#include <locmoe/backend/cpu.hpp>
+#include <locmoe/capacity.hpp>
+#include <locmoe/losses.hpp>
+#include <locmoe/route_backward.hpp>
+#include <locmoe/routers.hpp>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+/// The CPU backend on a pool of at::get_num_threads() threads, rebuilt when that number changes. One operator
+/// runs at a time (the pool serves one caller): the lock is held for the whole call.
+class backend_lease {
+ public:
+  backend_lease() : lock_(mutex()) {
+    auto& s = state();
+    const auto threads = static_cast<std::size_t>(std::max(1, at::get_num_threads()));
+    if (!s.pool || s.pool->threads() != threads) {
+      s.backend.reset();
+      s.pool = std::make_unique<locmoe::thread_pool>(threads);
+      s.backend = std::make_unique<locmoe::cpu_backend>(*s.pool);
+    }
+  }
+  const locmoe::cpu_backend& operator*() const { return *state().backend; }
+  const locmoe::cpu_backend* operator->() const { return state().backend.get(); }
+  locmoe::thread_pool& pool() const { return *state().pool; }
+
+ private:
+  struct shared {
+    std::unique_ptr<locmoe::thread_pool> pool;
+    std::unique_ptr<locmoe::cpu_backend> backend;
+  };
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static shared& state() {
+    static shared s;
+    return s;
+  }
+  std::lock_guard<std::mutex> lock_;
+};
+
+/// Runs fn on the call's arguments, turning locmoe's argument errors into Python's ValueError.
+template <class Fn>
+auto checked(Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const locmoe::error& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "locmoe_torch: ", name, " must be a CPU tensor (got ", t.device(), ")");
+}
+
+void check_matrix(const Tensor& t, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 2, "locmoe_torch: ", name, " must be 2-D [rows, columns] (got ", t.dim(), "-D)");
+}
+
+bool is_row_dtype(at::ScalarType s) {
+  return s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf;
+}
+
+void check_row_dtype(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(is_row_dtype(t.scalar_type()), "locmoe_torch: ", name,
+                    " must be float32, float64, bfloat16 or float16 (got ", t.scalar_type(), ")");
+}
+
+/// The tensor with unit column stride (a copy otherwise), and its view.
+template <class T>
+locmoe::matrix_view<T> rows_view(Tensor& t) {
+  if (t.size(1) > 1 && t.stride(1) != 1) t = t.contiguous();
+  if (t.size(0) > 1 && t.stride(0) < t.size(1)) t = t.contiguous();
+  const auto stride = t.size(0) > 1 ? t.stride(0) : t.size(1);
+  return {reinterpret_cast<T*>(t.data_ptr()), static_cast<std::size_t>(t.size(0)), static_cast<std::size_t>(t.size(1)),
+          static_cast<std::size_t>(stride)};
+}
+
+/// Calls fn with a value of the locmoe element type of `s` (float, double, locmoe::bf16, locmoe::fp16).
+template <class Fn>
+decltype(auto) with_row_type(at::ScalarType s, Fn&& fn) {
+  switch (s) {
+    case at::kFloat: return fn(float{});
+    case at::kDouble: return fn(double{});
+    case at::kBFloat16: return fn(locmoe::bf16{});
+    case at::kHalf: return fn(locmoe::fp16{});
+    default: TORCH_CHECK_VALUE(false, "locmoe_torch: unsupported dtype ", s);
+  }
+}
+
+/// The arithmetic type of scores from logits of dtype s: double for float64, float otherwise.
+at::ScalarType score_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <class S>
+locmoe::router_options<S> router_options_of(int64_t n, int64_t topk, bool use_pre_softmax, int64_t num_groups,
+                                            int64_t group_topk, double scaling_factor, const std::string& score) {
+  TORCH_CHECK_VALUE(topk >= 1 && topk <= n, "locmoe_torch: topk must be in [1, num_experts = ", n, "] (got ", topk, ")");
+  TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", "locmoe_torch: score_function must be 'softmax' or ",
+                    "'sigmoid' (got '", score, "')");
+  TORCH_CHECK_VALUE(num_groups >= 0 && group_topk >= 0, "locmoe_torch: num_groups and group_topk must be >= 0");
+  locmoe::router_options<S> o;
+  o.k = static_cast<std::size_t>(topk);
+  o.score = score == "sigmoid" ? locmoe::score_function::sigmoid : locmoe::score_function::softmax;
+  o.softmax_before_topk = use_pre_softmax;
+  o.groups = static_cast<std::size_t>(num_groups);
+  o.group_limit = static_cast<std::size_t>(group_topk);
+  o.scale = static_cast<S>(scaling_factor);
+  return o;
+}
+
+/// Token ranges of about equal size for the pool (at least `grain` tokens each).
+std::vector<locmoe::token_range> token_ranges(std::size_t tokens, std::size_t threads, std::size_t grain = 256) {
+  const std::size_t count = std::max<std::size_t>(1, std::min(4 * threads, tokens / grain));
+  std::vector<locmoe::token_range> r(count);
+  for (std::size_t i = 0; i < count; ++i) r[i] = {tokens * i / count, tokens * (i + 1) / count};
+  return r;
+}
+
+// ---- routing -----------------------------------------------------------------------------------------------------
+
+/// topk_routing_with_score_function's selection: (probs [T, n] in logits' dtype, routing_map [T, n] bool,
+/// indices [T, k] int32: the chosen experts, best first, -1 for an invalid token's slots).
+std::tuple<Tensor, Tensor, Tensor> route(const Tensor& logits_in, int64_t topk, bool use_pre_softmax,
+                                         int64_t num_groups, int64_t group_topk, double scaling_factor,
+                                         std::string score_function, const c10::optional<Tensor>& expert_bias) {
+  check_matrix(logits_in, "logits");
+  check_row_dtype(logits_in, "logits");
+  const auto dtype = score_dtype(logits_in.scalar_type());
+  Tensor logits = logits_in.to(dtype).contiguous();
+  const int64_t T = logits.size(0), n = logits.size(1);
+  Tensor indices = at::empty({T, topk}, logits.options().dtype(at::kInt));
+  Tensor probs = at::zeros({T, n}, logits_in.options());
+  Tensor map = at::zeros({T, n}, logits_in.options().dtype(at::kBool));
+  return checked([&] {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "locmoe_torch::route", [&] {
+      using S = scalar_t;
+      auto o = router_options_of<S>(n, topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function);
+      Tensor bias;
+      if (expert_bias && expert_bias->defined() && o.score == locmoe::score_function::sigmoid) {  // softmax ignores it
+        check_cpu(*expert_bias, "expert_bias");
+        TORCH_CHECK_VALUE(expert_bias->dim() == 1 && expert_bias->size(0) == n, "locmoe_torch: expert_bias must be [",
+                          n, "] (num_experts)");
+        bias = expert_bias->to(dtype).contiguous();
+        o.expert_bias = bias.data_ptr<S>();
+      }
+      Tensor weights = at::empty({T, topk}, logits.options());
+      const locmoe::matrix_view<const S> l(logits.data_ptr<S>(), T, n);
+      const locmoe::route_outputs<S> out{{indices.data_ptr<locmoe::expert_index>(), std::size_t(T), std::size_t(topk)},
+                                         {weights.data_ptr<S>(), std::size_t(T), std::size_t(topk)}, {}, {}};
+      locmoe::score_route(l, o, out, locmoe::token_range{0, 0});  // checks the arguments on this thread
+      backend_lease lease;
+      const auto ranges = token_ranges(T, lease.pool().threads());
+      lease.pool().run(ranges.size(), [&](std::size_t r) {
+        locmoe::route_scratch<S> scratch(o, static_cast<std::size_t>(n));
+        locmoe::score_route(l, o, out, ranges[r], locmoe::default_policy{}, &scratch);
+      });
+      // Megatron-Core: probs.type_as(logits), then scattered into [T, n].
+      with_row_type(logits_in.scalar_type(), [&](auto element) {
+        using P = decltype(element);
+        auto* p = reinterpret_cast<P*>(probs.data_ptr());
+        auto* m = map.data_ptr<bool>();
+        const auto* idx = indices.data_ptr<locmoe::expert_index>();
+        const auto* w = weights.data_ptr<S>();
+        for (int64_t i = 0; i < T * topk; ++i) {
+          if (idx[i] < 0) continue;
+          const int64_t at = (i / topk) * n + idx[i];
+          p[at] = static_cast<P>(w[i]);
+          m[at] = true;
+        }
+      });
+    });
+    return std::make_tuple(probs, map, indices);
+  });
+}
+
+/// route's backward: dL/dlogits from dL/dprobs [T, n] (only the chosen entries matter), in logits' dtype.
+Tensor route_backward(const Tensor& logits_in, const Tensor& indices, const Tensor& grad_probs, int64_t topk,
+                      bool use_pre_softmax, double scaling_factor, std::string score_function) {
+  check_matrix(logits_in, "logits");
+  check_matrix(grad_probs, "grad_probs");
+  check_matrix(indices, "indices");
+  TORCH_CHECK_VALUE(indices.scalar_type() == at::kInt && indices.size(0) == logits_in.size(0) && indices.size(1) == topk,
+                    "locmoe_torch: indices must be int32 [T, topk]");
+  TORCH_CHECK_VALUE(grad_probs.sizes() == logits_in.sizes(), "locmoe_torch: grad_probs must have logits' shape");
+  const auto dtype = score_dtype(logits_in.scalar_type());
+  Tensor logits = logits_in.to(dtype).contiguous();
+  Tensor idx = indices.contiguous();
+  const int64_t T = logits.size(0), n = logits.size(1);
+  Tensor safe = idx.clamp_min(0).to(at::kLong);
+  Tensor grad_weights = grad_probs.to(dtype).gather(1, safe).contiguous();
+  Tensor grad_logits = at::zeros({T, n}, logits.options());
+  return checked([&] {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "locmoe_torch::route_backward", [&] {
+      using S = scalar_t;
+      const auto o = router_options_of<S>(n, topk, use_pre_softmax, 0, 0, scaling_factor, score_function);
+      const locmoe::matrix_view<const S> l(logits.data_ptr<S>(), T, n);
+      const locmoe::matrix_view<const locmoe::expert_index> ix(idx.data_ptr<locmoe::expert_index>(), T, topk);
+      const locmoe::matrix_view<const S> gw(grad_weights.data_ptr<S>(), T, topk);
+      const locmoe::matrix_view<S> gl(grad_logits.data_ptr<S>(), T, n);
+      locmoe::route_backward(l, o, ix, gw, gl, locmoe::token_range{0, 0});  // checks on this thread
+      backend_lease lease;
+      const auto ranges = token_ranges(T, lease.pool().threads());
+      lease.pool().run(ranges.size(), [&](std::size_t r) { locmoe::route_backward(l, o, ix, gw, gl, ranges[r]); });
+    });
+    return grad_logits.to(logits_in.scalar_type());
+  });
+}
+
+/// z_loss_func: (coeff mean_t logsumexp(l_t)^2 as a 0-d tensor, its gradient [T, n]), in logits' dtype.
+std::tuple<Tensor, Tensor> z_loss(const Tensor& logits_in, double coeff) {
+  check_matrix(logits_in, "logits");
+  check_row_dtype(logits_in, "logits");
+  const auto dtype = score_dtype(logits_in.scalar_type());
+  Tensor logits = logits_in.to(dtype).contiguous();
+  Tensor grad = at::zeros_like(logits);
+  return checked([&] {
+    double value = 0;
+    AT_DISPATCH_FLOATING_TYPES(dtype, "locmoe_torch::z_loss", [&] {
+      using S = scalar_t;
+      const std::size_t T = logits.size(0), n = logits.size(1);
+      locmoe::loss_inputs<S> in;
+      in.logits = {logits.data_ptr<S>(), T, n};
+      value = locmoe::z_loss(in, static_cast<S>(coeff), locmoe::matrix_view<S>(grad.data_ptr<S>(), T, n)).value;
+    });
+    const auto options = logits_in.options();
+    return std::make_tuple(at::scalar_tensor(value, options.dtype(dtype)).to(logits_in.scalar_type()),
+                           grad.to(logits_in.scalar_type()));
+  });
+}
+
+// ---- token dropping ----------------------------------------------------------------------------------------------
+
+/// apply_router_token_dropping's capacity mask: per expert, the `capacity` tokens of highest key (routing_probs
+/// for "probs", the routing map for "position"), ties to the lower token index; then final_map = mask (pad) or
+/// map & mask. Returns final_map [T, n] bool.
+Tensor token_dropping(const Tensor& probs_in, const Tensor& map_in, int64_t capacity, std::string drop_policy,
+                      bool pad_to_capacity) {
+  check_matrix(probs_in, "routing_probs");
+  check_matrix(map_in, "routing_map");
+  TORCH_CHECK_VALUE(probs_in.sizes() == map_in.sizes(), "locmoe_torch: routing_map must have routing_probs' shape");
+  TORCH_CHECK_VALUE(drop_policy == "probs" || drop_policy == "position",
+                    "locmoe_torch: drop_policy must be 'probs' or 'position' (got '", drop_policy, "')");
+  const int64_t T = probs_in.size(0), n = probs_in.size(1);
+  TORCH_CHECK_VALUE(capacity >= 0 && capacity <= T, "locmoe_torch: capacity must be in [0, num_tokens = ", T,
+                    "] (got ", capacity, ")");
+  const bool by_probs = drop_policy == "probs";
+  Tensor keys = by_probs ? probs_in.to(at::kDouble).contiguous() : map_in.to(at::kDouble).contiguous();
+  TORCH_CHECK_VALUE(!keys.isnan().any().item<bool>(), "locmoe_torch: routing_probs must not hold NaN");
+  Tensor routed = map_in.to(at::kBool).contiguous();
+  Tensor final_map = at::zeros({T, n}, map_in.options().dtype(at::kBool));
+  const double* key = keys.data_ptr<double>();
+  const bool* in_map = routed.data_ptr<bool>();
+  bool* out = final_map.data_ptr<bool>();
+  backend_lease lease;
+  lease.pool().run(static_cast<std::size_t>(n), [&](std::size_t e) {
+    std::vector<int64_t> order(static_cast<std::size_t>(T));
+    for (int64_t t = 0; t < T; ++t) order[t] = t;
+    const auto before = [&](int64_t a, int64_t b) {
+      const double ka = key[a * n + e], kb = key[b * n + e];
+      return ka > kb || (ka == kb && a < b);
+    };
+    std::nth_element(order.begin(), order.begin() + capacity, order.end(), before);
+    for (int64_t i = 0; i < capacity; ++i) {
+      const int64_t t = order[i];
+      out[t * n + e] = pad_to_capacity || in_map[t * n + e];
+    }
+  });
+  return final_map;
+}
+
+// ---- permute / unpermute -----------------------------------------------------------------------------------------
+
+/// permute's row order: (sorted_indices [N] int64, row_expert [N] int64). Dropless: the (expert, token) entries
+/// of the map in expert-major order, the routed ones first, cut at num_out_tokens. drop_and_pad: per expert the
+/// first num_out_tokens / n of its tokens, routed ones first, each in token order.
+std::tuple<Tensor, Tensor> permute_index(const Tensor& map_in, int64_t num_out_tokens, bool drop_and_pad) {
+  check_matrix(map_in, "routing_map");
+  const int64_t T = map_in.size(0), n = map_in.size(1);
+  TORCH_CHECK_VALUE(num_out_tokens >= 0 && num_out_tokens <= T * n, "locmoe_torch: num_out_tokens must be in [0, ",
+                    "num_tokens * num_experts = ", T * n, "] (got ", num_out_tokens, ")");
+  Tensor routed = map_in.to(at::kBool).contiguous();
+  const bool* m = routed.data_ptr<bool>();
+  const int64_t capacity = drop_and_pad ? num_out_tokens / n : 0;
+  TORCH_CHECK_VALUE(!drop_and_pad || capacity <= T, "locmoe_torch: with drop_and_pad, num_out_tokens / num_experts ",
+                    "must be <= num_tokens");
+  std::vector<int64_t> ones(static_cast<std::size_t>(n), 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < n; ++e) ones[e] += m[t * n + e];
+  // Where each expert's routed and unrouted entries start.
+  std::vector<int64_t> first_one(n), first_zero(n);
+  int64_t total_ones = 0;
+  for (int64_t e = 0; e < n; ++e) total_ones += ones[e];
+  for (int64_t e = 0, placed = 0, placed_zero = total_ones; e < n; ++e) {
+    if (drop_and_pad) {
+      first_one[e] = e * capacity;
+      first_zero[e] = e * capacity + std::min(ones[e], capacity);
+    } else {
+      first_one[e] = placed;
+      first_zero[e] = placed_zero;
+      placed += ones[e];
+      placed_zero += T - ones[e];
+    }
+  }
+  const int64_t rows = drop_and_pad ? n * capacity : num_out_tokens;
+  Tensor sorted = at::empty({rows}, map_in.options().dtype(at::kLong));
+  Tensor expert = at::empty({rows}, map_in.options().dtype(at::kLong));
+  int64_t* s = sorted.data_ptr<int64_t>();
+  int64_t* x = expert.data_ptr<int64_t>();
+  backend_lease lease;
+  lease.pool().run(static_cast<std::size_t>(n), [&](std::size_t e_) {
+    const auto e = static_cast<int64_t>(e_);
+    const int64_t end = drop_and_pad ? (e + 1) * capacity : rows;  // rows past it are cut
+    int64_t one = first_one[e], zero = first_zero[e];
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t& row = m[t * n + e] ? one : zero;
+      if (row < end) {
+        s[row] = t;
+        x[row] = e;
+      }
+      ++row;
+    }
+  });
+  return std::make_tuple(sorted, expert);
+}
+
+/// The pair table of a row order: for each token t < num_tokens, the rows r with sorted_indices[r] == t in
+/// increasing r. Returns (slots [T, k'] int32, experts [T, k'] int32: 0 for a row, -1 past the token's last).
+std::tuple<Tensor, Tensor> token_slots(const Tensor& sorted_in, int64_t num_tokens) {
+  check_cpu(sorted_in, "sorted_indices");
+  TORCH_CHECK_VALUE(sorted_in.dim() == 1, "locmoe_torch: sorted_indices must be 1-D");
+  TORCH_CHECK_VALUE(num_tokens >= 0, "locmoe_torch: num_tokens must be >= 0");
+  TORCH_CHECK_VALUE(sorted_in.size(0) < (int64_t{1} << 31), "locmoe_torch: at most 2^31 - 1 permuted rows");
+  Tensor sorted = sorted_in.to(at::kLong).contiguous();
+  const int64_t rows = sorted.size(0);
+  const int64_t* s = sorted.data_ptr<int64_t>();
+  std::vector<int64_t> count(static_cast<std::size_t>(num_tokens), 0);
+  int64_t width = 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK_VALUE(s[r] >= 0 && s[r] < num_tokens, "locmoe_torch: sorted_indices[", r, "] = ", s[r],
+                      " must be in [0, num_tokens = ", num_tokens, ")");
+    width = std::max(width, ++count[s[r]]);
+  }
+  auto options = sorted.options().dtype(at::kInt);
+  Tensor slots = at::full({num_tokens, width}, -1, options);
+  Tensor experts = at::full({num_tokens, width}, locmoe::no_expert, options);
+  auto* slot = slots.data_ptr<int32_t>();
+  auto* expert = experts.data_ptr<int32_t>();
+  std::fill(count.begin(), count.end(), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t at = s[r] * width + count[s[r]]++;
+    slot[at] = static_cast<int32_t>(r);
+    expert[at] = 0;
+  }
+  return std::make_tuple(slots, experts);
+}
+
+/// A pair table as the one-expert grouped layout (see the file comment); `offsets` must outlive the layout.
+locmoe::pair_layout layout_of(const Tensor& slots, const Tensor& experts, int64_t rows, std::array<int64_t, 2>& offsets) {
+  check_matrix(slots, "slots");
+  TORCH_CHECK_VALUE(slots.scalar_type() == at::kInt && experts.scalar_type() == at::kInt &&
+                        slots.sizes() == experts.sizes() && slots.is_contiguous() && experts.is_contiguous(),
+                    "locmoe_torch: slots and experts must be contiguous int32 of one shape (token_slots' outputs)");
+  offsets = {0, rows};
+  locmoe::pair_layout pairs{experts.data_ptr<locmoe::expert_index>(), slots.data_ptr<locmoe::slot_index>(),
+                            static_cast<std::size_t>(slots.size(0)), static_cast<std::size_t>(slots.size(1)), 0};
+  pairs.experts = 1;
+  pairs.expert_offset = offsets.data();
+  return pairs;
+}
+
+/// permute's gather: out[r] = tokens[t] for every pair (t, r) of the table; out is [rows, hidden].
+Tensor gather_rows(const Tensor& tokens_in, const Tensor& slots, const Tensor& experts, int64_t rows) {
+  check_matrix(tokens_in, "tokens");
+  check_row_dtype(tokens_in, "tokens");
+  TORCH_CHECK_VALUE(tokens_in.size(0) == slots.size(0), "locmoe_torch: tokens must have one row per token of the table");
+  Tensor tokens = tokens_in;
+  Tensor out = at::empty({rows, tokens.size(1)}, tokens.options().memory_format(at::MemoryFormat::Contiguous));
+  return checked([&] {
+    with_row_type(tokens.scalar_type(), [&](auto element) {
+      using T = decltype(element);
+      std::array<int64_t, 2> offsets{};
+      const auto pairs = layout_of(slots, experts, rows, offsets);
+      const locmoe::matrix_view<const T> x = rows_view<T>(tokens);
+      backend_lease lease;
+      lease->dispatch(pairs, x, rows_view<T>(out));
+    });
+    return out;
+  });
+}
+
+/// unpermute's scatter-add: y[t] = sum over t's rows r, in increasing r, of weights[t][j] * rows[r] (without
+/// weights: of rows[r]); 16-bit rows summed in float and rounded once. weights: [T, k'] float32 or float64.
+Tensor combine_rows(const Tensor& rows_in, const Tensor& slots, const Tensor& experts,
+                    const c10::optional<Tensor>& weights_in, int64_t num_tokens) {
+  check_matrix(rows_in, "permuted_tokens");
+  check_row_dtype(rows_in, "permuted_tokens");
+  TORCH_CHECK_VALUE(slots.size(0) == num_tokens, "locmoe_torch: the pair table must have num_tokens rows");
+  Tensor rows = rows_in;
+  Tensor y = at::empty({num_tokens, rows.size(1)}, rows.options().memory_format(at::MemoryFormat::Contiguous));
+  return checked([&] {
+    with_row_type(rows.scalar_type(), [&](auto element) {
+      using T = decltype(element);
+      std::array<int64_t, 2> offsets{};
+      const auto pairs = layout_of(slots, experts, rows.size(0), offsets);
+      const locmoe::matrix_view<const T> buffer = rows_view<T>(rows);
+      backend_lease lease;
+      if (!weights_in || !weights_in->defined()) {
+        lease->dispatch_backward(pairs, buffer, rows_view<T>(y));
+        return;
+      }
+      Tensor w = weights_in->contiguous();
+      check_matrix(w, "weights");
+      TORCH_CHECK_VALUE(w.sizes() == slots.sizes(), "locmoe_torch: weights must have the pair table's shape");
+      TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble,
+                        "locmoe_torch: weights must be float32 or float64");
+      AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "locmoe_torch::combine_rows", [&] {
+        const locmoe::matrix_view<const scalar_t> wv(w.data_ptr<scalar_t>(), w.size(0), w.size(1));
+        lease->combine(pairs, buffer, wv, rows_view<T>(y));
+      });
+    });
+    return y;
+  });
+}
+
+/// combine_rows' backward with weights: (grad_rows [N, hidden] = weights[t][j] grad_y[t] on row r of pair (t, j),
+/// grad_weights [T, k'] = grad_y[t] . rows[r], 0 past a token's last row).
+std::tuple<Tensor, Tensor> combine_rows_backward(const Tensor& rows_in, const Tensor& slots, const Tensor& experts,
+                                                 const Tensor& weights_in, const Tensor& grad_in) {
+  check_matrix(rows_in, "permuted_tokens");
+  check_row_dtype(rows_in, "permuted_tokens");
+  check_matrix(grad_in, "grad_output");
+  TORCH_CHECK_VALUE(grad_in.size(0) == slots.size(0) && grad_in.size(1) == rows_in.size(1),
+                    "locmoe_torch: grad_output must be [num_tokens, hidden]");
+  Tensor rows = rows_in;
+  Tensor grad_y = grad_in.to(rows.scalar_type());
+  Tensor w = weights_in.contiguous();
+  TORCH_CHECK_VALUE(w.sizes() == slots.sizes() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble),
+                    "locmoe_torch: weights must be float32 or float64 with the pair table's shape");
+  Tensor grad_rows = at::empty(rows.sizes(), rows.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor grad_w = at::zeros_like(w);
+  return checked([&] {
+    with_row_type(rows.scalar_type(), [&](auto element) {
+      using T = decltype(element);
+      std::array<int64_t, 2> offsets{};
+      const auto pairs = layout_of(slots, experts, rows.size(0), offsets);
+      AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "locmoe_torch::combine_rows_backward", [&] {
+        using W = scalar_t;
+        const locmoe::matrix_view<const W> wv(w.data_ptr<W>(), w.size(0), w.size(1));
+        const locmoe::matrix_view<W> gw(grad_w.data_ptr<W>(), w.size(0), w.size(1));
+        backend_lease lease;
+        lease->combine_backward(pairs, locmoe::matrix_view<const T>(rows_view<T>(rows)), wv,
+                                locmoe::matrix_view<const T>(rows_view<T>(grad_y)), rows_view<T>(grad_rows), gw);
+      });
+    });
+    return std::make_tuple(grad_rows, grad_w);
+  });
+}
+
+// ---- the capacity calculator (capacity.hpp) ----------------------------------------------------------------------
+
+double p_delta_op(int64_t d, double delta) {
+  return checked([&] { return locmoe::p_delta(d, delta); });
+}
+int64_t critical_capacity_op(int64_t d, int64_t n, double delta) {
+  return checked([&] { return locmoe::critical_capacity(d, n, delta); });
+}
+double max_delta_for_capacity_op(int64_t d, int64_t n, double capacity) {
+  return checked([&] { return locmoe::max_delta_for_capacity(d, n, capacity); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(locmoe, m) {
+  m.def("p_delta(int d, float delta) -> float", &p_delta_op);
+  m.def("critical_capacity(int d, int n, float delta) -> int", &critical_capacity_op);
+  m.def("max_delta_for_capacity(int d, int n, float capacity) -> float", &max_delta_for_capacity_op);
+  m.def("route(Tensor logits, int topk, bool use_pre_softmax, int num_groups, int group_topk, float scaling_factor, "
+        "str score_function, Tensor? expert_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("route_backward(Tensor logits, Tensor indices, Tensor grad_probs, int topk, bool use_pre_softmax, "
+        "float scaling_factor, str score_function) -> Tensor");
+  m.def("z_loss(Tensor logits, float coeff) -> (Tensor, Tensor)");
+  m.def("token_dropping(Tensor routing_probs, Tensor routing_map, int capacity, str drop_policy, "
+        "bool pad_to_capacity) -> Tensor");
+  m.def("permute_index(Tensor routing_map, int num_out_tokens, bool drop_and_pad) -> (Tensor, Tensor)");
+  m.def("token_slots(Tensor sorted_indices, int num_tokens) -> (Tensor, Tensor)");
+  m.def("gather_rows(Tensor tokens, Tensor slots, Tensor experts, int rows) -> Tensor");
+  m.def("combine_rows(Tensor rows, Tensor slots, Tensor experts, Tensor? weights, int num_tokens) -> Tensor");
+  m.def("combine_rows_backward(Tensor rows, Tensor slots, Tensor experts, Tensor weights, Tensor grad_output) "
+        "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(locmoe, CPU, m) {
+  m.impl("route", &route);
+  m.impl("route_backward", &route_backward);
+  m.impl("z_loss", &z_loss);
+  m.impl("token_dropping", &token_dropping);
+  m.impl("permute_index", &permute_index);
+  m.impl("token_slots", &token_slots);
+  m.impl("gather_rows", &gather_rows);
+  m.impl("combine_rows", &combine_rows);
+  m.impl("combine_rows_backward", &combine_rows_backward);
+}
