@@ -409,3 +409,43 @@ TEST_CASE("update_expert_bias: Megatron-Core's sign rule") {
   CHECK_THROWS_WITH_AS(balanced_hash_table(std::vector<double>{1.0, NAN}, 2), doctest::Contains("frequencies = [1] = nan"), error);
   CHECK_THROWS_WITH_AS(balanced_hash_table(std::vector<int>{1, -2}, 2), doctest::Contains("frequencies = [1] = -2"), error);
 }
+
+TEST_CASE("score_route: softmax after Top-k without scores takes the SIMD selection, bit for bit the scalar path") {
+  std::mt19937 rng(41);
+  for (const std::size_t n : {3u, 16u, 64u}) {
+    for (const std::size_t k : {1u, 2u, 3u}) {
+      const std::size_t tokens = 120;
+      std::vector<double> logits = random_logits(rng, tokens * n, k == 2 ? 4 : 0);  // ties when k = 2
+      for (std::size_t e = 0; e + 1 < n; ++e) logits[3 * n + e] = -inf;           // one selectable expert
+      logits[5 * n + n / 2] = std::numeric_limits<double>::quiet_NaN();          // invalid
+      for (std::size_t e = 0; e < n; ++e) logits[7 * n + e] = -inf;              // invalid: all masked
+      logits[9 * n] = inf;                                                       // invalid
+      logits[11 * n + 1] = -inf;                                                 // one masked expert
+      for (const double scale : {1.0, 2.5}) {
+        router_options<double> fast;
+        fast.k = k;
+        fast.softmax_before_topk = false;
+        fast.scale = scale;
+        const std::vector<double> zero_bias(n, 0.0);
+        router_options<double> scalar = fast;
+        scalar.expert_bias = zero_bias.data();  // the scalar path, same keys
+        auto run = [&](const router_options<double>& o) {
+          routed r;
+          r.indices.assign(tokens * k, 7);
+          r.weights.assign(tokens * k, 7.0);
+          r.invalid = score_route(matrix_view<const double>(logits.data(), tokens, n), o,
+                                  route_outputs<double>{{r.indices.data(), tokens, k}, {r.weights.data(), tokens, k}, {}, {}});
+          return r;
+        };
+        const routed a = run(fast), b = run(scalar);
+        CHECK(a.invalid == 3);
+        CHECK(a.invalid == b.invalid);
+        CHECK(a.indices == b.indices);
+        CHECK(a.weights == b.weights);  // the same arithmetic in the same order
+        CHECK(a.indices[3 * k] == static_cast<expert_index>(n - 1));
+        if (k > 1) CHECK(a.indices[3 * k + 1] == no_expert);
+        check_same(a, reference_route(logits, tokens, n, fast));
+      }
+    }
+  }
+}

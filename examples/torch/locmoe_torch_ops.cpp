@@ -204,6 +204,43 @@ std::tuple<Tensor, Tensor, Tensor> route(const Tensor& logits_in, int64_t topk, 
   });
 }
 
+/// compute_routing_scores_for_aux_loss's scores and map: (routing_map [T, n] bool of the top-k scores, scores
+/// [T, n]: softmax(l) in float (double for float64 logits), or sigmoid(l) for "sigmoid" (normalized by the caller)).
+std::tuple<Tensor, Tensor> aux_scores(const Tensor& logits_in, int64_t topk, std::string score_function) {
+  check_matrix(logits_in, "logits");
+  check_row_dtype(logits_in, "logits");
+  const auto dtype = score_dtype(logits_in.scalar_type());
+  Tensor logits = logits_in.to(dtype).contiguous();
+  const int64_t T = logits.size(0), n = logits.size(1);
+  Tensor indices = at::empty({T, topk}, logits.options().dtype(at::kInt));
+  Tensor scores = at::empty({T, n}, logits.options());
+  Tensor map = at::zeros({T, n}, logits.options().dtype(at::kBool));
+  return checked([&] {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "locmoe_torch::aux_scores", [&] {
+      using S = scalar_t;
+      const auto o = router_options_of<S>(n, topk, true, 0, 0, 1.0, score_function);
+      Tensor weights = at::empty({T, topk}, logits.options());
+      const locmoe::matrix_view<const S> l(logits.data_ptr<S>(), T, n);
+      const locmoe::route_outputs<S> out{{indices.data_ptr<locmoe::expert_index>(), std::size_t(T), std::size_t(topk)},
+                                         {weights.data_ptr<S>(), std::size_t(T), std::size_t(topk)},
+                                         {scores.data_ptr<S>(), std::size_t(T), std::size_t(n)}, {}};
+      locmoe::score_route(l, o, out, locmoe::token_range{0, 0});
+      backend_lease lease;
+      const auto ranges = token_ranges(T, lease.pool().threads());
+      lease.pool().run(ranges.size(), [&](std::size_t r) {
+        locmoe::route_scratch<S> scratch(o, static_cast<std::size_t>(n));
+        locmoe::score_route(l, o, out, ranges[r], locmoe::default_policy{}, &scratch);
+        const auto* idx = indices.data_ptr<locmoe::expert_index>();
+        bool* m = map.data_ptr<bool>();
+        for (std::size_t t = ranges[r].begin; t < ranges[r].end; ++t)
+          for (int64_t j = 0; j < topk; ++j)
+            if (idx[t * topk + j] >= 0) m[t * n + idx[t * topk + j]] = true;
+      });
+    });
+    return std::make_tuple(map, scores);
+  });
+}
+
 /// route's backward: dL/dlogits from dL/dprobs [T, n] (only the chosen entries matter), in logits' dtype.
 Tensor route_backward(const Tensor& logits_in, const Tensor& indices, const Tensor& grad_probs, int64_t topk,
                       bool use_pre_softmax, double scaling_factor, std::string score_function) {
@@ -263,10 +300,13 @@ std::tuple<Tensor, Tensor> z_loss(const Tensor& logits_in, double coeff) {
 
 /// apply_router_token_dropping's capacity mask: per expert, the `capacity` tokens of highest key (routing_probs
 /// for "probs", the routing map for "position"), ties to the lower token index; then final_map = mask (pad) or
-/// map & mask. Returns final_map [T, n] bool.
+/// map & mask. Returns final_map [T, n] bool. One pass over the matrix lists each expert's tokens of positive key;
+/// an expert then needs only those, unless it has fewer than `capacity`: then its tokens of key 0 follow in token
+/// order, and the negative ones by key. O(T n + kept log kept).
 Tensor token_dropping(const Tensor& probs_in, const Tensor& map_in, int64_t capacity, std::string drop_policy,
                       bool pad_to_capacity) {
   check_matrix(probs_in, "routing_probs");
+  check_row_dtype(probs_in, "routing_probs");
   check_matrix(map_in, "routing_map");
   TORCH_CHECK_VALUE(probs_in.sizes() == map_in.sizes(), "locmoe_torch: routing_map must have routing_probs' shape");
   TORCH_CHECK_VALUE(drop_policy == "probs" || drop_policy == "position",
@@ -275,36 +315,69 @@ Tensor token_dropping(const Tensor& probs_in, const Tensor& map_in, int64_t capa
   TORCH_CHECK_VALUE(capacity >= 0 && capacity <= T, "locmoe_torch: capacity must be in [0, num_tokens = ", T,
                     "] (got ", capacity, ")");
   const bool by_probs = drop_policy == "probs";
-  Tensor keys = by_probs ? probs_in.to(at::kDouble).contiguous() : map_in.to(at::kDouble).contiguous();
-  TORCH_CHECK_VALUE(!keys.isnan().any().item<bool>(), "locmoe_torch: routing_probs must not hold NaN");
+  Tensor probs = probs_in.contiguous();
   Tensor routed = map_in.to(at::kBool).contiguous();
   Tensor final_map = at::zeros({T, n}, map_in.options().dtype(at::kBool));
-  const double* key = keys.data_ptr<double>();
   const bool* in_map = routed.data_ptr<bool>();
   bool* out = final_map.data_ptr<bool>();
-  backend_lease lease;
-  lease.pool().run(static_cast<std::size_t>(n), [&](std::size_t e) {
-    std::vector<int64_t> order(static_cast<std::size_t>(T));
-    for (int64_t t = 0; t < T; ++t) order[t] = t;
-    const auto before = [&](int64_t a, int64_t b) {
-      const double ka = key[a * n + e], kb = key[b * n + e];
-      return ka > kb || (ka == kb && a < b);
+  with_row_type(probs.scalar_type(), [&](auto element) {
+    using P = decltype(element);
+    const P* p = reinterpret_cast<const P*>(probs.data_ptr());
+    const auto key = [&](int64_t t, int64_t e) {
+      return by_probs ? static_cast<double>(p[t * n + e]) : (in_map[t * n + e] ? 1.0 : 0.0);
     };
-    std::nth_element(order.begin(), order.begin() + capacity, order.end(), before);
-    for (int64_t i = 0; i < capacity; ++i) {
-      const int64_t t = order[i];
-      out[t * n + e] = pad_to_capacity || in_map[t * n + e];
+    std::vector<std::vector<int64_t>> positive(static_cast<std::size_t>(n));
+    bool nan = false;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t e = 0; e < n; ++e) {
+        const double v = key(t, e);
+        nan |= v != v;
+        if (v > 0) positive[e].push_back(t);
+      }
     }
+    TORCH_CHECK_VALUE(!nan, "locmoe_torch: routing_probs must not hold NaN");
+    backend_lease lease;
+    lease.pool().run(static_cast<std::size_t>(n), [&](std::size_t e_) {
+      const auto e = static_cast<int64_t>(e_);
+      const auto before = [&](int64_t a, int64_t b) {
+        const double ka = key(a, e), kb = key(b, e);
+        return ka > kb || (ka == kb && a < b);
+      };
+      const auto keep = [&](int64_t t) { out[t * n + e] = pad_to_capacity || in_map[t * n + e]; };
+      auto& best = positive[e];
+      const auto count = static_cast<int64_t>(best.size());
+      if (count >= capacity) {
+        std::nth_element(best.begin(), best.begin() + capacity, best.end(), before);
+        for (int64_t i = 0; i < capacity; ++i) keep(best[i]);
+        return;
+      }
+      for (const int64_t t : best) keep(t);
+      int64_t missing = capacity - count;
+      std::vector<int64_t> negative;
+      for (int64_t t = 0; t < T && missing > 0; ++t) {
+        const double v = key(t, e);
+        if (v == 0) {
+          keep(t);
+          --missing;
+        } else if (v < 0) {
+          negative.push_back(t);
+        }
+      }
+      if (missing > 0) {  // the scan saw every token: negative holds them all
+        std::nth_element(negative.begin(), negative.begin() + missing, negative.end(), before);
+        for (int64_t i = 0; i < missing; ++i) keep(negative[i]);
+      }
+    });
   });
   return final_map;
 }
 
 // ---- permute / unpermute -----------------------------------------------------------------------------------------
 
-/// permute's row order: (sorted_indices [N] int64, row_expert [N] int64). Dropless: the (expert, token) entries
+/// permute's row order: (sorted_indices [N] int64, row_expert [N] int64, the map's count of routed entries). Dropless: the (expert, token) entries
 /// of the map in expert-major order, the routed ones first, cut at num_out_tokens. drop_and_pad: per expert the
 /// first num_out_tokens / n of its tokens, routed ones first, each in token order.
-std::tuple<Tensor, Tensor> permute_index(const Tensor& map_in, int64_t num_out_tokens, bool drop_and_pad) {
+std::tuple<Tensor, Tensor, int64_t> permute_index(const Tensor& map_in, int64_t num_out_tokens, bool drop_and_pad) {
   check_matrix(map_in, "routing_map");
   const int64_t T = map_in.size(0), n = map_in.size(1);
   TORCH_CHECK_VALUE(num_out_tokens >= 0 && num_out_tokens <= T * n, "locmoe_torch: num_out_tokens must be in [0, ",
@@ -337,21 +410,27 @@ std::tuple<Tensor, Tensor> permute_index(const Tensor& map_in, int64_t num_out_t
   Tensor expert = at::empty({rows}, map_in.options().dtype(at::kLong));
   int64_t* s = sorted.data_ptr<int64_t>();
   int64_t* x = expert.data_ptr<int64_t>();
-  backend_lease lease;
-  lease.pool().run(static_cast<std::size_t>(n), [&](std::size_t e_) {
-    const auto e = static_cast<int64_t>(e_);
-    const int64_t end = drop_and_pad ? (e + 1) * capacity : rows;  // rows past it are cut
-    int64_t one = first_one[e], zero = first_zero[e];
-    for (int64_t t = 0; t < T; ++t) {
-      int64_t& row = m[t * n + e] ? one : zero;
-      if (row < end) {
-        s[row] = t;
-        x[row] = e;
+  // The routed entries in one pass over the map, row by row (a token's entries are contiguous); the unrouted ones
+  // only where rows are left for them (num_out_tokens beyond the routed count, or an expert short of capacity).
+  bool unrouted_needed = false;
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t end = drop_and_pad ? (e + 1) * capacity : rows;
+    unrouted_needed |= first_zero[e] < end;
+  }
+  std::vector<int64_t> one = first_one, zero = first_zero;
+  for (int64_t t = 0; t < T; ++t) {
+    const bool* row = m + t * n;
+    for (int64_t e = 0; e < n; ++e) {
+      if (!row[e] && !unrouted_needed) continue;
+      int64_t& at = row[e] ? one[e] : zero[e];
+      if (at < (drop_and_pad ? (e + 1) * capacity : rows)) {
+        s[at] = t;
+        x[at] = e;
       }
-      ++row;
+      ++at;
     }
-  });
-  return std::make_tuple(sorted, expert);
+  }
+  return std::make_tuple(sorted, expert, total_ones);
 }
 
 /// The pair table of a row order: for each token t < num_tokens, the rows r with sorted_indices[r] == t in
@@ -383,6 +462,57 @@ std::tuple<Tensor, Tensor> token_slots(const Tensor& sorted_in, int64_t num_toke
     expert[at] = 0;
   }
   return std::make_tuple(slots, experts);
+}
+
+/// Each pair's weight for unpermute: probs[t, row_expert[slots[t][j]]], 0 past the token's last row; float64 when
+/// `double_precision`, else float32 (exact for every probs dtype but float64).
+Tensor pair_weights(const Tensor& probs_in, const Tensor& slots, const Tensor& row_expert_in, bool double_precision) {
+  check_matrix(probs_in, "probs");
+  check_row_dtype(probs_in, "probs");
+  TORCH_CHECK_VALUE(slots.scalar_type() == at::kInt && slots.is_contiguous() && slots.size(0) == probs_in.size(0),
+                    "locmoe_torch: slots must be token_slots' int32 table with probs' rows");
+  Tensor row_expert = row_expert_in.to(at::kLong).contiguous();
+  Tensor probs = probs_in.contiguous();
+  const auto out_type = double_precision ? at::kDouble : at::kFloat;
+  Tensor weights = at::empty(slots.sizes(), probs.options().dtype(out_type));
+  const int64_t n = probs.size(1), rows = row_expert.size(0), count = slots.numel();
+  const int32_t* slot = slots.data_ptr<int32_t>();
+  const int64_t* expert = row_expert.data_ptr<int64_t>();
+  const int64_t width = slots.size(1);
+  with_row_type(probs.scalar_type(), [&](auto element) {
+    using P = decltype(element);
+    const P* p = reinterpret_cast<const P*>(probs.data_ptr());
+    AT_DISPATCH_FLOATING_TYPES(out_type, "locmoe_torch::pair_weights", [&] {
+      scalar_t* w = weights.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < count; ++i) {
+        const int32_t r = slot[i];
+        if (r < 0) {
+          w[i] = 0;
+          continue;
+        }
+        TORCH_CHECK_VALUE(r < rows && expert[r] >= 0 && expert[r] < n, "locmoe_torch: row ", r, " has no expert in [0, ",
+                          n, ")");
+        w[i] = static_cast<scalar_t>(static_cast<double>(p[(i / width) * n + expert[r]]));
+      }
+    });
+  });
+  return weights;
+}
+
+/// pair_weights' backward: dL/dprobs [T, n] in probs' dtype, grad_weights[t][j] at (t, row_expert of the pair's row).
+Tensor pair_weights_backward(const Tensor& grad_in, const Tensor& slots, const Tensor& row_expert_in, const Tensor& probs) {
+  TORCH_CHECK_VALUE(grad_in.sizes() == slots.sizes(), "locmoe_torch: grad_weights must have the pair table's shape");
+  Tensor grad_w = grad_in.to(at::kDouble).contiguous();
+  Tensor row_expert = row_expert_in.to(at::kLong).contiguous();
+  Tensor grad = at::zeros({probs.size(0), probs.size(1)}, probs.options().dtype(at::kDouble));
+  const int64_t n = probs.size(1), width = slots.size(1), count = slots.numel();
+  const int32_t* slot = slots.data_ptr<int32_t>();
+  const int64_t* expert = row_expert.data_ptr<int64_t>();
+  const double* g = grad_w.data_ptr<double>();
+  double* out = grad.data_ptr<double>();
+  for (int64_t i = 0; i < count; ++i)
+    if (slot[i] >= 0) out[(i / width) * n + expert[slot[i]]] += g[i];
+  return grad.to(probs.scalar_type());
 }
 
 /// A pair table as the one-expert grouped layout (see the file comment); `offsets` must outlive the layout.
@@ -509,10 +639,13 @@ TORCH_LIBRARY(locmoe, m) {
         "str score_function, Tensor? expert_bias) -> (Tensor, Tensor, Tensor)");
   m.def("route_backward(Tensor logits, Tensor indices, Tensor grad_probs, int topk, bool use_pre_softmax, "
         "float scaling_factor, str score_function) -> Tensor");
+  m.def("aux_scores(Tensor logits, int topk, str score_function) -> (Tensor, Tensor)");
   m.def("z_loss(Tensor logits, float coeff) -> (Tensor, Tensor)");
   m.def("token_dropping(Tensor routing_probs, Tensor routing_map, int capacity, str drop_policy, "
         "bool pad_to_capacity) -> Tensor");
-  m.def("permute_index(Tensor routing_map, int num_out_tokens, bool drop_and_pad) -> (Tensor, Tensor)");
+  m.def("permute_index(Tensor routing_map, int num_out_tokens, bool drop_and_pad) -> (Tensor, Tensor, int)");
+  m.def("pair_weights(Tensor probs, Tensor slots, Tensor row_expert, bool double_precision) -> Tensor");
+  m.def("pair_weights_backward(Tensor grad_weights, Tensor slots, Tensor row_expert, Tensor probs) -> Tensor");
   m.def("token_slots(Tensor sorted_indices, int num_tokens) -> (Tensor, Tensor)");
   m.def("gather_rows(Tensor tokens, Tensor slots, Tensor experts, int rows) -> Tensor");
   m.def("combine_rows(Tensor rows, Tensor slots, Tensor experts, Tensor? weights, int num_tokens) -> Tensor");
@@ -523,9 +656,12 @@ TORCH_LIBRARY(locmoe, m) {
 TORCH_LIBRARY_IMPL(locmoe, CPU, m) {
   m.impl("route", &route);
   m.impl("route_backward", &route_backward);
+  m.impl("aux_scores", &aux_scores);
   m.impl("z_loss", &z_loss);
   m.impl("token_dropping", &token_dropping);
   m.impl("permute_index", &permute_index);
+  m.impl("pair_weights", &pair_weights);
+  m.impl("pair_weights_backward", &pair_weights_backward);
   m.impl("token_slots", &token_slots);
   m.impl("gather_rows", &gather_rows);
   m.impl("combine_rows", &combine_rows);

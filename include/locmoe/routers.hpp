@@ -172,11 +172,12 @@ bool route_token(const router_options<S>& o, route_workspace<S>& w, const S* log
     max_logit = std::max(max_logit, l);
   }
   if (max_logit == minus_inf) return false;
-  if (o.score == score_function::softmax) {
+  const bool need_scores = scores_out || o.softmax_before_topk || o.score != score_function::softmax;
+  if (o.score == score_function::softmax && need_scores) {
     S sum = 0;
     for (std::size_t e = 0; e < n; ++e) sum += (w.score[e] = std::exp(logits[e] - max_logit));
     for (std::size_t e = 0; e < n; ++e) w.score[e] /= sum;
-  } else {
+  } else if (o.score == score_function::sigmoid) {
     for (std::size_t e = 0; e < n; ++e) w.score[e] = logits[e] == minus_inf ? S(0) : sigmoid(logits[e]);
   }
   const bool by_logit = o.score == score_function::softmax && !o.softmax_before_topk;
@@ -206,6 +207,20 @@ bool route_token(const router_options<S>& o, route_workspace<S>& w, const S* log
   }
   if (scores_out) std::copy(w.score.begin(), w.score.begin() + static_cast<std::ptrdiff_t>(n), scores_out);
   return true;
+}
+
+/// Turns token t's chosen logits (weights [t], best first, as select.hpp's top_k leaves them) into route_token's
+/// weights for softmax after Top-k: exp(l_j - l_0) / sum over the chosen, times scale; 0 for no_expert slots.
+template <class S>
+void softmax_over_chosen(const router_options<S>& o, const route_outputs<S>& out, std::size_t t) {
+  const expert_index* indices = out.indices.row(t);
+  S* weights = out.weights.row(t);
+  if (indices[0] == no_expert) return;  // invalid: the kernel wrote no_expert and zeros
+  const S chosen_max = weights[0];
+  std::size_t found = 0;
+  S sum = 0;
+  for (; found < o.k && indices[found] != no_expert; ++found) sum += (weights[found] = std::exp(weights[found] - chosen_max));
+  for (std::size_t i = 0; i < o.k; ++i) weights[i] = i < found ? weights[i] / sum * o.scale : S(0);
 }
 
 template <class Policy, class S>
@@ -309,6 +324,14 @@ std::size_t score_route(const matrix_view<In>& logits, const router_options<deta
   if (plain_softmax) {  // the SIMD kernel of select.hpp
     return detail::run_select<S>(logits, range, {options.k, true, options.renormalize}, out.probabilities,
                                  out.indices, out.weights);
+  }
+  const bool plain_after_topk = options.score == score_function::softmax && !options.softmax_before_topk &&
+                                !options.expert_bias && options.groups == 0 && !out.probabilities.present();
+  if (plain_after_topk) {  // Top-k of the logits by select.hpp's SIMD kernel, then route_token's arithmetic
+    const std::size_t invalid = detail::run_select<S>(logits, range, {options.k, false, false}, {}, out.indices,
+                                                      out.weights);
+    for (std::size_t t = range.begin; t < range.end; ++t) detail::softmax_over_chosen(options, out, t);
+    return invalid;
   }
   static_cast<void>(policy);
   std::unique_ptr<detail::route_workspace<S>> own;

@@ -228,6 +228,20 @@ def test_token_dropping_matches_reference(policy, pad, cf):
     assert logits.grad is not None
 
 
+@pytest.mark.parametrize("policy", ["probs", "position"])
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_dropping_ties_zeros_and_negative_keys(policy, pad, dtype):
+    g = torch.Generator().manual_seed(12)
+    probs = (torch.randint(-2, 3, (50, 6), generator=g).float() / 4).to(dtype)  # ties, zeros, negatives
+    routing_map = torch.rand(50, 6, generator=g) < 0.3
+    for cf in (0.1, 0.2, 0.7, 1.0, 2.0, 3.0):
+        final_probs, final_map = lt.apply_router_token_dropping(probs, routing_map, 2, cf, policy, pad)
+        ref_probs, ref_map = ref_drop(probs, routing_map, 2, cf, policy, pad)
+        assert torch.equal(final_map, ref_map), cf
+        assert torch.equal(final_probs, ref_probs), cf
+
+
 def test_token_dropping_gradcheck():
     torch.manual_seed(8)
     logits = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
@@ -513,3 +527,26 @@ def test_golden_permute_unpermute():
             torch.testing.assert_close(logits.grad.double(), out["grad_logits"].double(), rtol=1e-4, atol=1e-6)
             checked += 1
     assert checked > 0
+
+
+@pytest.mark.parametrize("case", ["dropless", "pad"])
+def test_unpermute_without_permutes_cache_and_after_in_place_changes(case):
+    """unpermute reuses what permute found when given permute's own sorted_indices and map; a copy of them, or
+    tensors changed in place since, are read afresh, with the same (or the changed) result."""
+    pad = case == "pad"
+    probs, routing_map = routed(cf=None if case == "dropless" else 0.8, pad=pad)
+    tokens = torch.randn(30, 8)
+    rows = int(routing_map.sum())
+    permuted, _, sorted_indices, _, _ = lt.permute(tokens, routing_map, probs, rows, drop_and_pad=pad)
+    cached = lt.unpermute(permuted, sorted_indices, tokens.shape, probs, routing_map, drop_and_pad=pad)
+    fresh = lt.unpermute(permuted, sorted_indices.clone(), tokens.shape, probs, routing_map.clone(), drop_and_pad=pad)
+    assert torch.equal(cached, fresh)
+    assert torch.equal(cached, ref_unpermute(permuted, sorted_indices, tokens.shape, probs, routing_map, pad))
+    version = sorted_indices._version
+    sorted_indices.add_(0)  # written in place: what permute found is not trusted any more
+    assert sorted_indices._version != version
+    again = lt.unpermute(permuted, sorted_indices, tokens.shape, probs, routing_map, drop_and_pad=pad)
+    assert torch.equal(again, cached)
+    routing_map.logical_and_(routing_map)
+    again = lt.unpermute(permuted, sorted_indices, tokens.shape, probs, routing_map, drop_and_pad=pad)
+    assert torch.equal(again, cached)

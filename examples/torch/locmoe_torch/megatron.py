@@ -17,6 +17,7 @@ from ._ops import ROW_DTYPES, check_int, check_matrix, ops
 
 __all__ = [
     "topk_routing_with_score_function",
+    "compute_routing_scores_for_aux_loss",
     "switch_load_balancing_loss_func",
     "z_loss_func",
     "get_capacity",
@@ -86,6 +87,47 @@ def topk_routing_with_score_function(logits, topk, use_pre_softmax=False, num_gr
         chosen = indices.long()
         return probs.gather(1, chosen.clamp(min=0)) * (chosen >= 0), chosen
     return probs, routing_map
+
+
+class _SoftmaxScores(torch.autograd.Function):
+    """softmax(logits) over all n (and the map of its top-k, not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, logits, topk, score_function):
+        routing_map, scores = ops.aux_scores(logits, topk, score_function)
+        ctx.mark_non_differentiable(routing_map)
+        ctx.save_for_backward(scores)
+        ctx.logits_dtype = logits.dtype
+        ctx.score_function = score_function
+        return routing_map, scores
+
+    @staticmethod
+    def backward(ctx, _grad_map, grad_scores):
+        if grad_scores is None:
+            return None, None, None
+        (scores,) = ctx.saved_tensors
+        if ctx.score_function == "sigmoid":
+            grad = grad_scores * scores * (1 - scores)
+        else:  # p (g - p . g), row by row
+            grad = torch._softmax_backward_data(grad_scores.to(scores.dtype), scores, -1, scores.dtype)
+        return grad.to(ctx.logits_dtype), None, None
+
+
+def compute_routing_scores_for_aux_loss(logits, topk, score_function, fused=False, padding_mask=None):
+    """(routing_map [T, n] bool, scores [T, n] float32 (float64 for float64 logits)): the scores the aux loss
+    reads, softmax(l) or sigmoid(l) / (sum + 1e-20), and the map of their plain top-k (no groups, no bias).
+    padding_mask: True marks padding, whose rows are zeroed in both (as Megatron-Core's code does)."""
+    check_matrix("logits", logits)
+    topk = check_int("topk", topk, 1, logits.shape[1])
+    if score_function not in ("softmax", "sigmoid"):
+        raise ValueError(f"score_function must be 'softmax' or 'sigmoid' (got {score_function!r})")
+    routing_map, scores = _SoftmaxScores.apply(logits, topk, score_function)
+    if score_function == "sigmoid":
+        scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    if padding_mask is not None:
+        valid = (~padding_mask.bool()).unsqueeze(-1)
+        routing_map, scores = routing_map & valid, scores * valid
+    return routing_map, scores
 
 
 def switch_load_balancing_loss_func(probs, tokens_per_expert, total_num_tokens, topk, num_experts,
@@ -198,6 +240,44 @@ class _CombineRows(torch.autograd.Function):
                 grad_weights if ctx.needs_input_grad[1] else None, None, None, None)
 
 
+class _PairWeights(torch.autograd.Function):
+    """weights[t][j] = probs[t, expert of the pair's row]; backward: scattered back into [T, n]."""
+
+    @staticmethod
+    def forward(ctx, probs, slots, row_expert, double_precision):
+        ctx.save_for_backward(probs, slots, row_expert)
+        return ops.pair_weights(probs, slots, row_expert, double_precision)
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, slots, row_expert = ctx.saved_tensors
+        return ops.pair_weights_backward(grad, slots, row_expert, probs), None, None, None
+
+
+class _Pairs:
+    """What permute learned about its rows, kept on sorted_indices for unpermute (Megatron-Core passes the same
+    tensor): each token's rows, each row's expert, and what they were built from (checked before reuse)."""
+
+    def __init__(self, sorted_indices, num_tokens, routing_map, drop_and_pad, slots, experts, row_expert, exact):
+        self.version, self.num_tokens = sorted_indices._version, num_tokens
+        self.routing_map, self.map_version = routing_map, routing_map._version
+        self.drop_and_pad, self.slots, self.experts, self.row_expert = drop_and_pad, slots, experts, row_expert
+        self.exact = exact  # the rows are exactly the map's entries (what unpermute's probs need when dropless)
+
+    @staticmethod
+    def of(sorted_indices, num_tokens):
+        pairs = getattr(sorted_indices, "_locmoe_pairs", None)
+        if pairs is None or pairs.version != sorted_indices._version or pairs.num_tokens != num_tokens:
+            return None
+        return pairs
+
+    def row_expert_for(self, routing_map, drop_and_pad):
+        same_map = routing_map is self.routing_map and routing_map._version == self.map_version
+        if same_map and drop_and_pad == self.drop_and_pad and (drop_and_pad or self.exact):
+            return self.row_expert
+        return None
+
+
 def _num_out_tokens(num_out_tokens, limit):
     if num_out_tokens is None:
         raise ValueError("num_out_tokens is required (Megatron-Core's permute asserts it): pass routing_map.sum()")
@@ -222,8 +302,10 @@ def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, d
     rows = _num_out_tokens(num_out_tokens, num_tokens * num_experts)
     if drop_and_pad and rows // num_experts > num_tokens:
         raise ValueError(f"with drop_and_pad, num_out_tokens // num_experts must be <= num_tokens = {num_tokens}")
-    sorted_indices, row_expert = ops.permute_index(routing_map, rows, bool(drop_and_pad))
+    sorted_indices, row_expert, routed = ops.permute_index(routing_map, rows, bool(drop_and_pad))
     slots, experts = ops.token_slots(sorted_indices, num_tokens)
+    sorted_indices._locmoe_pairs = _Pairs(sorted_indices, num_tokens, routing_map, bool(drop_and_pad), slots, experts,
+                                          row_expert, rows == routed)
     permuted = _GatherRows.apply(tokens, slots, experts, sorted_indices.shape[0])
     permuted_probs = probs[sorted_indices, row_expert] if probs is not None else None
     return permuted, permuted_probs, sorted_indices, None, tokens_per_expert
@@ -243,7 +325,11 @@ def unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routin
     if not isinstance(sorted_indices, torch.Tensor) or sorted_indices.dim() != 1 or \
             sorted_indices.shape[0] != permuted_tokens.shape[0]:
         raise ValueError("sorted_indices must be 1-D with one entry per row of permuted_tokens")
-    slots, experts = ops.token_slots(sorted_indices, num_tokens)
+    pairs = _Pairs.of(sorted_indices, num_tokens)
+    if pairs is not None:
+        slots, experts = pairs.slots, pairs.experts
+    else:
+        slots, experts = ops.token_slots(sorted_indices, num_tokens)
     weights = None
     if probs is not None:
         if routing_map is None:
@@ -252,19 +338,17 @@ def unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routin
         num_experts = probs.shape[1]
         check_matrix("routing_map", routing_map, num_tokens, num_experts, dtypes=None)
         rows = sorted_indices.shape[0]
-        if drop_and_pad:
+        row_expert = pairs.row_expert_for(routing_map, bool(drop_and_pad)) if pairs is not None else None
+        if row_expert is None and drop_and_pad:
             if rows % num_experts:
                 raise ValueError(f"with drop_and_pad, permuted rows ({rows}) must be a multiple of num_experts")
             row_expert = torch.arange(rows) // max(rows // num_experts, 1)
-        else:
+        elif row_expert is None:
             counts = routing_map.bool().sum(dim=0)
             if int(counts.sum()) != rows:
                 raise ValueError(f"routing_map must have one true entry per permuted row ({rows}; got "
                                  f"{int(counts.sum())})")
             row_expert = torch.repeat_interleave(torch.arange(num_experts), counts)
-        present = slots >= 0
-        row = slots.clamp(min=0).long()
-        token = torch.arange(num_tokens).unsqueeze(1).expand_as(row)
-        weight_dtype = torch.float64 if torch.float64 in (probs.dtype, permuted_tokens.dtype) else torch.float32
-        weights = (probs[token, row_expert[row]] * present).to(weight_dtype)
+        double = torch.float64 in (probs.dtype, permuted_tokens.dtype)
+        weights = _PairWeights.apply(probs, slots, row_expert, double)
     return _CombineRows.apply(permuted_tokens, weights, slots, experts, num_tokens)
