@@ -1,15 +1,20 @@
-# locmoe_enable_simd_dispatch(<target>)
+# locmoe_enable_simd_dispatch(<target> [KERNELS <object-library>])
 #
 # Compiles locmoe's SIMD kernels once per x86-64 instruction set (SSE2, SSE4.2, AVX2+FMA, AVX-512BW), each
 # in its own generated translation unit with that set's flags, adds them to <target>, and defines
 # LOCMOE_SIMD_DISPATCH for it (PUBLIC: everything that includes locmoe in <target> or links it must agree).
 # Every call then runs on the best set the CPU has. Without this, the kernels compile header-only for the
 # set that the including file's flags select. GCC and Clang on x86-64 only; elsewhere this does nothing.
+# KERNELS: take the four translation units from an object library of locmoe_add_simd_kernels (below) instead of
+# compiling them for <target> alone.
 set(_locmoe_simd_dir "${CMAKE_CURRENT_LIST_DIR}")
 
-function(locmoe_enable_simd_dispatch target)
+# The four generated translation units (one per instruction set) under `dir`, with their flags; their paths in
+# `out_var`. GCC and Clang on x86-64 only (elsewhere the list is empty).
+function(_locmoe_simd_sources dir out_var)
+  set(sources "")
   if(NOT CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang" OR NOT CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
-    message(STATUS "locmoe: no run-time SIMD dispatch for ${target} on this compiler/processor")
+    set(${out_var} "" PARENT_SCOPE)
     return()
   endif()
   set(archs "sse2" "sse4_2" "fma3_avx2" "avx512bw")
@@ -17,7 +22,6 @@ function(locmoe_enable_simd_dispatch target)
   set(flags "-msse2" "-msse4.2" "-mavx2 -mfma" "-mavx512f -mavx512cd -mavx512dq -mavx512bw -mavx2 -mfma")
   # Products and sums rounded one by one on every set (row_kernels.hpp): no multiply-add contracted into FMA.
   list(TRANSFORM flags APPEND " -ffp-contract=off")
-  set(dir "${CMAKE_CURRENT_BINARY_DIR}/locmoe_simd/${target}")
   foreach(i RANGE 3)
     list(GET archs ${i} arch)
     list(GET types ${i} type)
@@ -31,7 +35,35 @@ function(locmoe_enable_simd_dispatch target)
       list(APPEND arch_flags -Wno-maybe-uninitialized -Wno-uninitialized)
     endif()
     set_source_files_properties("${source}" PROPERTIES COMPILE_OPTIONS "${arch_flags}")
-    target_sources(${target} PRIVATE "${source}")
+    list(APPEND sources "${source}")
   endforeach()
+  set(${out_var} "${sources}" PARENT_SCOPE)
+endfunction()
+
+# locmoe_add_simd_kernels(<name>)
+#
+# An OBJECT library <name> holding the four per-instruction-set translation units once, position-independent,
+# for several targets of one build to share (locmoe_enable_simd_dispatch(<target> KERNELS <name>)): each target
+# would otherwise compile its own four. Link <name> to locmoe::locmoe and to the flags the sharing targets use
+# (they must agree: same definitions and compile options).
+function(locmoe_add_simd_kernels name)
+  _locmoe_simd_sources("${CMAKE_CURRENT_BINARY_DIR}/locmoe_simd/${name}" sources)
+  add_library(${name} OBJECT ${sources})
+  set_target_properties(${name} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+  target_compile_definitions(${name} PUBLIC LOCMOE_SIMD_DISPATCH)
+endfunction()
+
+function(locmoe_enable_simd_dispatch target)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "" "KERNELS" "")
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang" OR NOT CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
+    message(STATUS "locmoe: no run-time SIMD dispatch for ${target} on this compiler/processor")
+    return()
+  endif()
+  if(arg_KERNELS)
+    target_sources(${target} PRIVATE $<TARGET_OBJECTS:${arg_KERNELS}>)
+  else()
+    _locmoe_simd_sources("${CMAKE_CURRENT_BINARY_DIR}/locmoe_simd/${target}" sources)
+    target_sources(${target} PRIVATE ${sources})
+  endif()
   target_compile_definitions(${target} PUBLIC LOCMOE_SIMD_DISPATCH)
 endfunction()
