@@ -16,6 +16,8 @@
 // combine and their backwards serve Megatron-Core's permute and unpermute unchanged.
 #include <locmoe/backend/cpu.hpp>
 #include <locmoe/capacity.hpp>
+#include <locmoe/gating.hpp>
+#include <locmoe/topology.hpp>
 #include <locmoe/losses.hpp>
 #include <locmoe/route_backward.hpp>
 #include <locmoe/routers.hpp>
@@ -293,6 +295,91 @@ std::tuple<Tensor, Tensor> z_loss(const Tensor& logits_in, double coeff) {
     const auto options = logits_in.options();
     return std::make_tuple(at::scalar_tensor(value, options.dtype(dtype)).to(logits_in.scalar_type()),
                            grad.to(logits_in.scalar_type()));
+  });
+}
+
+// ---- LocMoE's own: the GrAP gate and the locality loss's target ----------------------------------------------------
+
+/// GrAP gate (paper eq. 4): logits [T, n] = ReLU(block means of hidden + bias), in float (double for float64).
+Tensor grap_logits(const Tensor& hidden_in, int64_t num_experts, const c10::optional<Tensor>& bias_in, bool relu) {
+  check_matrix(hidden_in, "hidden");
+  check_row_dtype(hidden_in, "hidden");
+  const int64_t T = hidden_in.size(0), d = hidden_in.size(1);
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= d, "locmoe_torch: num_experts must be in [1, hidden size = ", d,
+                    "] (got ", num_experts, ")");
+  Tensor hidden = hidden_in;
+  const auto dtype = score_dtype(hidden.scalar_type());
+  Tensor logits = at::empty({T, num_experts}, hidden.options().dtype(dtype));
+  Tensor bias;
+  if (bias_in && bias_in->defined()) {
+    check_cpu(*bias_in, "bias");
+    TORCH_CHECK_VALUE(bias_in->dim() == 1 && bias_in->size(0) == num_experts, "locmoe_torch: bias must be [",
+                      num_experts, "] (num_experts)");
+    bias = bias_in->to(dtype).contiguous();
+  }
+  return checked([&] {
+    with_row_type(hidden.scalar_type(), [&](auto element) {
+      using E = decltype(element);
+      using R = locmoe::accumulate_t<E>;
+      const locmoe::grap_gate<R> gate{static_cast<std::size_t>(d), static_cast<std::size_t>(num_experts), relu,
+                                      bias.defined() ? bias.data_ptr<R>() : nullptr};
+      const locmoe::matrix_view<const E> x = rows_view<E>(hidden);
+      const locmoe::matrix_view<R> out(logits.data_ptr<R>(), T, num_experts);
+      locmoe::grap_logits(gate, x, out, locmoe::token_range{0, 0});  // checks on this thread
+      backend_lease lease;
+      const auto ranges = token_ranges(T, lease.pool().threads());
+      lease.pool().run(ranges.size(), [&](std::size_t r) { locmoe::grap_logits(gate, x, out, ranges[r]); });
+    });
+    return logits;
+  });
+}
+
+/// grap_logits' backward: dL/dhidden [T, d] (in the logits' type; the caller casts) from dL/dlogits, masked by
+/// logits > 0 with ReLU.
+Tensor grap_backward(const Tensor& logits_in, const Tensor& grad_in, int64_t hidden_size, bool relu) {
+  check_matrix(logits_in, "logits");
+  TORCH_CHECK_VALUE(grad_in.sizes() == logits_in.sizes(), "locmoe_torch: grad_logits must have logits' shape");
+  const int64_t T = logits_in.size(0), n = logits_in.size(1);
+  TORCH_CHECK_VALUE(n >= 1 && hidden_size >= n, "locmoe_torch: hidden_size must be >= num_experts");
+  Tensor logits = logits_in.contiguous();
+  Tensor grad = grad_in.to(logits.scalar_type()).contiguous();
+  Tensor grad_x = at::empty({T, hidden_size}, logits.options());
+  return checked([&] {
+    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "locmoe_torch::grap_backward", [&] {
+      using G = scalar_t;
+      const locmoe::grap_gate<G> gate{static_cast<std::size_t>(hidden_size), static_cast<std::size_t>(n), relu, nullptr};
+      const locmoe::matrix_view<const G> l(logits.data_ptr<G>(), T, n), g(grad.data_ptr<G>(), T, n);
+      const locmoe::matrix_view<G> gx(grad_x.data_ptr<G>(), T, hidden_size);
+      locmoe::grap_backward(gate, l, g, gx, static_cast<G*>(nullptr), locmoe::token_range{0, 0});
+      backend_lease lease;
+      const auto ranges = token_ranges(T, lease.pool().threads());
+      lease.pool().run(ranges.size(), [&](std::size_t r) {
+        locmoe::grap_backward(gate, l, g, gx, static_cast<G*>(nullptr), ranges[r]);
+      });
+    });
+    return grad_x;
+  });
+}
+
+/// The locality loss's localized distribution D_l for `rank` (paper eq. 6; losses.hpp): (1 - eps) / L on the L
+/// experts of the rank's node, plus eps / n everywhere, under topology::uniform(ranks, ranks_per_node, n) (experts
+/// in blocks over the ranks). float64 [n]. A rank whose node hosts no expert has none: ValueError.
+Tensor locality_target(int64_t ranks, int64_t ranks_per_node, int64_t num_experts, int64_t rank, double smoothing) {
+  return checked([&] {
+    const auto topo = locmoe::topology::uniform(ranks, ranks_per_node, num_experts);
+    TORCH_CHECK_VALUE(rank >= 0 && rank < ranks, "locmoe_torch: rank must be in [0, ranks = ", ranks, ") (got ", rank,
+                      ")");
+    TORCH_CHECK_VALUE(smoothing > 0 && smoothing <= 1, "locmoe_torch: smoothing must be in (0, 1] (got ", smoothing, ")");
+    const auto node = static_cast<std::size_t>(topo.node_of_rank(static_cast<std::size_t>(rank)));
+    const auto local = static_cast<double>(topo.experts_on_node(node));
+    TORCH_CHECK_VALUE(local > 0, "locmoe_torch: rank ", rank, "'s node hosts no expert: no localized distribution");
+    Tensor target = at::empty({num_experts}, at::TensorOptions().dtype(at::kDouble));
+    double* out = target.data_ptr<double>();
+    for (int64_t e = 0; e < num_experts; ++e) {
+      const bool here = topo.is_local(static_cast<std::size_t>(e), static_cast<std::size_t>(rank));
+      out[e] = (here ? (1 - smoothing) / local : 0.0) + smoothing / static_cast<double>(num_experts);
+    }
+    return target;
   });
 }
 
@@ -633,6 +720,8 @@ double max_delta_for_capacity_op(int64_t d, int64_t n, double capacity) {
 
 TORCH_LIBRARY(locmoe, m) {
   m.def("p_delta(int d, float delta) -> float", &p_delta_op);
+  m.def("locality_target(int ranks, int ranks_per_node, int num_experts, int rank, float smoothing) -> Tensor",
+        &locality_target);
   m.def("critical_capacity(int d, int n, float delta) -> int", &critical_capacity_op);
   m.def("max_delta_for_capacity(int d, int n, float capacity) -> float", &max_delta_for_capacity_op);
   m.def("route(Tensor logits, int topk, bool use_pre_softmax, int num_groups, int group_topk, float scaling_factor, "
@@ -641,6 +730,8 @@ TORCH_LIBRARY(locmoe, m) {
         "float scaling_factor, str score_function) -> Tensor");
   m.def("aux_scores(Tensor logits, int topk, str score_function) -> (Tensor, Tensor)");
   m.def("z_loss(Tensor logits, float coeff) -> (Tensor, Tensor)");
+  m.def("grap_logits(Tensor hidden, int num_experts, Tensor? bias, bool relu) -> Tensor");
+  m.def("grap_backward(Tensor logits, Tensor grad_logits, int hidden_size, bool relu) -> Tensor");
   m.def("token_dropping(Tensor routing_probs, Tensor routing_map, int capacity, str drop_policy, "
         "bool pad_to_capacity) -> Tensor");
   m.def("permute_index(Tensor routing_map, int num_out_tokens, bool drop_and_pad) -> (Tensor, Tensor, int)");
@@ -658,6 +749,8 @@ TORCH_LIBRARY_IMPL(locmoe, CPU, m) {
   m.impl("route_backward", &route_backward);
   m.impl("aux_scores", &aux_scores);
   m.impl("z_loss", &z_loss);
+  m.impl("grap_logits", &grap_logits);
+  m.impl("grap_backward", &grap_backward);
   m.impl("token_dropping", &token_dropping);
   m.impl("permute_index", &permute_index);
   m.impl("pair_weights", &pair_weights);

@@ -550,3 +550,73 @@ def test_unpermute_without_permutes_cache_and_after_in_place_changes(case):
     routing_map.logical_and_(routing_map)
     again = lt.unpermute(permuted, sorted_indices, tokens.shape, probs, routing_map, drop_and_pad=pad)
     assert torch.equal(again, cached)
+
+
+# ---- LocMoE's own: GrAP gate and locality loss -----------------------------------------------------------------
+
+def ref_grap(hidden, n, bias, relu):
+    d = hidden.shape[1]
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    x = hidden.to(dtype)
+    bounds = [i * d // n for i in range(n + 1)]
+    logits = torch.stack([x[:, bounds[i]:bounds[i + 1]].mean(dim=1) for i in range(n)], dim=1)
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return torch.relu(logits) if relu else logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("d,n", [(64, 8), (70, 8), (9, 9)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_grap_gating_matches_reference(dtype, d, n, relu):
+    torch.manual_seed(13)
+    hidden = torch.randn(37, d).to(dtype).requires_grad_()
+    bias = (torch.randn(n) * 0.1).requires_grad_()
+    logits = lt.grap_gating(hidden, n, bias, relu)
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    ref_bias = bias.detach().clone().requires_grad_()
+    ref = ref_grap(ref_hidden, n, ref_bias, relu)
+    assert logits.dtype == ref.dtype
+    close(logits, ref, torch.float64 if dtype == torch.float64 else torch.float32, "grap logits")
+    upstream = torch.randn_like(ref)
+    (logits * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    close(hidden.grad, ref_hidden.grad, dtype, "grap grad hidden")
+    close(bias.grad, ref_bias.grad, torch.float32, "grap grad bias")
+
+
+def test_grap_gating_gradcheck_and_errors():
+    torch.manual_seed(14)
+    hidden = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, b: lt.grap_gating(h, 4, b, relu=False), (hidden, bias))
+    with pytest.raises(ValueError, match="num_experts"):
+        lt.grap_gating(hidden, 11)
+    with pytest.raises(ValueError, match="bias"):
+        lt.grap_gating(hidden, 4, torch.zeros(3))
+
+
+def ref_locality(probs, routing_map, ranks, per_node, rank, coeff, eps):
+    n = probs.shape[1]
+    node = rank // per_node
+    local = torch.tensor([((e * ranks) // n) // per_node == node for e in range(n)], dtype=probs.dtype)
+    target = (1 - eps) * local / local.sum() + eps / n
+    mean = probs[routing_map.any(dim=1)].mean(dim=0)
+    return coeff * (mean * (mean / target).log()).sum()
+
+
+@pytest.mark.parametrize("ranks,per_node,rank", [(4, 2, 0), (4, 2, 3), (8, 4, 5), (1, 1, 0)])
+def test_locality_loss_matches_reference_and_gradcheck(ranks, per_node, rank):
+    torch.manual_seed(15)
+    logits = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    routing_map = torch.rand(20, 8) < 0.3
+    routing_map[3] = False  # a token that does not route is left out
+
+    def loss(l, ref=False):
+        probs = torch.softmax(l, dim=-1)
+        fn = ref_locality if ref else lt.locality_loss_func
+        return fn(probs, routing_map, ranks, per_node, rank, 0.1, 0.01)
+    torch.testing.assert_close(loss(logits), loss(logits, ref=True), rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(loss, (logits,))
+    with pytest.raises(ValueError, match="rank"):
+        lt.locality_loss_func(torch.softmax(logits, -1), routing_map, ranks, per_node, ranks, 0.1)
