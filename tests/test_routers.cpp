@@ -445,6 +445,26 @@ TEST_CASE("score_route: softmax after Top-k without scores takes the SIMD select
         CHECK(a.indices[3 * k] == static_cast<expert_index>(n - 1));
         if (k > 1) CHECK(a.indices[3 * k + 1] == no_expert);
         check_same(a, reference_route(logits, tokens, n, fast));
+        // float, the type the PyTorch extension routes in: the same bit-for-bit agreement
+        const std::vector<float> f(logits.begin(), logits.end());
+        router_options<float> fast_f;
+        fast_f.k = k;
+        fast_f.softmax_before_topk = false;
+        fast_f.scale = static_cast<float>(scale);
+        const std::vector<float> zero_bias_f(n, 0.0f);
+        router_options<float> scalar_f = fast_f;
+        scalar_f.expert_bias = zero_bias_f.data();
+        auto run_f = [&](const router_options<float>& o, std::vector<expert_index>& idx, std::vector<float>& w) {
+          idx.assign(tokens * k, 7);
+          w.assign(tokens * k, 7.0f);
+          return score_route(matrix_view<const float>(f.data(), tokens, n), o,
+                             route_outputs<float>{{idx.data(), tokens, k}, {w.data(), tokens, k}, {}, {}});
+        };
+        std::vector<expert_index> ia, ib;
+        std::vector<float> wa, wb;
+        CHECK(run_f(fast_f, ia, wa) == run_f(scalar_f, ib, wb));
+        CHECK(ia == ib);
+        CHECK(wa == wb);
       }
     }
   }

@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <pthread.h>
+#include <unistd.h>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -39,16 +41,22 @@ namespace {
 using at::Tensor;
 
 /// The CPU backend on a pool of at::get_num_threads() threads, rebuilt when that number changes. One operator
-/// runs at a time (the pool serves one caller): the lock is held for the whole call.
+/// runs at a time (the pool serves one caller): the lock is held for the whole call. Fork-safe: the lock is taken
+/// around fork(), and a child process (whose copy of the pool has no threads) leaks the copy and starts its own.
 class backend_lease {
  public:
   backend_lease() : lock_(mutex()) {
     auto& s = state();
     const auto threads = static_cast<std::size_t>(std::max(1, at::get_num_threads()));
+    if (s.owner != ::getpid()) {  // forked: the workers were not copied; joining them would hang
+      static_cast<void>(s.backend.release());
+      static_cast<void>(s.pool.release());
+    }
     if (!s.pool || s.pool->threads() != threads) {
       s.backend.reset();
       s.pool = std::make_unique<locmoe::thread_pool>(threads);
       s.backend = std::make_unique<locmoe::cpu_backend>(*s.pool);
+      s.owner = ::getpid();
     }
   }
   const locmoe::cpu_backend& operator*() const { return *state().backend; }
@@ -59,9 +67,14 @@ class backend_lease {
   struct shared {
     std::unique_ptr<locmoe::thread_pool> pool;
     std::unique_ptr<locmoe::cpu_backend> backend;
+    pid_t owner = 0;
   };
   static std::mutex& mutex() {
     static std::mutex m;
+    static std::once_flag hooks;
+    std::call_once(hooks, [] {  // no operator is mid-call in the child: the forking thread holds the lock
+      ::pthread_atfork([] { m.lock(); }, [] { m.unlock(); }, [] { m.unlock(); });
+    });
     return m;
   }
   static shared& state() {
@@ -184,8 +197,8 @@ std::tuple<Tensor, Tensor, Tensor> route(const Tensor& logits_in, int64_t topk, 
       backend_lease lease;
       const auto ranges = token_ranges(T, lease.pool().threads());
       lease.pool().run(ranges.size(), [&](std::size_t r) {
-        locmoe::route_scratch<S> scratch(o, static_cast<std::size_t>(n));
-        locmoe::score_route(l, o, out, ranges[r], locmoe::default_policy{}, &scratch);
+        const auto scratch = std::make_unique<locmoe::route_scratch<S>>(o, static_cast<std::size_t>(n));
+        locmoe::score_route(l, o, out, ranges[r], locmoe::default_policy{}, scratch.get());
       });
       // Megatron-Core: probs.type_as(logits), then scattered into [T, n].
       with_row_type(logits_in.scalar_type(), [&](auto element) {
@@ -230,8 +243,8 @@ std::tuple<Tensor, Tensor> aux_scores(const Tensor& logits_in, int64_t topk, std
       backend_lease lease;
       const auto ranges = token_ranges(T, lease.pool().threads());
       lease.pool().run(ranges.size(), [&](std::size_t r) {
-        locmoe::route_scratch<S> scratch(o, static_cast<std::size_t>(n));
-        locmoe::score_route(l, o, out, ranges[r], locmoe::default_policy{}, &scratch);
+        const auto scratch = std::make_unique<locmoe::route_scratch<S>>(o, static_cast<std::size_t>(n));
+        locmoe::score_route(l, o, out, ranges[r], locmoe::default_policy{}, scratch.get());
         const auto* idx = indices.data_ptr<locmoe::expert_index>();
         bool* m = map.data_ptr<bool>();
         for (std::size_t t = ranges[r].begin; t < ranges[r].end; ++t)
@@ -243,6 +256,28 @@ std::tuple<Tensor, Tensor> aux_scores(const Tensor& logits_in, int64_t topk, std
   });
 }
 
+/// The chosen experts [T, k] as the routers write them (checked here, on the calling thread: the pool's tasks
+/// must not throw): each in [-1, n), distinct within a token, none after a -1.
+void check_choices(const Tensor& indices, int64_t n) {
+  const int64_t T = indices.size(0), k = indices.size(1);
+  const int32_t* idx = indices.data_ptr<int32_t>();
+  std::vector<int64_t> seen(static_cast<std::size_t>(n), -1);
+  for (int64_t t = 0; t < T; ++t) {
+    bool ended = false;
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = idx[t * k + j];
+      TORCH_CHECK_VALUE(e >= -1 && e < n, "locmoe_torch: indices[", t, ", ", j, "] = ", e, " must be in [-1, ", n, ")");
+      if (e < 0) {
+        ended = true;
+        continue;
+      }
+      TORCH_CHECK_VALUE(!ended, "locmoe_torch: indices[", t, "] has an expert after a -1 slot");
+      TORCH_CHECK_VALUE(seen[e] != t, "locmoe_torch: indices[", t, "] names expert ", e, " twice");
+      seen[e] = t;
+    }
+  }
+}
+
 /// route's backward: dL/dlogits from dL/dprobs [T, n] (only the chosen entries matter), in logits' dtype.
 Tensor route_backward(const Tensor& logits_in, const Tensor& indices, const Tensor& grad_probs, int64_t topk,
                       bool use_pre_softmax, double scaling_factor, std::string score_function) {
@@ -252,10 +287,12 @@ Tensor route_backward(const Tensor& logits_in, const Tensor& indices, const Tens
   TORCH_CHECK_VALUE(indices.scalar_type() == at::kInt && indices.size(0) == logits_in.size(0) && indices.size(1) == topk,
                     "locmoe_torch: indices must be int32 [T, topk]");
   TORCH_CHECK_VALUE(grad_probs.sizes() == logits_in.sizes(), "locmoe_torch: grad_probs must have logits' shape");
+  check_row_dtype(logits_in, "logits");
   const auto dtype = score_dtype(logits_in.scalar_type());
   Tensor logits = logits_in.to(dtype).contiguous();
   Tensor idx = indices.contiguous();
   const int64_t T = logits.size(0), n = logits.size(1);
+  check_choices(idx, n);
   Tensor safe = idx.clamp_min(0).to(at::kLong);
   Tensor grad_weights = grad_probs.to(dtype).gather(1, safe).contiguous();
   Tensor grad_logits = at::zeros({T, n}, logits.options());
@@ -589,6 +626,9 @@ Tensor pair_weights(const Tensor& probs_in, const Tensor& slots, const Tensor& r
 /// pair_weights' backward: dL/dprobs [T, n] in probs' dtype, grad_weights[t][j] at (t, row_expert of the pair's row).
 Tensor pair_weights_backward(const Tensor& grad_in, const Tensor& slots, const Tensor& row_expert_in, const Tensor& probs) {
   TORCH_CHECK_VALUE(grad_in.sizes() == slots.sizes(), "locmoe_torch: grad_weights must have the pair table's shape");
+  check_matrix(probs, "probs");
+  TORCH_CHECK_VALUE(slots.scalar_type() == at::kInt && slots.is_contiguous() && slots.size(0) == probs.size(0),
+                    "locmoe_torch: slots must be token_slots' int32 table with probs' rows");
   Tensor grad_w = grad_in.to(at::kDouble).contiguous();
   Tensor row_expert = row_expert_in.to(at::kLong).contiguous();
   Tensor grad = at::zeros({probs.size(0), probs.size(1)}, probs.options().dtype(at::kDouble));
@@ -597,8 +637,13 @@ Tensor pair_weights_backward(const Tensor& grad_in, const Tensor& slots, const T
   const int64_t* expert = row_expert.data_ptr<int64_t>();
   const double* g = grad_w.data_ptr<double>();
   double* out = grad.data_ptr<double>();
-  for (int64_t i = 0; i < count; ++i)
-    if (slot[i] >= 0) out[(i / width) * n + expert[slot[i]]] += g[i];
+  const int64_t rows = row_expert.size(0);
+  for (int64_t i = 0; i < count; ++i) {
+    if (slot[i] < 0) continue;
+    TORCH_CHECK_VALUE(slot[i] < rows && expert[slot[i]] >= 0 && expert[slot[i]] < n, "locmoe_torch: row ", slot[i],
+                      " has no expert in [0, ", n, ")");
+    out[(i / width) * n + expert[slot[i]]] += g[i];
+  }
   return grad.to(probs.scalar_type());
 }
 
@@ -608,6 +653,13 @@ locmoe::pair_layout layout_of(const Tensor& slots, const Tensor& experts, int64_
   TORCH_CHECK_VALUE(slots.scalar_type() == at::kInt && experts.scalar_type() == at::kInt &&
                         slots.sizes() == experts.sizes() && slots.is_contiguous() && experts.is_contiguous(),
                     "locmoe_torch: slots and experts must be contiguous int32 of one shape (token_slots' outputs)");
+  const int32_t* slot = slots.data_ptr<int32_t>();
+  const int32_t* expert = experts.data_ptr<int32_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i) {
+    TORCH_CHECK_VALUE((expert[i] == 0 && slot[i] >= 0 && slot[i] < rows) || (expert[i] == -1 && slot[i] == -1),
+                      "locmoe_torch: pair ", i, " of the table (slot ", slot[i], ", expert ", expert[i], ") must be a ",
+                      "row in [0, ", rows, ") with expert 0, or -1 with -1 (token_slots' outputs)");
+  }
   offsets = {0, rows};
   locmoe::pair_layout pairs{experts.data_ptr<locmoe::expert_index>(), slots.data_ptr<locmoe::slot_index>(),
                             static_cast<std::size_t>(slots.size(0)), static_cast<std::size_t>(slots.size(1)), 0};

@@ -34,7 +34,8 @@
 // token ids >= 0 (and < table size); domains in [0, G).
 // Returns the number of invalid tokens (errno_on_error: -1, as size_t, on bad arguments).
 // Cost: score_route O(n k) per token, one exp per score (SIMD for the softmax-before-Top-k path without bias
-// or groups, which is select.hpp's softmax_top_k); hash/rre O(1) per token. The generic path allocates one
+// or groups, which is select.hpp's softmax_top_k; softmax after Top-k without bias, groups or scores asked for
+// runs select.hpp's SIMD Top-k on the logits and k exps); hash/rre O(1) per token. The generic path allocates one
 // workspace per call (about 90 KB for float) unless the caller passes a reusable route_scratch; little stack.
 // Thread safety: no state; disjoint token ranges may run concurrently (each with its own route_scratch).
 // Example: docs/api.md#routers.

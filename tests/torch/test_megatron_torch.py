@@ -362,8 +362,6 @@ def test_bad_arguments_raise_named_errors():
     with pytest.raises(ValueError, match="routing_map"):
         lt.apply_router_token_dropping(probs, routing_map[:3], 2, 1.0)
     with pytest.raises(ValueError, match="num_out_tokens"):
-        lt.permute(torch.randn(5, 3), routing_map)
-    with pytest.raises(ValueError, match="num_out_tokens"):
         lt.permute(torch.randn(5, 3), routing_map, num_out_tokens=-1)
     with pytest.raises(ValueError, match="routing_map"):
         lt.permute(torch.randn(6, 3), routing_map, num_out_tokens=4)
@@ -620,3 +618,110 @@ def test_locality_loss_matches_reference_and_gradcheck(ranks, per_node, rank):
     assert torch.autograd.gradcheck(loss, (logits,))
     with pytest.raises(ValueError, match="rank"):
         lt.locality_loss_func(torch.softmax(logits, -1), routing_map, ranks, per_node, ranks, 0.1)
+
+
+# ---- several threads, large batches, inference mode, fork, and the operators' own checks -----------------------
+
+@pytest.fixture
+def four_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cfg", [ROUTINGS[1], ROUTINGS[2], ROUTINGS[6]])
+def test_many_token_ranges_on_four_threads(four_threads, cfg):
+    """T = 4096 splits every operator into several token ranges on the pool: the same results as the reference."""
+    torch.manual_seed(16)
+    logits = torch.randn(4096, 16, requires_grad=True)
+    args = routing_args(cfg, 16)
+    probs, routing_map = lt.topk_routing_with_score_function(logits, **args)
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_probs, ref_map = ref_route(ref_logits, args["topk"], args["use_pre_softmax"], None, None,
+                                   args["scaling_factor"], args["score_function"], args["expert_bias"])
+    assert torch.equal(routing_map, ref_map)
+    close(probs, ref_probs, torch.float32, "probs")
+    aux_map, scores = lt.compute_routing_scores_for_aux_loss(logits, 2, "softmax")
+    assert torch.equal(aux_map, torch.zeros_like(aux_map).scatter(1, torch.softmax(logits, -1).topk(2).indices, True))
+    tokens = torch.randn(4096, 40, requires_grad=True)
+    permuted, _, sorted_indices, _, _ = lt.permute(tokens, routing_map, probs)
+    y = lt.unpermute(permuted, sorted_indices, tokens.shape, probs, routing_map)
+    ref_permuted, _, ref_indices = ref_permute(tokens, ref_map, ref_probs, int(ref_map.sum()), False)
+    ref_y = ref_unpermute(ref_permuted, ref_indices, tokens.shape, ref_probs, ref_map, False)
+    close(y, ref_y, torch.float32, "unpermute")
+    upstream, expert_weight = torch.randn(4096, 40), torch.randn(16)
+    torch.autograd.backward([y, (scores * expert_weight).sum()], [upstream, None])
+    ref_scores = torch.softmax(ref_logits, -1)
+    ref_tokens = tokens.detach().clone().requires_grad_()
+    ref_permuted, _, ref_indices = ref_permute(ref_tokens, ref_map, ref_probs, int(ref_map.sum()), False)
+    ref_y = ref_unpermute(ref_permuted, ref_indices, tokens.shape, ref_probs, ref_map, False)
+    torch.autograd.backward([ref_y, (ref_scores * expert_weight).sum()], [upstream, None])
+    # float32 softmax gradients p (w - p . w) cancel: compare at the scale of the largest one
+    scale = ref_logits.grad.abs().max().item()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=2e-6, atol=4e-6 * scale)
+    close(tokens.grad, ref_tokens.grad, torch.float32, "grad tokens")
+
+
+def test_operators_check_their_tables_on_the_calling_thread(four_threads):
+    ops = torch.ops.locmoe
+    logits = torch.randn(2048, 8)
+    _, _, indices = ops.route(logits, 2, False, 0, 0, 1.0, "softmax", None)
+    bad = indices.clone()
+    bad[1500, 1] = bad[1500, 0]  # an expert twice, in a range a worker thread would take
+    with pytest.raises(ValueError, match="twice"):
+        ops.route_backward(logits, bad, torch.ones(2048, 8), 2, False, 1.0, "softmax")
+    bad = indices.clone()
+    bad[1700, 0] = 8
+    with pytest.raises(ValueError, match=r"\[-1, 8\)"):
+        ops.route_backward(logits, bad, torch.ones(2048, 8), 2, False, 1.0, "softmax")
+    slots, experts = ops.token_slots(torch.tensor([1, 0, 1]), 2)
+    with pytest.raises(ValueError, match="pair"):
+        ops.gather_rows(torch.randn(2, 4), slots, experts, 2)  # row 2 of a 2-row output
+    wrong = experts.clone()
+    wrong[0, 0] = 3
+    with pytest.raises(ValueError, match="pair"):
+        ops.combine_rows(torch.randn(3, 4), slots, wrong, None, 2)
+
+
+def test_permute_defaults_and_refusals():
+    probs, routing_map = routed()
+    tokens = torch.randn(30, 4)
+    everything = lt.permute(tokens, routing_map, probs)  # num_out_tokens None: every routed entry
+    assert everything[2].shape[0] == int(routing_map.sum())
+    import numpy as np
+    assert torch.equal(lt.permute(tokens, routing_map, probs, np.int64(everything[2].shape[0]))[2], everything[2])
+    with pytest.raises(ValueError, match="align_size"):
+        lt.permute(tokens, routing_map, probs, align_size=16)
+    with pytest.raises(ValueError, match="divide"):
+        lt.topk_routing_with_score_function(torch.randn(5, 6), 2, num_groups=4, group_topk=2)
+    assert lt.get_capacity(np.int64(100), 10, np.float32(1.5)) == 15
+
+
+def test_inference_mode():
+    with torch.inference_mode():
+        probs, routing_map = lt.topk_routing_with_score_function(torch.randn(30, 6), 2)
+        tokens = torch.randn(30, 4)
+        permuted, _, sorted_indices, _, _ = lt.permute(tokens, routing_map, probs)
+        y = lt.unpermute(permuted, sorted_indices, tokens.shape, probs, routing_map)
+    assert torch.equal(y, ref_unpermute(permuted, sorted_indices, tokens.shape, probs, routing_map, False))
+
+
+def test_a_forked_child_gets_its_own_pool(four_threads):
+    import multiprocessing
+    _route_and_permute()  # the parent's pool exists, with 4 threads
+    child = multiprocessing.get_context("fork").Process(target=_route_in_child)
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+
+
+def _route_and_permute():
+    # 1024 tokens: several ranges on locmoe's pool; tensors small enough that torch's own (OpenMP) pool, which is
+    # not fork-safe, stays out of it
+    probs, routing_map = lt.topk_routing_with_score_function(torch.randn(1024, 8), 2)
+    return lt.permute(torch.randn(1024, 8), routing_map, probs)[0]
+
+
+def _route_in_child():
+    os._exit(0 if _route_and_permute().shape[0] == 2048 else 1)

@@ -1,4 +1,5 @@
 """Loads locmoe's operators (_locmoe_ops.so, built by CMake next to this file) into torch.ops.locmoe."""
+import operator
 import os
 
 import torch
@@ -36,8 +37,12 @@ def check_int(name, value, low=None, high=None):
         if value.numel() != 1 or value.is_floating_point():
             raise TypeError(f"{name} must be an integer (got a tensor of shape {tuple(value.shape)}, {value.dtype})")
         value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer (got {type(value).__name__})")
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer (got bool)")
+    try:
+        value = operator.index(value)  # int, numpy integers
+    except TypeError:
+        raise TypeError(f"{name} must be an integer (got {type(value).__name__})") from None
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low} (got {value})")
     if high is not None and value > high:

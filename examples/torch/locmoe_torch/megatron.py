@@ -73,6 +73,8 @@ def topk_routing_with_score_function(logits, topk, use_pre_softmax=False, num_gr
         if not num_groups:
             raise ValueError("num_groups must be given (> 0) with group_topk")
         groups = check_int("num_groups", num_groups, 1, num_experts)
+        if num_experts % groups:
+            raise ValueError(f"num_groups ({groups}) must divide num_experts ({num_experts}), as Megatron-Core's view")
         limit = check_int("group_topk", group_topk, 1, groups)
     if expert_bias is not None:
         if not isinstance(expert_bias, torch.Tensor) or expert_bias.shape != (num_experts,):
@@ -138,9 +140,7 @@ def switch_load_balancing_loss_func(probs, tokens_per_expert, total_num_tokens, 
     if probs.shape[1] != num_experts:
         raise ValueError(f"probs must have num_experts = {num_experts} columns (got shape {tuple(probs.shape)})")
     check_int("topk", topk, 1)
-    if isinstance(total_num_tokens, torch.Tensor):
-        total_num_tokens = total_num_tokens.item()
-    if not total_num_tokens > 0:
+    if not isinstance(total_num_tokens, torch.Tensor) and not total_num_tokens > 0:  # a tensor stays in the graph
         raise ValueError(f"total_num_tokens must be > 0 (got {total_num_tokens})")
     if padding_mask is not None:
         probs = probs * padding_mask.unsqueeze(-1)
@@ -159,6 +159,8 @@ class _ZLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
+        if grad_loss.numel() == 1 and float(grad_loss) == 1.0:  # loss.backward(): no pass over [T, n]
+            return grad, None
         return grad * grad_loss, None
 
 
@@ -177,9 +179,13 @@ def z_loss_func(logits, z_loss_coeff, padding_mask=None):
 def get_capacity(num_tokens, num_experts, capacity_factor, min_capacity=None):
     """ceil((num_tokens / num_experts) * capacity_factor), at least min_capacity: Megatron-Core's expression,
     evaluated in the same order in float64, so the same rounding."""
-    check_int("num_tokens", num_tokens, 0)
-    check_int("num_experts", num_experts, 1)
-    if not (isinstance(capacity_factor, (int, float)) and math.isfinite(capacity_factor) and capacity_factor >= 0):
+    num_tokens = check_int("num_tokens", num_tokens, 0)
+    num_experts = check_int("num_experts", num_experts, 1)
+    try:
+        capacity_factor = float(capacity_factor)
+    except (TypeError, ValueError):
+        raise TypeError(f"capacity_factor must be a number (got {type(capacity_factor).__name__})") from None
+    if not (math.isfinite(capacity_factor) and capacity_factor >= 0):
         raise ValueError(f"capacity_factor must be a finite number >= 0 (got {capacity_factor})")
     capacity = math.ceil((num_tokens / num_experts) * capacity_factor)
     if min_capacity is not None and capacity < min_capacity:
@@ -201,7 +207,7 @@ def apply_router_token_dropping(routing_probs, routing_map, router_topk, capacit
         raise ValueError(f"drop_policy must be 'probs' or 'position' (got {drop_policy!r})")
     capacity = get_capacity(num_tokens * topk, num_experts, capacity_factor)
     if capacity > num_tokens:
-        final_map = torch.ones_like(routing_map, dtype=torch.bool) if pad_to_capacity else routing_map.bool()
+        final_map = torch.ones_like(routing_map, dtype=torch.bool) if pad_to_capacity else routing_map.bool().clone()
     else:
         final_map = ops.token_dropping(routing_probs.detach(), routing_map, capacity, drop_policy,
                                        bool(pad_to_capacity))
@@ -227,14 +233,15 @@ class _CombineRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weights, slots, experts, num_tokens):
-        ctx.save_for_backward(rows, weights, slots, experts)
+        ctx.rows = rows.shape[0]
+        ctx.save_for_backward(rows if weights is not None else None, weights, slots, experts)  # rows: for dL/dw only
         return ops.combine_rows(rows, slots, experts, weights, num_tokens)
 
     @staticmethod
     def backward(ctx, grad):
         rows, weights, slots, experts = ctx.saved_tensors
         if weights is None:
-            return ops.gather_rows(grad, slots, experts, rows.shape[0]), None, None, None, None
+            return ops.gather_rows(grad, slots, experts, ctx.rows), None, None, None, None
         grad_rows, grad_weights = ops.combine_rows_backward(rows, slots, experts, weights, grad)
         return (grad_rows if ctx.needs_input_grad[0] else None,
                 grad_weights if ctx.needs_input_grad[1] else None, None, None, None)
@@ -265,22 +272,30 @@ class _Pairs:
         self.exact = exact  # the rows are exactly the map's entries (what unpermute's probs need when dropless)
 
     @staticmethod
+    def trackable(*tensors):
+        """Whether version counters exist (tensors made under torch.inference_mode() have none)."""
+        return not any(t.is_inference() for t in tensors)
+
+    @staticmethod
     def of(sorted_indices, num_tokens):
+        if not _Pairs.trackable(sorted_indices):
+            return None
         pairs = getattr(sorted_indices, "_locmoe_pairs", None)
         if pairs is None or pairs.version != sorted_indices._version or pairs.num_tokens != num_tokens:
             return None
         return pairs
 
     def row_expert_for(self, routing_map, drop_and_pad):
-        same_map = routing_map is self.routing_map and routing_map._version == self.map_version
+        same_map = routing_map is self.routing_map and _Pairs.trackable(routing_map) and \
+            routing_map._version == self.map_version
         if same_map and drop_and_pad == self.drop_and_pad and (drop_and_pad or self.exact):
             return self.row_expert
         return None
 
 
-def _num_out_tokens(num_out_tokens, limit):
-    if num_out_tokens is None:
-        raise ValueError("num_out_tokens is required (Megatron-Core's permute asserts it): pass routing_map.sum()")
+def _num_out_tokens(num_out_tokens, routing_map, limit):
+    if num_out_tokens is None:  # every routed entry (older Megatron-Core permutes need none; newer assert one)
+        return int(routing_map.bool().sum())
     return check_int("num_out_tokens", num_out_tokens, 0, limit)
 
 
@@ -289,9 +304,9 @@ def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, d
     """(permuted_tokens, permuted_probs, sorted_indices, None, tokens_per_expert), as Megatron-Core's permute.
 
     Dropless: rows grouped by expert, each expert's tokens in token order (the map's entries in expert-major order,
-    cut at num_out_tokens). drop_and_pad: capacity = num_out_tokens // n rows per expert, its routed tokens first.
-    permuted_probs[r] = probs[sorted_indices[r], expert of row r] (None without probs). `fused` and `align_size`
-    are accepted and ignored.
+    cut at num_out_tokens; None: every routed entry). drop_and_pad: capacity = num_out_tokens // n rows per
+    expert, its routed tokens first. permuted_probs[r] = probs[sorted_indices[r], expert of row r] (None without
+    probs). `fused` is accepted and ignored; align_size > 0 raises.
     """
     check_matrix("tokens", tokens)
     num_tokens = tokens.shape[0]
@@ -299,13 +314,16 @@ def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, d
     num_experts = routing_map.shape[1]
     if probs is not None:
         check_matrix("probs", probs, num_tokens, num_experts)
-    rows = _num_out_tokens(num_out_tokens, num_tokens * num_experts)
+    if align_size and align_size > 0:
+        raise ValueError("align_size > 0 (padding each expert's rows for fp8/fp4) is not supported by locmoe_torch")
+    rows = _num_out_tokens(num_out_tokens, routing_map, num_tokens * num_experts)
     if drop_and_pad and rows // num_experts > num_tokens:
         raise ValueError(f"with drop_and_pad, num_out_tokens // num_experts must be <= num_tokens = {num_tokens}")
     sorted_indices, row_expert, routed = ops.permute_index(routing_map, rows, bool(drop_and_pad))
     slots, experts = ops.token_slots(sorted_indices, num_tokens)
-    sorted_indices._locmoe_pairs = _Pairs(sorted_indices, num_tokens, routing_map, bool(drop_and_pad), slots, experts,
-                                          row_expert, rows == routed)
+    if _Pairs.trackable(sorted_indices, routing_map):
+        sorted_indices._locmoe_pairs = _Pairs(sorted_indices, num_tokens, routing_map, bool(drop_and_pad), slots,
+                                              experts, row_expert, rows == routed)
     permuted = _GatherRows.apply(tokens, slots, experts, sorted_indices.shape[0])
     permuted_probs = probs[sorted_indices, row_expert] if probs is not None else None
     return permuted, permuted_probs, sorted_indices, None, tokens_per_expert
