@@ -164,6 +164,37 @@ std::vector<locmoe::token_range> token_ranges(std::size_t tokens, std::size_t th
 
 // ---- routing -----------------------------------------------------------------------------------------------------
 
+/// score_route over the pool's token ranges (arguments checked first, on this thread: a pool task must not throw),
+/// then dense(range) in the same task: the [T, n] outputs of those tokens, written while they are in cache.
+template <class S, class Dense>
+void route_on_pool(const locmoe::matrix_view<const S>& logits, const locmoe::router_options<S>& o,
+                   const locmoe::route_outputs<S>& out, Dense&& dense) {
+  locmoe::score_route(logits, o, out, locmoe::token_range{0, 0});
+  backend_lease lease;
+  const auto ranges = token_ranges(logits.rows, lease.pool().threads());
+  lease.pool().run(ranges.size(), [&](std::size_t r) {
+    const auto scratch = std::make_unique<locmoe::route_scratch<S>>(o, logits.cols);
+    locmoe::score_route(logits, o, out, ranges[r], locmoe::default_policy{}, scratch.get());
+    dense(ranges[r]);
+  });
+}
+
+/// Marks the chosen experts of the tokens in `range` in map [T, n], and writes their weights into probs [T, n]
+/// (cast to P, as Megatron-Core's probs.type_as(logits)) when probs is given; both zero on entry.
+template <class P, class S>
+void scatter_choices(const locmoe::route_outputs<S>& out, locmoe::token_range range, std::size_t n, bool* map,
+                     P* probs) {
+  const std::size_t k = out.indices.cols;
+  for (std::size_t t = range.begin; t < range.end; ++t) {
+    for (std::size_t j = 0; j < k; ++j) {
+      const locmoe::expert_index e = out.indices(t, j);
+      if (e < 0) continue;
+      map[t * n + static_cast<std::size_t>(e)] = true;
+      if (probs) probs[t * n + static_cast<std::size_t>(e)] = static_cast<P>(out.weights(t, j));
+    }
+  }
+}
+
 /// topk_routing_with_score_function's selection: (probs [T, n] in logits' dtype, routing_map [T, n] bool,
 /// indices [T, k] int32: the chosen experts, best first, -1 for an invalid token's slots).
 std::tuple<Tensor, Tensor, Tensor> route(const Tensor& logits_in, int64_t topk, bool use_pre_softmax,
@@ -193,26 +224,12 @@ std::tuple<Tensor, Tensor, Tensor> route(const Tensor& logits_in, int64_t topk, 
       const locmoe::matrix_view<const S> l(logits.data_ptr<S>(), T, n);
       const locmoe::route_outputs<S> out{{indices.data_ptr<locmoe::expert_index>(), std::size_t(T), std::size_t(topk)},
                                          {weights.data_ptr<S>(), std::size_t(T), std::size_t(topk)}, {}, {}};
-      locmoe::score_route(l, o, out, locmoe::token_range{0, 0});  // checks the arguments on this thread
-      backend_lease lease;
-      const auto ranges = token_ranges(T, lease.pool().threads());
-      lease.pool().run(ranges.size(), [&](std::size_t r) {
-        const auto scratch = std::make_unique<locmoe::route_scratch<S>>(o, static_cast<std::size_t>(n));
-        locmoe::score_route(l, o, out, ranges[r], locmoe::default_policy{}, scratch.get());
-      });
-      // Megatron-Core: probs.type_as(logits), then scattered into [T, n].
       with_row_type(logits_in.scalar_type(), [&](auto element) {
         using P = decltype(element);
-        auto* p = reinterpret_cast<P*>(probs.data_ptr());
-        auto* m = map.data_ptr<bool>();
-        const auto* idx = indices.data_ptr<locmoe::expert_index>();
-        const auto* w = weights.data_ptr<S>();
-        for (int64_t i = 0; i < T * topk; ++i) {
-          if (idx[i] < 0) continue;
-          const int64_t at = (i / topk) * n + idx[i];
-          p[at] = static_cast<P>(w[i]);
-          m[at] = true;
-        }
+        route_on_pool(l, o, out, [&](locmoe::token_range range) {
+          scatter_choices(out, range, static_cast<std::size_t>(n), map.data_ptr<bool>(),
+                          reinterpret_cast<P*>(probs.data_ptr()));
+        });
       });
     });
     return std::make_tuple(probs, map, indices);
@@ -239,17 +256,8 @@ std::tuple<Tensor, Tensor> aux_scores(const Tensor& logits_in, int64_t topk, std
       const locmoe::route_outputs<S> out{{indices.data_ptr<locmoe::expert_index>(), std::size_t(T), std::size_t(topk)},
                                          {weights.data_ptr<S>(), std::size_t(T), std::size_t(topk)},
                                          {scores.data_ptr<S>(), std::size_t(T), std::size_t(n)}, {}};
-      locmoe::score_route(l, o, out, locmoe::token_range{0, 0});
-      backend_lease lease;
-      const auto ranges = token_ranges(T, lease.pool().threads());
-      lease.pool().run(ranges.size(), [&](std::size_t r) {
-        const auto scratch = std::make_unique<locmoe::route_scratch<S>>(o, static_cast<std::size_t>(n));
-        locmoe::score_route(l, o, out, ranges[r], locmoe::default_policy{}, scratch.get());
-        const auto* idx = indices.data_ptr<locmoe::expert_index>();
-        bool* m = map.data_ptr<bool>();
-        for (std::size_t t = ranges[r].begin; t < ranges[r].end; ++t)
-          for (int64_t j = 0; j < topk; ++j)
-            if (idx[t * topk + j] >= 0) m[t * n + idx[t * topk + j]] = true;
+      route_on_pool(l, o, out, [&](locmoe::token_range range) {
+        scatter_choices(out, range, static_cast<std::size_t>(n), map.data_ptr<bool>(), static_cast<float*>(nullptr));
       });
     });
     return std::make_tuple(map, scores);
