@@ -1,0 +1,169 @@
+"""An expert-parallel MoE layer on locmoe_torch's routing functions and torch.distributed.
+
+Each rank routes its own tokens, sends every routed row to the rank of its expert with all_to_all_single (the
+counts first, then the rows), runs its local experts, and sends the results back; the backward runs the two
+exchanges in reverse. Experts are placed in blocks (expert e on rank floor(e R / n), Megatron-Core's and
+DeepSpeed's placement), so the permuted rows are already grouped by destination rank.
+
+Not here yet (issue 13): the group-wise (two-level) exchange over node sub-groups and the chunked overlap of the
+exchange with the expert computation.
+"""
+import torch
+import torch.distributed as dist
+
+from .locmoe import grap_gating, locality_loss_func
+from .megatron import (apply_router_token_dropping, compute_routing_scores_for_aux_loss, permute,
+                       switch_load_balancing_loss_func, topk_routing_with_score_function, unpermute, z_loss_func)
+
+__all__ = ["MoELayer"]
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows to the ranks (send_splits rows to each, in rank order), rows back from them (recv_splits); the backward
+    sends the gradients the other way."""
+
+    @staticmethod
+    def forward(ctx, rows, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        out = rows.new_empty((sum(recv_splits), rows.shape[1]))
+        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        out = grad.new_empty((sum(send_splits), grad.shape[1]))
+        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return out, None, None, None
+
+
+class MoELayer(torch.nn.Module):
+    """y = sum over a token's chosen experts of prob * FFN_e(x) (FFN_e(x) = relu(x W1_e) W2_e), experts spread over
+    the ranks of `process_group` (default: the world when torch.distributed is initialized, else one rank).
+
+    Router: `gate` "grap" (LocMoE's GrAP gate, eq. 4, with a learned bias) or "dense" (a learned [n, h] weight, the
+    Switch gate), then topk_routing_with_score_function (softmax after Top-k by default), optional token dropping
+    at `capacity_factor`. forward(x [T, hidden]) returns y [T, hidden] and sets `self.aux_loss`: the load-balancing
+    loss with the counts of all ranks (Megatron-Core's global-batch form: summed over ranks it is the loss of the
+    whole batch), plus the z-loss and LocMoE's locality loss of this rank's tokens when their coefficients are set.
+    Parameters: the gate's (replicated on every rank: reduce their gradients as data-parallel parameters) and the
+    rank's n / R experts' `w1` [n/R, hidden, ffn], `w2` [n/R, ffn, hidden], each expert initialized from
+    `seed + e` so that any number of ranks holds the same experts.
+    """
+
+    def __init__(self, hidden_size, ffn_hidden_size, num_experts, topk=1, gate="grap", score_function="softmax",
+                 use_pre_softmax=False, capacity_factor=None, drop_policy="probs", aux_loss_coeff=1e-2,
+                 z_loss_coeff=0.0, locality_loss_coeff=0.0, ranks_per_node=1, process_group=None, seed=0,
+                 dtype=torch.float32):
+        super().__init__()
+        if gate not in ("grap", "dense"):
+            raise ValueError(f"gate must be 'grap' or 'dense' (got {gate!r})")
+        self.group = process_group if process_group is not None else (
+            dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        self.ranks = dist.get_world_size(self.group) if self.group is not None else 1
+        self.rank = dist.get_rank(self.group) if self.group is not None else 0
+        if num_experts % self.ranks:
+            raise ValueError(f"num_experts ({num_experts}) must be a multiple of the ranks ({self.ranks})")
+        if not 1 <= topk <= num_experts:
+            raise ValueError(f"topk must be in [1, num_experts = {num_experts}] (got {topk})")
+        if self.ranks % ranks_per_node:
+            raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide the ranks ({self.ranks})")
+        self.hidden_size, self.num_experts, self.topk = hidden_size, num_experts, topk
+        self.local_experts = num_experts // self.ranks
+        self.gate_kind, self.score_function, self.use_pre_softmax = gate, score_function, use_pre_softmax
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
+        self.locality_loss_coeff, self.ranks_per_node = locality_loss_coeff, ranks_per_node
+        g = torch.Generator().manual_seed(seed)
+        if gate == "grap":
+            self.gate_bias = torch.nn.Parameter(torch.zeros(num_experts, dtype=dtype))
+        else:
+            self.gate_weight = torch.nn.Parameter(torch.randn(num_experts, hidden_size, generator=g, dtype=dtype)
+                                                  / hidden_size ** 0.5)
+        first = self.rank * self.local_experts
+        w1, w2 = [], []
+        for e in range(first, first + self.local_experts):
+            ge = torch.Generator().manual_seed(seed + 1 + e)
+            w1.append(torch.randn(hidden_size, ffn_hidden_size, generator=ge, dtype=dtype) / hidden_size ** 0.5)
+            w2.append(torch.randn(ffn_hidden_size, hidden_size, generator=ge, dtype=dtype) / ffn_hidden_size ** 0.5)
+        self.w1 = torch.nn.Parameter(torch.stack(w1))
+        self.w2 = torch.nn.Parameter(torch.stack(w2))
+        self.aux_loss = None
+        self.last_counts = None  # [R, n/R] rows this rank received per (source rank, local expert) in the last step
+
+    def logits(self, x):
+        if self.gate_kind == "grap":
+            return grap_gating(x, self.num_experts, self.gate_bias)
+        return x.to(self.gate_weight.dtype) @ self.gate_weight.T
+
+    def forward(self, x):
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"x must be [tokens, {self.hidden_size}] (got {tuple(x.shape)})")
+        logits = self.logits(x)
+        probs, routing_map = topk_routing_with_score_function(logits, self.topk, self.use_pre_softmax,
+                                                              score_function=self.score_function)
+        self.aux_loss = self._losses(logits, routing_map)
+        if self.capacity_factor is not None:
+            probs, routing_map = apply_router_token_dropping(probs, routing_map, self.topk, self.capacity_factor,
+                                                             self.drop_policy)
+        permuted, _, sorted_indices, _, _ = permute(x, routing_map)
+        tokens_per_expert = routing_map.sum(dim=0)
+        expert_out = self._through_experts(permuted, tokens_per_expert)
+        return unpermute(expert_out, sorted_indices, x.shape, probs, routing_map)
+
+    def _losses(self, logits, routing_map):
+        loss = logits.new_zeros(())
+        if self.aux_loss_coeff:
+            aux_map, scores = compute_routing_scores_for_aux_loss(logits, self.topk, self.score_function)
+            counts = aux_map.sum(dim=0)
+            total = torch.tensor(float(logits.shape[0]))
+            if self.group is not None:  # the counts and tokens of every rank
+                dist.all_reduce(counts, group=self.group)
+                dist.all_reduce(total, group=self.group)
+            loss = loss + switch_load_balancing_loss_func(scores, counts, float(total), self.topk, self.num_experts,
+                                                          self.aux_loss_coeff)
+        if self.z_loss_coeff:
+            loss = loss + z_loss_func(logits, self.z_loss_coeff)
+        if self.locality_loss_coeff:
+            scores = torch.softmax(logits.float(), dim=-1)
+            loss = loss + locality_loss_func(scores, routing_map, self.ranks, self.ranks_per_node, self.rank,
+                                             self.locality_loss_coeff)
+        return loss
+
+    def _through_experts(self, permuted, tokens_per_expert):
+        local = self.local_experts
+        if self.group is None or self.ranks == 1:
+            counts = tokens_per_expert.view(1, local)
+            self.last_counts = counts
+            return self._experts(permuted, counts)
+        send_counts = tokens_per_expert.to(torch.int64).contiguous()
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # [R x n/R]: (source, local expert)
+        counts = recv_counts.view(self.ranks, local)
+        self.last_counts = counts
+        send_splits = send_counts.view(self.ranks, local).sum(dim=1).tolist()
+        recv_splits = counts.sum(dim=1).tolist()
+        received = _AllToAll.apply(permuted, send_splits, recv_splits, self.group)
+        # (source, expert) blocks -> (expert, source): each expert's rows in source order, then token order
+        order = self._expert_major(counts)
+        out = self._experts(received.index_select(0, order), counts)
+        back = out.index_select(0, torch.argsort(order))
+        return _AllToAll.apply(back, recv_splits, send_splits, self.group)
+
+    @staticmethod
+    def _expert_major(counts):
+        sources, local = counts.shape
+        offsets = torch.cumsum(counts.reshape(-1), 0) - counts.reshape(-1)
+        pieces = [torch.arange(int(offsets[s * local + j]), int(offsets[s * local + j] + counts[s, j]))
+                  for j in range(local) for s in range(sources)]
+        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+
+    def _experts(self, rows, counts):
+        """Each local expert's FFN on its rows (expert-major: counts[:, j].sum() rows for expert j)."""
+        per_expert = counts.sum(dim=0).tolist()
+        outputs, start = [], 0
+        for j, count in enumerate(per_expert):
+            chunk = rows[start:start + count].to(self.w1.dtype)
+            outputs.append(torch.relu(chunk @ self.w1[j]) @ self.w2[j])
+            start += count
+        return torch.cat(outputs).to(rows.dtype) if outputs else rows

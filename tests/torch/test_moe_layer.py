@@ -1,0 +1,93 @@
+"""locmoe_torch.MoELayer: 4 processes on gloo, as 2 nodes of 2 ranks, against one process running the same layer
+(the same experts) over the same tokens (the ranks' tokens concatenated in rank order).
+
+Each expert receives its rows in (source rank, token) order, which is the single process's token order, so the
+outputs and the gradients of x and of the expert weights are equal bit for bit. The gate's parameters are
+replicated: their gradient is a sum over the ranks' tokens, compared within float32 rounding of the sum.
+
+Run by ctest with PYTHONPATH=<build>/python (tests/torch/CMakeLists.txt).
+"""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from locmoe_torch import MoELayer
+
+WORLD, PER_NODE, T, HIDDEN, FFN, EXPERTS = 4, 2, 64, 24, 32, 8
+
+
+def inputs():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(T, HIDDEN, generator=g), torch.randn(T, HIDDEN, generator=g)
+
+
+def run(layer, x, upstream):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    ((y * upstream).sum() + layer.aux_loss).backward()
+    gate = layer.gate_bias if layer.gate_kind == "grap" else layer.gate_weight
+    return {"y": y.detach(), "grad_x": x.grad, "grad_w1": layer.w1.grad, "grad_w2": layer.w2.grad,
+            "grad_gate": gate.grad, "aux": layer.aux_loss.detach(), "counts": layer.last_counts}
+
+
+def worker(rank, init_file, out_dir, settings):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    layer = MoELayer(HIDDEN, FFN, EXPERTS, ranks_per_node=PER_NODE, seed=7, **settings)
+    x, upstream = inputs()
+    block = slice(rank * T // WORLD, (rank + 1) * T // WORLD)
+    torch.save(run(layer, x[block], upstream[block]), os.path.join(out_dir, f"{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("settings", [dict(gate="grap", topk=1), dict(gate="dense", topk=2),
+                                      dict(gate="grap", topk=2)],
+                         ids=["grap-top1", "dense-top2", "grap-top2"])
+def test_four_ranks_equal_one_process(settings):
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp, settings), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(WORLD)]
+    whole = run(MoELayer(HIDDEN, FFN, EXPERTS, seed=7, **settings), *inputs())
+    local = EXPERTS // WORLD
+    assert torch.equal(torch.cat([r["y"] for r in ranks]), whole["y"])
+    assert torch.equal(torch.cat([r["grad_x"] for r in ranks]), whole["grad_x"])
+    for r, got in enumerate(ranks):
+        assert torch.equal(got["grad_w1"], whole["grad_w1"][r * local:(r + 1) * local]), f"rank {r} w1"
+        assert torch.equal(got["grad_w2"], whole["grad_w2"][r * local:(r + 1) * local]), f"rank {r} w2"
+        # what rank r received per (source, local expert) is the whole batch's count of each source's tokens
+        assert int(got["counts"].sum()) == int(whole["counts"][0, r * local:(r + 1) * local].sum())
+    # a sum over the ranks' partial sums against one sum over all tokens: float32 rounding at the gradient's scale
+    scale = whole["grad_gate"].abs().max().item()
+    torch.testing.assert_close(sum(r["grad_gate"] for r in ranks), whole["grad_gate"], rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(sum(r["aux"] for r in ranks), whole["aux"], rtol=1e-6, atol=0)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="gate"):
+        MoELayer(8, 8, 4, gate="hash")
+    with pytest.raises(ValueError, match="topk"):
+        MoELayer(8, 8, 4, topk=5)
+    with pytest.raises(ValueError, match="x must be"):
+        MoELayer(8, 8, 4)(torch.randn(3, 7))
+
+
+def test_capacity_is_each_ranks_own():
+    """With a capacity factor each rank drops within its own batch (Megatron-Core's per-micro-batch capacity): the
+    output of rank r's tokens is that of one process running the layer on rank r's tokens alone."""
+    torch.set_num_threads(1)
+    settings = dict(gate="dense", topk=2, capacity_factor=0.5, aux_loss_coeff=0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp, settings), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(WORLD)]
+    x, upstream = inputs()
+    for r, got in enumerate(ranks):
+        block = slice(r * T // WORLD, (r + 1) * T // WORLD)
+        alone = run(MoELayer(HIDDEN, FFN, EXPERTS, seed=7, **settings), x[block], upstream[block])
+        assert torch.equal(got["y"], alone["y"]), f"rank {r}"
+        assert torch.equal(got["grad_x"], alone["grad_x"]), f"rank {r}"
