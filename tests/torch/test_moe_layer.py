@@ -40,21 +40,25 @@ def worker(rank, init_file, out_dir, settings):
     layer = MoELayer(HIDDEN, FFN, EXPERTS, ranks_per_node=PER_NODE, seed=7, **settings)
     x, upstream = inputs()
     block = slice(rank * T // WORLD, (rank + 1) * T // WORLD)
-    torch.save(run(layer, x[block], upstream[block]), os.path.join(out_dir, f"{rank}.pt"))
+    result = run(layer, x[block], upstream[block])
+    result["sub_groups"] = layer.node_group is not None and layer.peer_group is not None
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("settings", [dict(gate="grap", topk=1), dict(gate="dense", topk=2),
-                                      dict(gate="grap", topk=2)],
-                         ids=["grap-top1", "dense-top2", "grap-top2"])
+                                      dict(gate="dense", topk=2, exchange="two_level"),
+                                      dict(gate="grap", topk=3, exchange="two_level")],
+                         ids=["grap-top1", "dense-top2", "dense-top2-two-level", "grap-top3-two-level"])
 def test_four_ranks_equal_one_process(settings):
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp, settings), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(WORLD)]
-    whole = run(MoELayer(HIDDEN, FFN, EXPERTS, seed=7, **settings), *inputs())
+    whole = run(MoELayer(HIDDEN, FFN, EXPERTS, seed=7, **settings), *inputs())  # one process: no exchange
     local = EXPERTS // WORLD
+    assert all(r["sub_groups"] == (settings.get("exchange") == "two_level") for r in ranks)
     assert torch.equal(torch.cat([r["y"] for r in ranks]), whole["y"])
     assert torch.equal(torch.cat([r["grad_x"] for r in ranks]), whole["grad_x"])
     for r, got in enumerate(ranks):
@@ -73,6 +77,8 @@ def test_bad_settings():
         MoELayer(8, 8, 4, gate="hash")
     with pytest.raises(ValueError, match="topk"):
         MoELayer(8, 8, 4, topk=5)
+    with pytest.raises(ValueError, match="exchange"):
+        MoELayer(8, 8, 4, exchange="ring")
     with pytest.raises(ValueError, match="x must be"):
         MoELayer(8, 8, 4)(torch.randn(3, 7))
 

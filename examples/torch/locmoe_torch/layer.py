@@ -5,8 +5,13 @@ counts first, then the rows), runs its local experts, and sends the results back
 exchanges in reverse. Experts are placed in blocks (expert e on rank floor(e R / n), Megatron-Core's and
 DeepSpeed's placement), so the permuted rows are already grouped by destination rank.
 
-Not here yet (issue 13): the group-wise (two-level) exchange over node sub-groups and the chunked overlap of the
-exchange with the expert computation.
+exchange="two_level" sends the rows in two steps instead of one (the paper's section 3.2 group-wise exchange,
+over node sub-groups): within each node, every rank first gathers the rows its node sends to the ranks of the
+same local index on every node; then the ranks of one local index exchange across the nodes. Each row crosses the
+inter-node links once, in one message per pair of nodes and local index, and arrives in the same order as with the
+flat exchange, so the results are the same bit for bit.
+
+Not here yet (issue 13): the chunked overlap of the exchange with the expert computation.
 """
 import torch
 import torch.distributed as dist
@@ -54,7 +59,7 @@ class MoELayer(torch.nn.Module):
     def __init__(self, hidden_size, ffn_hidden_size, num_experts, topk=1, gate="grap", score_function="softmax",
                  use_pre_softmax=False, capacity_factor=None, drop_policy="probs", aux_loss_coeff=1e-2,
                  z_loss_coeff=0.0, locality_loss_coeff=0.0, ranks_per_node=1, process_group=None, seed=0,
-                 dtype=torch.float32):
+                 dtype=torch.float32, exchange="flat"):
         super().__init__()
         if gate not in ("grap", "dense"):
             raise ValueError(f"gate must be 'grap' or 'dense' (got {gate!r})")
@@ -68,6 +73,25 @@ class MoELayer(torch.nn.Module):
             raise ValueError(f"topk must be in [1, num_experts = {num_experts}] (got {topk})")
         if self.ranks % ranks_per_node:
             raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide the ranks ({self.ranks})")
+        if exchange not in ("flat", "two_level"):
+            raise ValueError(f"exchange must be 'flat' or 'two_level' (got {exchange!r})")
+        self.exchange = exchange
+        self.node_group = self.peer_group = None
+        if exchange == "two_level" and self.group is not None and self.ranks > 1:
+            # every rank creates every sub-group, in the same order (torch.distributed requires it)
+            world = dist.get_process_group_ranks(self.group) if hasattr(dist, "get_process_group_ranks") else \
+                list(range(self.ranks))
+            nodes = self.ranks // ranks_per_node
+            for node in range(nodes):
+                members = [world[node * ranks_per_node + i] for i in range(ranks_per_node)]
+                group = dist.new_group(members)
+                if self.rank // ranks_per_node == node:
+                    self.node_group = group
+            for local in range(ranks_per_node):
+                members = [world[node * ranks_per_node + local] for node in range(nodes)]
+                group = dist.new_group(members)
+                if self.rank % ranks_per_node == local:
+                    self.peer_group = group
         self.hidden_size, self.num_experts, self.topk = hidden_size, num_experts, topk
         self.local_experts = num_experts // self.ranks
         self.gate_kind, self.score_function, self.use_pre_softmax = gate, score_function, use_pre_softmax
@@ -136,19 +160,66 @@ class MoELayer(torch.nn.Module):
             counts = tokens_per_expert.view(1, local)
             self.last_counts = counts
             return self._experts(permuted, counts)
-        send_counts = tokens_per_expert.to(torch.int64).contiguous()
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # [R x n/R]: (source, local expert)
-        counts = recv_counts.view(self.ranks, local)
+        # every rank's tokens per expert [R x n] (n integers per rank): what each pair of ranks sends
+        everyone = [torch.empty_like(tokens_per_expert) for _ in range(self.ranks)]
+        dist.all_gather(everyone, tokens_per_expert.contiguous(), group=self.group)
+        per_expert = torch.stack(everyone)
+        sends = per_expert.view(self.ranks, self.ranks, local).sum(dim=2)  # [source, destination] rows
+        counts = per_expert[:, self.rank * local:(self.rank + 1) * local]  # [source, local expert]
         self.last_counts = counts
-        send_splits = send_counts.view(self.ranks, local).sum(dim=1).tolist()
-        recv_splits = counts.sum(dim=1).tolist()
-        received = _AllToAll.apply(permuted, send_splits, recv_splits, self.group)
+        if self.exchange == "two_level":
+            received = self._two_level(permuted, sends, back=False)
+        else:
+            received = _AllToAll.apply(permuted, sends[self.rank].tolist(), sends[:, self.rank].tolist(), self.group)
         # (source, expert) blocks -> (expert, source): each expert's rows in source order, then token order
         order = self._expert_major(counts)
         out = self._experts(received.index_select(0, order), counts)
         back = out.index_select(0, torch.argsort(order))
-        return _AllToAll.apply(back, recv_splits, send_splits, self.group)
+        if self.exchange == "two_level":
+            return self._two_level(back, sends, back=True)
+        return _AllToAll.apply(back, sends[:, self.rank].tolist(), sends[self.rank].tolist(), self.group)
+
+    def _two_level(self, rows, sends, back):
+        """The flat exchange's result in two steps (see the module comment). rows: this rank's rows by destination
+        rank (forward), or by source rank (back); `sends` [R x R] rows from each rank to each."""
+        G, N = self.ranks_per_node, self.ranks // self.ranks_per_node
+        node, local = divmod(self.rank, G)
+        c = sends.view(N, G, N, G)  # c[sn, sl, dn, dl]: rows from rank (sn, sl) to rank (dn, dl)
+        if not back:
+            # step 1, within the node: to peer l the rows for (dn, l) for every dn, in dn order
+            step1_send = c[node, local].T.reshape(-1)  # [l, dn] -> my rows grouped (l, dn): reorder below
+            mine = self._blocks(c[node, local].reshape(-1))  # my rows are in destination order (dn, dl)
+            order = torch.cat([mine[dn * G + l] for l in range(G) for dn in range(N)]) if mine else rows.new_zeros(0)
+            staged = rows.index_select(0, order.long()) if rows.shape[0] else rows
+            split1 = step1_send.view(G, N).sum(dim=1).tolist()
+            recv1 = c[node, :, :, local].sum(dim=1).tolist()  # from each peer sl: rows for (dn, local), all dn
+            gathered = _AllToAll.apply(staged, split1, recv1, self.node_group)
+            # gathered: for sl: for dn: rows (node, sl) -> (dn, local); step 2 sends, per dn, all sl in order
+            blocks = self._blocks(c[node, :, :, local].reshape(-1))  # (sl, dn)
+            order = torch.cat([blocks[sl * N + dn] for dn in range(N) for sl in range(G)]) if blocks else None
+            staged = gathered.index_select(0, order.long()) if order is not None and gathered.shape[0] else gathered
+            split2 = c[node, :, :, local].sum(dim=0).tolist()  # to node dn
+            recv2 = c[:, :, node, local].sum(dim=1).tolist()  # from node sn: all its sl, in sl order
+            return _AllToAll.apply(staged, split2, recv2, self.peer_group)
+        # back: the same two steps mirrored (results by source rank, sent to the source's node, then the source)
+        split2 = c[:, :, node, local].sum(dim=1).tolist()
+        recv2 = c[node, :, :, local].sum(dim=0).tolist()
+        gathered = _AllToAll.apply(rows, split2, recv2, self.peer_group)  # for dn: for sl: rows (node, sl) <- (dn, local)
+        blocks = self._blocks(c[node, :, :, local].T.reshape(-1))  # (dn, sl)
+        order = torch.cat([blocks[dn * G + sl] for sl in range(G) for dn in range(N)]) if blocks else None
+        staged = gathered.index_select(0, order.long()) if order is not None and gathered.shape[0] else gathered
+        split1 = c[node, :, :, local].sum(dim=1).tolist()  # to peer sl
+        recv1 = c[node, local].T.reshape(-1).view(G, N).sum(dim=1).tolist()  # from peer l: my rows for (dn, l)
+        mine = _AllToAll.apply(staged, split1, recv1, self.node_group)  # for l: for dn: my rows for (dn, l)
+        blocks = self._blocks(c[node, local].T.reshape(-1))  # (l, dn)
+        order = torch.cat([blocks[l * N + dn] for dn in range(N) for l in range(G)]) if blocks else None
+        return mine.index_select(0, order.long()) if order is not None and mine.shape[0] else mine
+
+    @staticmethod
+    def _blocks(sizes):
+        """Index ranges [offset, offset + size) of consecutive blocks of the given sizes."""
+        offsets = torch.cumsum(sizes, 0) - sizes
+        return [torch.arange(int(o), int(o + z)) for o, z in zip(offsets.tolist(), sizes.tolist())]
 
     @staticmethod
     def _expert_major(counts):
