@@ -42,6 +42,7 @@ def worker(rank, init_file, out_dir, settings):
     block = slice(rank * T // WORLD, (rank + 1) * T // WORLD)
     result = run(layer, x[block], upstream[block])
     result["sub_groups"] = layer.node_group is not None and layer.peer_group is not None
+    result["link_bytes"] = layer.link_bytes(HIDDEN * 4)
     torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -97,3 +98,11 @@ def test_capacity_is_each_ranks_own():
         alone = run(MoELayer(HIDDEN, FFN, EXPERTS, seed=7, **settings), x[block], upstream[block])
         assert torch.equal(got["y"], alone["y"]), f"rank {r}"
         assert torch.equal(got["grad_x"], alone["grad_x"]), f"rank {r}"
+        # bytes per link class: from the rank's own kept choices, experts in blocks (expert e on rank e // 2)
+        kept = alone["counts"].reshape(-1).tolist()  # one process: kept rows per expert
+        where = [e * WORLD // EXPERTS for e in range(EXPERTS)]
+        same = sum(c for e, c in enumerate(kept) if where[e] == r)
+        intra = sum(c for e, c in enumerate(kept) if where[e] != r and where[e] // PER_NODE == r // PER_NODE)
+        row = HIDDEN * 4
+        assert got["link_bytes"] == {"same_rank": same * row, "intra_node": intra * row,
+                                     "inter_node": (sum(kept) - same - intra) * row}, f"rank {r}"

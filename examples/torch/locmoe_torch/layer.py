@@ -114,6 +114,17 @@ class MoELayer(torch.nn.Module):
         self.w2 = torch.nn.Parameter(torch.stack(w2))
         self.aux_loss = None
         self.last_counts = None  # [R, n/R] rows this rank received per (source rank, local expert) in the last step
+        self.last_sent = None    # [R] rows this rank sent to each rank in the last step (itself included)
+
+    def link_bytes(self, row_bytes):
+        """Bytes the last step's rows took to this rank itself, to the other ranks of its node and to other nodes
+        (each way; the results come back the same way), for rows of `row_bytes` bytes."""
+        sent = self.last_sent.tolist()
+        node = self.rank // self.ranks_per_node
+        same = sent[self.rank]
+        intra = sum(c for d, c in enumerate(sent) if d // self.ranks_per_node == node) - same
+        return {"same_rank": same * row_bytes, "intra_node": intra * row_bytes,
+                "inter_node": (sum(sent) - same - intra) * row_bytes}
 
     def logits(self, x):
         if self.gate_kind == "grap":
@@ -159,6 +170,7 @@ class MoELayer(torch.nn.Module):
         if self.group is None or self.ranks == 1:
             counts = tokens_per_expert.view(1, local)
             self.last_counts = counts
+            self.last_sent = counts.sum(dim=1)
             return self._experts(permuted, counts)
         # every rank's tokens per expert [R x n] (n integers per rank): what each pair of ranks sends
         everyone = [torch.empty_like(tokens_per_expert) for _ in range(self.ranks)]
@@ -167,6 +179,7 @@ class MoELayer(torch.nn.Module):
         sends = per_expert.view(self.ranks, self.ranks, local).sum(dim=2)  # [source, destination] rows
         counts = per_expert[:, self.rank * local:(self.rank + 1) * local]  # [source, local expert]
         self.last_counts = counts
+        self.last_sent = sends[self.rank]
         if self.exchange == "two_level":
             received = self._two_level(permuted, sends, back=False)
         else:
