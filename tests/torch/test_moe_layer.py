@@ -9,6 +9,7 @@ Run by ctest with PYTHONPATH=<build>/python (tests/torch/CMakeLists.txt).
 """
 import os
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch.multiprocessing as mp
 
 from locmoe_torch import MoELayer
 
-WORLD, PER_NODE, T, HIDDEN, FFN, EXPERTS = 4, 2, 64, 24, 32, 8
+WORLD, PER_NODE, T, HIDDEN, FFN, EXPERTS = 4, 2, 96, 24, 32, 8
 
 
 def inputs():
@@ -34,12 +35,24 @@ def run(layer, x, upstream):
             "grad_gate": gate.grad, "aux": layer.aux_loss.detach(), "counts": layer.last_counts}
 
 
-def worker(rank, init_file, out_dir, settings):
+def make_layer(settings, **kwargs):
+    """The layer of `settings`; "skew" makes expert 0 win most tokens (ranks and experts left with no rows)."""
+    settings = dict(settings)
+    skew = settings.pop("skew", False)
+    layer = MoELayer(HIDDEN, FFN, settings.pop("experts", EXPERTS), seed=7, **settings, **kwargs)
+    if skew:
+        with torch.no_grad():
+            layer.gate_bias[0] += 3.0
+    return layer
+
+
+def worker(rank, init_file, out_dir, settings, world, per_node):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    layer = MoELayer(HIDDEN, FFN, EXPERTS, ranks_per_node=PER_NODE, seed=7, **settings)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # a failing rank must not hang the others for 30 min
+    layer = make_layer(settings, ranks_per_node=per_node)
     x, upstream = inputs()
-    block = slice(rank * T // WORLD, (rank + 1) * T // WORLD)
+    block = slice(rank * T // world, (rank + 1) * T // world)
     result = run(layer, x[block], upstream[block])
     result["sub_groups"] = layer.node_group is not None and layer.peer_group is not None
     result["link_bytes"] = layer.link_bytes(HIDDEN * 4)
@@ -48,18 +61,23 @@ def worker(rank, init_file, out_dir, settings):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("settings", [dict(gate="grap", topk=1), dict(gate="dense", topk=2),
-                                      dict(gate="dense", topk=2, exchange="two_level"),
-                                      dict(gate="grap", topk=3, exchange="two_level")],
-                         ids=["grap-top1", "dense-top2", "dense-top2-two-level", "grap-top3-two-level"])
-def test_four_ranks_equal_one_process(settings):
+@pytest.mark.parametrize("settings,world,per_node", [
+    (dict(gate="grap", topk=1), WORLD, PER_NODE),
+    (dict(gate="dense", topk=2), WORLD, PER_NODE),
+    (dict(gate="dense", topk=2, exchange="two_level"), WORLD, PER_NODE),
+    (dict(gate="grap", topk=1, exchange="two_level", skew=True), WORLD, PER_NODE),
+    (dict(gate="dense", topk=2, exchange="two_level", experts=12), 6, 2),
+], ids=["grap-top1", "dense-top2", "dense-top2-two-level", "grap-top1-two-level-skewed", "3-nodes-of-2"])
+def test_ranks_equal_one_process(settings, world, per_node):
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp, settings), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(WORLD)]
-    whole = run(MoELayer(HIDDEN, FFN, EXPERTS, seed=7, **settings), *inputs())  # one process: no exchange
-    local = EXPERTS // WORLD
+        mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp, settings, world, per_node), nprocs=world, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(world)]
+    whole = run(make_layer(settings), *inputs())  # one process: no exchange
+    local = settings.get("experts", EXPERTS) // world
     assert all(r["sub_groups"] == (settings.get("exchange") == "two_level") for r in ranks)
+    if settings.get("skew"):  # expert 0 takes every token: the other ranks receive no rows at all
+        assert [int(r["counts"].sum()) for r in ranks] == [T, 0, 0, 0]
     assert torch.equal(torch.cat([r["y"] for r in ranks]), whole["y"])
     assert torch.equal(torch.cat([r["grad_x"] for r in ranks]), whole["grad_x"])
     for r, got in enumerate(ranks):
@@ -90,12 +108,12 @@ def test_capacity_is_each_ranks_own():
     torch.set_num_threads(1)
     settings = dict(gate="dense", topk=2, capacity_factor=0.5, aux_loss_coeff=0.0)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp, settings), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp, settings, WORLD, PER_NODE), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(WORLD)]
     x, upstream = inputs()
     for r, got in enumerate(ranks):
         block = slice(r * T // WORLD, (r + 1) * T // WORLD)
-        alone = run(MoELayer(HIDDEN, FFN, EXPERTS, seed=7, **settings), x[block], upstream[block])
+        alone = run(make_layer(settings), x[block], upstream[block])
         assert torch.equal(got["y"], alone["y"]), f"rank {r}"
         assert torch.equal(got["grad_x"], alone["grad_x"]), f"rank {r}"
         # bytes per link class: from the rank's own kept choices, experts in blocks (expert e on rank e // 2)

@@ -11,6 +11,14 @@ same local index on every node; then the ranks of one local index exchange acros
 inter-node links once, in one message per pair of nodes and local index, and arrives in the same order as with the
 flat exchange, so the results are the same bit for bit.
 
+Two-level sub-groups are made once per (world, ranks_per_node) and shared by every layer; torch.distributed makes
+every rank of the world take part in making a group, so every rank must build its layers in the same order, and
+two_level needs the default (world) process group.
+
+CPU tensors and the gloo backend only (locmoe_torch's operators take CPU tensors). The experts' parameters `w1`
+and `w2` are this rank's own: keep them out of DistributedDataParallel (which would overwrite them with rank 0's
+and average different experts' gradients); their gradients are already sums over the whole batch.
+
 Not here yet (issue 13): the chunked overlap of the exchange with the expert computation.
 """
 import torch
@@ -21,6 +29,20 @@ from .megatron import (apply_router_token_dropping, compute_routing_scores_for_a
                        switch_load_balancing_loss_func, topk_routing_with_score_function, unpermute, z_loss_func)
 
 __all__ = ["MoELayer"]
+
+_SUB_GROUPS = {}  # (world ranks, ranks_per_node) -> (node groups, peer groups), made once in every process
+
+
+def _two_level_groups(world, ranks_per_node):
+    key = (tuple(world), ranks_per_node)
+    if key not in _SUB_GROUPS:
+        nodes = len(world) // ranks_per_node
+        by_node = [dist.new_group([world[node * ranks_per_node + i] for i in range(ranks_per_node)])
+                   for node in range(nodes)]
+        by_index = [dist.new_group([world[node * ranks_per_node + local] for node in range(nodes)])
+                    for local in range(ranks_per_node)]
+        _SUB_GROUPS[key] = (by_node, by_index)
+    return _SUB_GROUPS[key]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -52,8 +74,8 @@ class MoELayer(torch.nn.Module):
     loss with the counts of all ranks (Megatron-Core's global-batch form: summed over ranks it is the loss of the
     whole batch), plus the z-loss and LocMoE's locality loss of this rank's tokens when their coefficients are set.
     Parameters: the gate's (replicated on every rank: reduce their gradients as data-parallel parameters) and the
-    rank's n / R experts' `w1` [n/R, hidden, ffn], `w2` [n/R, ffn, hidden], each expert initialized from
-    `seed + e` so that any number of ranks holds the same experts.
+    rank's n / R experts' `w1` [n/R, hidden, ffn], `w2` [n/R, ffn, hidden], expert e initialized from the seed
+    `seed + 1 + e` so that any number of ranks holds the same experts.
     """
 
     def __init__(self, hidden_size, ffn_hidden_size, num_experts, topk=1, gate="grap", score_function="softmax",
@@ -78,20 +100,11 @@ class MoELayer(torch.nn.Module):
         self.exchange = exchange
         self.node_group = self.peer_group = None
         if exchange == "two_level" and self.group is not None and self.ranks > 1:
-            # every rank creates every sub-group, in the same order (torch.distributed requires it)
-            world = dist.get_process_group_ranks(self.group) if hasattr(dist, "get_process_group_ranks") else \
-                list(range(self.ranks))
-            nodes = self.ranks // ranks_per_node
-            for node in range(nodes):
-                members = [world[node * ranks_per_node + i] for i in range(ranks_per_node)]
-                group = dist.new_group(members)
-                if self.rank // ranks_per_node == node:
-                    self.node_group = group
-            for local in range(ranks_per_node):
-                members = [world[node * ranks_per_node + local] for node in range(nodes)]
-                group = dist.new_group(members)
-                if self.rank % ranks_per_node == local:
-                    self.peer_group = group
+            if self.group is not dist.group.WORLD and self.ranks != dist.get_world_size():
+                raise ValueError("exchange='two_level' needs the default (world) process group")
+            by_node, by_index = _two_level_groups(list(range(self.ranks)), ranks_per_node)
+            self.node_group = by_node[self.rank // ranks_per_node]
+            self.peer_group = by_index[self.rank % ranks_per_node]
         self.hidden_size, self.num_experts, self.topk = hidden_size, num_experts, topk
         self.local_experts = num_experts // self.ranks
         self.gate_kind, self.score_function, self.use_pre_softmax = gate, score_function, use_pre_softmax
@@ -119,6 +132,8 @@ class MoELayer(torch.nn.Module):
     def link_bytes(self, row_bytes):
         """Bytes the last step's rows took to this rank itself, to the other ranks of its node and to other nodes
         (each way; the results come back the same way), for rows of `row_bytes` bytes."""
+        if self.last_sent is None:
+            raise ValueError("link_bytes: run forward first (it reports the last step)")
         sent = self.last_sent.tolist()
         node = self.rank // self.ranks_per_node
         same = sent[self.rank]
@@ -151,7 +166,7 @@ class MoELayer(torch.nn.Module):
         if self.aux_loss_coeff:
             aux_map, scores = compute_routing_scores_for_aux_loss(logits, self.topk, self.score_function)
             counts = aux_map.sum(dim=0)
-            total = torch.tensor(float(logits.shape[0]))
+            total = torch.tensor(logits.shape[0], dtype=torch.int64)
             if self.group is not None:  # the counts and tokens of every rank
                 dist.all_reduce(counts, group=self.group)
                 dist.all_reduce(total, group=self.group)
