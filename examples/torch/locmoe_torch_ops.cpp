@@ -137,6 +137,13 @@ decltype(auto) with_row_type(at::ScalarType s, Fn&& fn) {
 /// The arithmetic type of scores from logits of dtype s: double for float64, float otherwise.
 at::ScalarType score_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
+/// Logits checked (a 2-D CPU tensor of a row dtype) and in the arithmetic type: float, double for float64.
+Tensor scores_input(const Tensor& logits_in) {
+  check_matrix(logits_in, "logits");
+  check_row_dtype(logits_in, "logits");
+  return logits_in.to(score_dtype(logits_in.scalar_type())).contiguous();
+}
+
 template <class S>
 locmoe::router_options<S> router_options_of(int64_t n, int64_t topk, bool use_pre_softmax, int64_t num_groups,
                                             int64_t group_topk, double scaling_factor, const std::string& score) {
@@ -200,10 +207,8 @@ void scatter_choices(const locmoe::route_outputs<S>& out, locmoe::token_range ra
 std::tuple<Tensor, Tensor, Tensor> route(const Tensor& logits_in, int64_t topk, bool use_pre_softmax,
                                          int64_t num_groups, int64_t group_topk, double scaling_factor,
                                          std::string score_function, const c10::optional<Tensor>& expert_bias) {
-  check_matrix(logits_in, "logits");
-  check_row_dtype(logits_in, "logits");
-  const auto dtype = score_dtype(logits_in.scalar_type());
-  Tensor logits = logits_in.to(dtype).contiguous();
+  Tensor logits = scores_input(logits_in);
+  const auto dtype = logits.scalar_type();
   const int64_t T = logits.size(0), n = logits.size(1);
   Tensor indices = at::empty({T, topk}, logits.options().dtype(at::kInt));
   Tensor probs = at::zeros({T, n}, logits_in.options());
@@ -239,10 +244,8 @@ std::tuple<Tensor, Tensor, Tensor> route(const Tensor& logits_in, int64_t topk, 
 /// compute_routing_scores_for_aux_loss's scores and map: (routing_map [T, n] bool of the top-k scores, scores
 /// [T, n]: softmax(l) in float (double for float64 logits), or sigmoid(l) for "sigmoid" (normalized by the caller)).
 std::tuple<Tensor, Tensor> aux_scores(const Tensor& logits_in, int64_t topk, std::string score_function) {
-  check_matrix(logits_in, "logits");
-  check_row_dtype(logits_in, "logits");
-  const auto dtype = score_dtype(logits_in.scalar_type());
-  Tensor logits = logits_in.to(dtype).contiguous();
+  Tensor logits = scores_input(logits_in);
+  const auto dtype = logits.scalar_type();
   const int64_t T = logits.size(0), n = logits.size(1);
   Tensor indices = at::empty({T, topk}, logits.options().dtype(at::kInt));
   Tensor scores = at::empty({T, n}, logits.options());
@@ -295,9 +298,8 @@ Tensor route_backward(const Tensor& logits_in, const Tensor& indices, const Tens
   TORCH_CHECK_VALUE(indices.scalar_type() == at::kInt && indices.size(0) == logits_in.size(0) && indices.size(1) == topk,
                     "locmoe_torch: indices must be int32 [T, topk]");
   TORCH_CHECK_VALUE(grad_probs.sizes() == logits_in.sizes(), "locmoe_torch: grad_probs must have logits' shape");
-  check_row_dtype(logits_in, "logits");
-  const auto dtype = score_dtype(logits_in.scalar_type());
-  Tensor logits = logits_in.to(dtype).contiguous();
+  Tensor logits = scores_input(logits_in);
+  const auto dtype = logits.scalar_type();
   Tensor idx = indices.contiguous();
   const int64_t T = logits.size(0), n = logits.size(1);
   check_choices(idx, n);
@@ -323,10 +325,8 @@ Tensor route_backward(const Tensor& logits_in, const Tensor& indices, const Tens
 
 /// z_loss_func: (coeff mean_t logsumexp(l_t)^2 as a 0-d tensor, its gradient [T, n]), in logits' dtype.
 std::tuple<Tensor, Tensor> z_loss(const Tensor& logits_in, double coeff) {
-  check_matrix(logits_in, "logits");
-  check_row_dtype(logits_in, "logits");
-  const auto dtype = score_dtype(logits_in.scalar_type());
-  Tensor logits = logits_in.to(dtype).contiguous();
+  Tensor logits = scores_input(logits_in);
+  const auto dtype = logits.scalar_type();
   Tensor grad = at::zeros_like(logits);
   return checked([&] {
     double value = 0;
