@@ -45,9 +45,14 @@ endfunction()
 # An OBJECT library <name> holding the four per-instruction-set translation units once, position-independent,
 # for several targets of one build to share (locmoe_enable_simd_dispatch(<target> KERNELS <name>)): each target
 # would otherwise compile its own four. Link <name> to locmoe::locmoe and to the flags the sharing targets use
-# (they must agree: same definitions and compile options).
+# (they must agree: same definitions and compile options). Without run-time dispatch (not GCC/Clang on x86-64)
+# <name> is an empty INTERFACE library that defines nothing.
 function(locmoe_add_simd_kernels name)
   _locmoe_simd_sources("${CMAKE_CURRENT_BINARY_DIR}/locmoe_simd/${name}" sources)
+  if(NOT sources)  # no run-time dispatch on this compiler/processor: nothing to compile, nothing to define
+    add_library(${name} INTERFACE)
+    return()
+  endif()
   add_library(${name} OBJECT ${sources})
   set_target_properties(${name} PROPERTIES POSITION_INDEPENDENT_CODE ON)
   target_compile_definitions(${name} PUBLIC LOCMOE_SIMD_DISPATCH)
