@@ -31,15 +31,37 @@ def run(layer, x, upstream):
     y = layer(x)
     ((y * upstream).sum() + layer.aux_loss).backward()
     gate = layer.gate_bias if layer.gate_kind == "grap" else layer.gate_weight
-    return {"y": y.detach(), "grad_x": x.grad, "grad_w1": layer.w1.grad, "grad_w2": layer.w2.grad,
+    first, second = layer.experts.parameters()
+    return {"y": y.detach(), "grad_x": x.grad, "grad_w1": first.grad, "grad_w2": second.grad,
             "grad_gate": gate.grad, "aux": layer.aux_loss.detach(), "counts": layer.last_counts}
 
 
+class BiasedExperts(torch.nn.Module):
+    """A caller's own experts (MoELayer's `experts=`): y = tanh(x W_j + b_j) for local expert j, expert e's weights
+    from the seed 100 + e."""
+
+    def __init__(self, first, count):
+        super().__init__()
+        gens = [torch.Generator().manual_seed(100 + e) for e in range(first, first + count)]
+        self.weight = torch.nn.Parameter(torch.stack([torch.randn(HIDDEN, HIDDEN, generator=g) for g in gens]))
+        self.bias = torch.nn.Parameter(torch.stack([torch.randn(HIDDEN, generator=g) for g in gens]))
+
+    def forward(self, rows, counts):
+        pieces = rows.split(counts)
+        return torch.cat([torch.tanh(p @ self.weight[j] + self.bias[j]) for j, p in enumerate(pieces)])
+
+
 def make_layer(settings, **kwargs):
-    """The layer of `settings`; "skew" makes expert 0 win most tokens (ranks and experts left with no rows)."""
+    """The layer of `settings`; "skew" makes expert 0 win most tokens (ranks and experts left with no rows);
+    "custom" gives the layer BiasedExperts."""
     settings = dict(settings)
     skew = settings.pop("skew", False)
-    layer = MoELayer(HIDDEN, FFN, settings.pop("experts", EXPERTS), seed=7, **settings, **kwargs)
+    experts = settings.pop("experts", EXPERTS)
+    if settings.pop("custom", False):
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        settings["experts"] = BiasedExperts(rank * experts // ranks, experts // ranks)
+    layer = MoELayer(HIDDEN, FFN, experts, seed=7, **settings, **kwargs)
     if skew:
         with torch.no_grad():
             layer.gate_bias[0] += 3.0
@@ -67,7 +89,13 @@ def worker(rank, init_file, out_dir, settings, world, per_node):
     (dict(gate="dense", topk=2, exchange="two_level"), WORLD, PER_NODE),
     (dict(gate="grap", topk=1, exchange="two_level", skew=True), WORLD, PER_NODE),
     (dict(gate="dense", topk=2, exchange="two_level", experts=12), 6, 2),
-], ids=["grap-top1", "dense-top2", "dense-top2-two-level", "grap-top1-two-level-skewed", "3-nodes-of-2"])
+    (dict(gate="dense", topk=2, chunks=3), WORLD, PER_NODE),
+    (dict(gate="grap", topk=2, exchange="two_level", chunks=4, skew=True), WORLD, PER_NODE),
+    (dict(gate="dense", topk=2, exchange="two_level", chunks=2, custom=True), WORLD, PER_NODE),
+    (dict(gate="grap", topk=1, chunks=200), WORLD, PER_NODE),
+], ids=["grap-top1", "dense-top2", "dense-top2-two-level", "grap-top1-two-level-skewed", "3-nodes-of-2",
+        "dense-top2-3-chunks", "grap-top2-two-level-4-chunks-skewed", "own-experts-two-level-2-chunks",
+        "more-chunks-than-rows"])
 def test_ranks_equal_one_process(settings, world, per_node):
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,14 +103,20 @@ def test_ranks_equal_one_process(settings, world, per_node):
         ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(world)]
     whole = run(make_layer(settings), *inputs())  # one process: no exchange
     local = settings.get("experts", EXPERTS) // world
+    chunked = settings.get("chunks", 1) > 1
     assert all(r["sub_groups"] == (settings.get("exchange") == "two_level") for r in ranks)
-    if settings.get("skew"):  # expert 0 takes every token: the other ranks receive no rows at all
+    if settings.get("skew") and settings.get("topk", 1) == 1:  # expert 0 takes every token: other ranks get no rows
         assert [int(r["counts"].sum()) for r in ranks] == [T, 0, 0, 0]
     assert torch.equal(torch.cat([r["y"] for r in ranks]), whole["y"])
     assert torch.equal(torch.cat([r["grad_x"] for r in ranks]), whole["grad_x"])
     for r, got in enumerate(ranks):
-        assert torch.equal(got["grad_w1"], whole["grad_w1"][r * local:(r + 1) * local]), f"rank {r} w1"
-        assert torch.equal(got["grad_w2"], whole["grad_w2"][r * local:(r + 1) * local]), f"rank {r} w2"
+        for name in ("grad_w1", "grad_w2"):
+            want = whole[name][r * local:(r + 1) * local]
+            if chunked:  # a sum of the chunks' sums: float32 rounding of the sum, at the gradient's scale
+                scale = want.abs().max().item()
+                torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6 * scale, msg=f"rank {r} {name}")
+            else:
+                assert torch.equal(got[name], want), f"rank {r} {name}"
         # what rank r received per (source, local expert) is the whole batch's count of each source's tokens
         assert int(got["counts"].sum()) == int(whole["counts"][0, r * local:(r + 1) * local].sum())
     # a sum over the ranks' partial sums against one sum over all tokens: float32 rounding at the gradient's scale
@@ -98,6 +132,9 @@ def test_bad_settings():
         MoELayer(8, 8, 4, topk=5)
     with pytest.raises(ValueError, match="exchange"):
         MoELayer(8, 8, 4, exchange="ring")
+    for chunks in (0, 1.5, True):
+        with pytest.raises(ValueError, match="chunks"):
+            MoELayer(8, 8, 4, chunks=chunks)
     with pytest.raises(ValueError, match="x must be"):
         MoELayer(8, 8, 4)(torch.randn(3, 7))
 

@@ -15,20 +15,25 @@ Two-level sub-groups are made once per (world, ranks_per_node) and shared by eve
 every rank of the world take part in making a group, so every rank must build its layers in the same order, and
 two_level needs the default (world) process group.
 
-CPU tensors and the gloo backend only (locmoe_torch's operators take CPU tensors). The experts' parameters `w1`
-and `w2` are this rank's own: keep them out of DistributedDataParallel (which would overwrite them with rank 0's
-and average different experts' gradients); their gradients are already sums over the whole batch.
+chunks=C > 1 overlaps the exchange with the experts (the paper's section 3.2): every block of rows one rank sends
+another is cut into C chunks; chunk c + 1's rows travel (all_to_all_single with async_op) while the experts compute
+chunk c, and chunk c's results travel back while chunk c + 1 is computed; the backward does the same with the
+gradients. Outputs and input gradients are those of C = 1 bit for bit (each row's arithmetic is the same); the
+experts' parameter gradients are sums over the chunks, equal to C = 1's within rounding.
 
-Not here yet (issue 13): the chunked overlap of the exchange with the expert computation.
+CPU tensors and the gloo backend only (locmoe_torch's operators take CPU tensors). The experts' parameters
+(`layer.experts`) are this rank's own: keep them out of DistributedDataParallel (which would overwrite them with
+rank 0's and average different experts' gradients); their gradients are already sums over the whole batch.
 """
 import torch
 import torch.distributed as dist
 
+from .exchange import Chunk, ExpertPipeline, flat_routes, two_level_routes
 from .locmoe import grap_gating, locality_loss_func
 from .megatron import (apply_router_token_dropping, compute_routing_scores_for_aux_loss, permute,
                        switch_load_balancing_loss_func, topk_routing_with_score_function, unpermute, z_loss_func)
 
-__all__ = ["MoELayer"]
+__all__ = ["GroupedFFN", "MoELayer"]
 
 _SUB_GROUPS = {}  # (world ranks, ranks_per_node) -> (node groups, peer groups), made once in every process
 
@@ -45,23 +50,29 @@ def _two_level_groups(world, ranks_per_node):
     return _SUB_GROUPS[key]
 
 
-class _AllToAll(torch.autograd.Function):
-    """Rows to the ranks (send_splits rows to each, in rank order), rows back from them (recv_splits); the backward
-    sends the gradients the other way."""
+class GroupedFFN(torch.nn.Module):
+    """A rank's local experts: FFN_j(x) = relu(x W1_j) W2_j with `w1` [experts, hidden, ffn] and `w2`
+    [experts, ffn, hidden], expert `first + j` initialized from the seed `seed + 1 + first + j` (so that any number of
+    ranks holds the same experts). forward(rows, counts): rows expert-major, counts[j] of them for expert j; returns
+    the outputs in the same order. Any module with this forward can replace it in MoELayer (`experts=`)."""
 
-    @staticmethod
-    def forward(ctx, rows, send_splits, recv_splits, group):
-        ctx.splits, ctx.group = (send_splits, recv_splits), group
-        out = rows.new_empty((sum(recv_splits), rows.shape[1]))
-        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
-        return out
+    def __init__(self, hidden_size, ffn_hidden_size, first, count, seed=0, dtype=torch.float32):
+        super().__init__()
+        w1, w2 = [], []
+        for e in range(first, first + count):
+            g = torch.Generator().manual_seed(seed + 1 + e)
+            w1.append(torch.randn(hidden_size, ffn_hidden_size, generator=g, dtype=dtype) / hidden_size ** 0.5)
+            w2.append(torch.randn(ffn_hidden_size, hidden_size, generator=g, dtype=dtype) / ffn_hidden_size ** 0.5)
+        self.w1 = torch.nn.Parameter(torch.stack(w1))
+        self.w2 = torch.nn.Parameter(torch.stack(w2))
 
-    @staticmethod
-    def backward(ctx, grad):
-        send_splits, recv_splits = ctx.splits
-        out = grad.new_empty((sum(send_splits), grad.shape[1]))
-        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
-        return out, None, None, None
+    def forward(self, rows, counts):
+        outputs, start = [], 0
+        for j, count in enumerate(counts):
+            chunk = rows[start:start + count].to(self.w1.dtype)
+            outputs.append(torch.relu(chunk @ self.w1[j]) @ self.w2[j])
+            start += count
+        return torch.cat(outputs).to(rows.dtype)
 
 
 class MoELayer(torch.nn.Module):
@@ -74,14 +85,14 @@ class MoELayer(torch.nn.Module):
     loss with the counts of all ranks (Megatron-Core's global-batch form: summed over ranks it is the loss of the
     whole batch), plus the z-loss and LocMoE's locality loss of this rank's tokens when their coefficients are set.
     Parameters: the gate's (replicated on every rank: reduce their gradients as data-parallel parameters) and the
-    rank's n / R experts' `w1` [n/R, hidden, ffn], `w2` [n/R, ffn, hidden], expert e initialized from the seed
-    `seed + 1 + e` so that any number of ranks holds the same experts.
+    rank's n / R experts, `experts`: a GroupedFFN (`experts.w1` [n/R, hidden, ffn], `experts.w2` [n/R, ffn, hidden])
+    unless the caller passes its own module with GroupedFFN's forward(rows, counts). `chunks`: see the module comment.
     """
 
     def __init__(self, hidden_size, ffn_hidden_size, num_experts, topk=1, gate="grap", score_function="softmax",
                  use_pre_softmax=False, capacity_factor=None, drop_policy="probs", aux_loss_coeff=1e-2,
                  z_loss_coeff=0.0, locality_loss_coeff=0.0, ranks_per_node=1, process_group=None, seed=0,
-                 dtype=torch.float32, exchange="flat"):
+                 dtype=torch.float32, exchange="flat", chunks=1, experts=None):
         super().__init__()
         if gate not in ("grap", "dense"):
             raise ValueError(f"gate must be 'grap' or 'dense' (got {gate!r})")
@@ -97,7 +108,9 @@ class MoELayer(torch.nn.Module):
             raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide the ranks ({self.ranks})")
         if exchange not in ("flat", "two_level"):
             raise ValueError(f"exchange must be 'flat' or 'two_level' (got {exchange!r})")
-        self.exchange = exchange
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks must be an integer >= 1 (got {chunks!r})")
+        self.exchange, self.chunks = exchange, chunks
         self.node_group = self.peer_group = None
         if exchange == "two_level" and self.group is not None and self.ranks > 1:
             if self.group is not dist.group.WORLD and self.ranks != dist.get_world_size():
@@ -117,14 +130,8 @@ class MoELayer(torch.nn.Module):
         else:
             self.gate_weight = torch.nn.Parameter(torch.randn(num_experts, hidden_size, generator=g, dtype=dtype)
                                                   / hidden_size ** 0.5)
-        first = self.rank * self.local_experts
-        w1, w2 = [], []
-        for e in range(first, first + self.local_experts):
-            ge = torch.Generator().manual_seed(seed + 1 + e)
-            w1.append(torch.randn(hidden_size, ffn_hidden_size, generator=ge, dtype=dtype) / hidden_size ** 0.5)
-            w2.append(torch.randn(ffn_hidden_size, hidden_size, generator=ge, dtype=dtype) / ffn_hidden_size ** 0.5)
-        self.w1 = torch.nn.Parameter(torch.stack(w1))
-        self.w2 = torch.nn.Parameter(torch.stack(w2))
+        self.experts = experts if experts is not None else GroupedFFN(
+            hidden_size, ffn_hidden_size, self.rank * self.local_experts, self.local_experts, seed, dtype)
         self.aux_loss = None
         self.last_counts = None  # [R, n/R] rows this rank received per (source rank, local expert) in the last step
         self.last_sent = None    # [R] rows this rank sent to each rank in the last step (itself included)
@@ -186,7 +193,7 @@ class MoELayer(torch.nn.Module):
             counts = tokens_per_expert.view(1, local)
             self.last_counts = counts
             self.last_sent = counts.sum(dim=1)
-            return self._experts(permuted, counts)
+            return self.experts(permuted, tokens_per_expert.tolist())
         # every rank's tokens per expert [R x n] (n integers per rank): what each pair of ranks sends
         everyone = [torch.empty_like(tokens_per_expert) for _ in range(self.ranks)]
         dist.all_gather(everyone, tokens_per_expert.contiguous(), group=self.group)
@@ -195,74 +202,41 @@ class MoELayer(torch.nn.Module):
         counts = per_expert[:, self.rank * local:(self.rank + 1) * local]  # [source, local expert]
         self.last_counts = counts
         self.last_sent = sends[self.rank]
+        params = tuple(self.experts.parameters())
+        record = torch.is_grad_enabled() and (permuted.requires_grad or any(p.requires_grad for p in params))
+        return ExpertPipeline.apply(self.experts, self._chunks(sends, counts), record, permuted, *params)
+
+    def _routes(self, sends):
         if self.exchange == "two_level":
-            received = self._two_level(permuted, sends, back=False)
-        else:
-            received = _AllToAll.apply(permuted, sends[self.rank].tolist(), sends[:, self.rank].tolist(), self.group)
-        # (source, expert) blocks -> (expert, source): each expert's rows in source order, then token order
-        order = self._expert_major(counts)
-        out = self._experts(received.index_select(0, order), counts)
-        back = out.index_select(0, torch.argsort(order))
-        if self.exchange == "two_level":
-            return self._two_level(back, sends, back=True)
-        return _AllToAll.apply(back, sends[:, self.rank].tolist(), sends[self.rank].tolist(), self.group)
+            return two_level_routes(sends, self.rank, self.ranks_per_node, self.node_group, self.peer_group)
+        return flat_routes(sends, self.rank, self.group)
 
-    def _two_level(self, rows, sends, back):
-        """The flat exchange's result in two steps (see the module comment). rows: this rank's rows by destination
-        rank (forward), or by source rank (back); `sends` [R x R] rows from each rank to each."""
-        G, N = self.ranks_per_node, self.ranks // self.ranks_per_node
-        node, local = divmod(self.rank, G)
-        c = sends.view(N, G, N, G)  # c[sn, sl, dn, dl]: rows from rank (sn, sl) to rank (dn, dl)
-        if not back:
-            # step 1, within the node: to peer l the rows for (dn, l) for every dn, in dn order
-            step1_send = c[node, local].T.reshape(-1)  # [l, dn] -> my rows grouped (l, dn): reorder below
-            mine = self._blocks(c[node, local].reshape(-1))  # my rows are in destination order (dn, dl)
-            order = torch.cat([mine[dn * G + l] for l in range(G) for dn in range(N)]) if mine else rows.new_zeros(0)
-            staged = rows.index_select(0, order.long()) if rows.shape[0] else rows
-            split1 = step1_send.view(G, N).sum(dim=1).tolist()
-            recv1 = c[node, :, :, local].sum(dim=1).tolist()  # from each peer sl: rows for (dn, local), all dn
-            gathered = _AllToAll.apply(staged, split1, recv1, self.node_group)
-            # gathered: for sl: for dn: rows (node, sl) -> (dn, local); step 2 sends, per dn, all sl in order
-            blocks = self._blocks(c[node, :, :, local].reshape(-1))  # (sl, dn)
-            order = torch.cat([blocks[sl * N + dn] for dn in range(N) for sl in range(G)]) if blocks else None
-            staged = gathered.index_select(0, order.long()) if order is not None and gathered.shape[0] else gathered
-            split2 = c[node, :, :, local].sum(dim=0).tolist()  # to node dn
-            recv2 = c[:, :, node, local].sum(dim=1).tolist()  # from node sn: all its sl, in sl order
-            return _AllToAll.apply(staged, split2, recv2, self.peer_group)
-        # back: the same two steps mirrored (results by source rank, sent to the source's node, then the source)
-        split2 = c[:, :, node, local].sum(dim=1).tolist()
-        recv2 = c[node, :, :, local].sum(dim=0).tolist()
-        gathered = _AllToAll.apply(rows, split2, recv2, self.peer_group)  # for dn: for sl: rows (node, sl) <- (dn, local)
-        blocks = self._blocks(c[node, :, :, local].T.reshape(-1))  # (dn, sl)
-        order = torch.cat([blocks[dn * G + sl] for sl in range(G) for dn in range(N)]) if blocks else None
-        staged = gathered.index_select(0, order.long()) if order is not None and gathered.shape[0] else gathered
-        split1 = c[node, :, :, local].sum(dim=1).tolist()  # to peer sl
-        recv1 = c[node, local].T.reshape(-1).view(G, N).sum(dim=1).tolist()  # from peer l: my rows for (dn, l)
-        mine = _AllToAll.apply(staged, split1, recv1, self.node_group)  # for l: for dn: my rows for (dn, l)
-        blocks = self._blocks(c[node, local].T.reshape(-1))  # (l, dn)
-        order = torch.cat([blocks[l * N + dn] for dn in range(N) for l in range(G)]) if blocks else None
-        return mine.index_select(0, order.long()) if order is not None and mine.shape[0] else mine
-
-    @staticmethod
-    def _blocks(sizes):
-        """Index ranges [offset, offset + size) of consecutive blocks of the given sizes."""
-        offsets = torch.cumsum(sizes, 0) - sizes
-        return [torch.arange(int(o), int(o + z)) for o, z in zip(offsets.tolist(), sizes.tolist())]
-
-    @staticmethod
-    def _expert_major(counts):
-        sources, local = counts.shape
-        offsets = torch.cumsum(counts.reshape(-1), 0) - counts.reshape(-1)
-        pieces = [torch.arange(int(offsets[s * local + j]), int(offsets[s * local + j] + counts[s, j]))
-                  for j in range(local) for s in range(sources)]
-        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
-
-    def _experts(self, rows, counts):
-        """Each local expert's FFN on its rows (expert-major: counts[:, j].sum() rows for expert j)."""
-        per_expert = counts.sum(dim=0).tolist()
-        outputs, start = [], 0
-        for j, count in enumerate(per_expert):
-            chunk = rows[start:start + count].to(self.w1.dtype)
-            outputs.append(torch.relu(chunk @ self.w1[j]) @ self.w2[j])
-            start += count
-        return torch.cat(outputs).to(rows.dtype) if outputs else rows
+    def _chunks(self, sends, counts):
+        """The step's rows in `self.chunks` chunks: chunk c takes rows [floor(c s / C), floor((c + 1) s / C)) of each
+        block of s rows that one rank sends to another. On arrival each chunk is put expert-major: for each local
+        expert, its rows from each source in source order, then token order (one process's order)."""
+        C, me = self.chunks, self.rank
+        sent = sends[me].tolist()
+        sent_at = [sum(sent[:d]) for d in range(self.ranks)]
+        per_source = counts.tolist()  # [source][local expert]
+        chunks = []
+        for c in range(C):
+            low, high = sends * c // C, sends * (c + 1) // C
+            rows = None if C == 1 else torch.cat([
+                torch.arange(sent_at[d] + int(low[me, d]), sent_at[d] + int(high[me, d])) for d in range(self.ranks)])
+            arriving = (high - low)[:, me].tolist()
+            pieces, per_expert = [], []
+            for j in range(self.local_experts):
+                total = 0
+                for s in range(self.ranks):  # source s's chunk holds rows [low, high) of its block, expert-major
+                    first = int(low[s, me])
+                    begin = max(first, sum(per_source[s][:j]))
+                    end = min(first + arriving[s], sum(per_source[s][:j + 1]))
+                    if end > begin:
+                        at = sum(arriving[:s]) - first
+                        pieces.append(torch.arange(at + begin, at + end))
+                        total += end - begin
+                per_expert.append(total)
+            order = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+            chunks.append(Chunk(rows, *self._routes(high - low), order, per_expert))
+        return chunks
