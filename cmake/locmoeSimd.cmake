@@ -5,11 +5,38 @@
 # LOCMOE_SIMD_DISPATCH for it (PUBLIC: everything that includes locmoe in <target> or links it must agree).
 # Every call then runs on the best set the CPU has. Without this, the kernels compile header-only for the
 # set that the including file's flags select. GCC and Clang on x86-64 only; elsewhere this does nothing.
-# KERNELS: take the four translation units from an object library of locmoe_add_simd_kernels (below) instead of
+# KERNELS: take the per-set translation units from an object library of locmoe_add_simd_kernels (below) instead of
 # compiling them for <target> alone.
+#
+# LOCMOE_SIMD_ARCHS (a cache list, default all four: sse2;sse4_2;fma3_avx2;avx512bw) names the sets compiled;
+# sse2, the x86-64 baseline, must be in it. A set left out is never dispatched to (LOCMOE_SIMD_WITHOUT_<SET> is
+# defined with LOCMOE_SIMD_DISPATCH): a build that only tests on one machine can skip the sets it cannot run.
 set(_locmoe_simd_dir "${CMAKE_CURRENT_LIST_DIR}")
+set(_locmoe_simd_all_archs sse2 sse4_2 fma3_avx2 avx512bw)
+set(LOCMOE_SIMD_ARCHS "${_locmoe_simd_all_archs}" CACHE STRING
+    "Instruction sets locmoe_enable_simd_dispatch compiles the kernels for (a subset of sse2;sse4_2;fma3_avx2;avx512bw, with sse2)")
 
-# The four generated translation units (one per instruction set) under `dir`, with their flags; their paths in
+# The definitions that go with LOCMOE_SIMD_ARCHS, in `out_var` (after checking the list).
+function(_locmoe_simd_definitions out_var)
+  foreach(arch IN LISTS LOCMOE_SIMD_ARCHS)
+    if(NOT arch IN_LIST _locmoe_simd_all_archs)
+      message(FATAL_ERROR "LOCMOE_SIMD_ARCHS: unknown instruction set '${arch}' (known: ${_locmoe_simd_all_archs})")
+    endif()
+  endforeach()
+  if(NOT "sse2" IN_LIST LOCMOE_SIMD_ARCHS)
+    message(FATAL_ERROR "LOCMOE_SIMD_ARCHS must contain sse2, the x86-64 baseline (got '${LOCMOE_SIMD_ARCHS}')")
+  endif()
+  set(definitions LOCMOE_SIMD_DISPATCH)
+  foreach(arch IN LISTS _locmoe_simd_all_archs)
+    if(NOT arch IN_LIST LOCMOE_SIMD_ARCHS)
+      string(TOUPPER "${arch}" upper)
+      list(APPEND definitions LOCMOE_SIMD_WITHOUT_${upper})
+    endif()
+  endforeach()
+  set(${out_var} "${definitions}" PARENT_SCOPE)
+endfunction()
+
+# The generated translation units (one per instruction set of LOCMOE_SIMD_ARCHS) under `dir`, with their flags; their paths in
 # `out_var`. GCC and Clang on x86-64 only (elsewhere the list is empty).
 function(_locmoe_simd_sources dir out_var)
   set(sources "")
@@ -24,6 +51,9 @@ function(_locmoe_simd_sources dir out_var)
   list(TRANSFORM flags APPEND " -ffp-contract=off")
   foreach(i RANGE 3)
     list(GET archs ${i} arch)
+    if(NOT arch IN_LIST LOCMOE_SIMD_ARCHS)
+      continue()
+    endif()
     list(GET types ${i} type)
     list(GET flags ${i} arch_flags)
     set(source "${dir}/kernels_${arch}.cpp")
@@ -42,9 +72,9 @@ endfunction()
 
 # locmoe_add_simd_kernels(<name>)
 #
-# An OBJECT library <name> holding the four per-instruction-set translation units once, position-independent,
+# An OBJECT library <name> holding the per-instruction-set translation units once, position-independent,
 # for several targets of one build to share (locmoe_enable_simd_dispatch(<target> KERNELS <name>)): each target
-# would otherwise compile its own four. Link <name> to locmoe::locmoe and to the flags the sharing targets use
+# would otherwise compile its own. Link <name> to locmoe::locmoe and to the flags the sharing targets use
 # (they must agree: same definitions and compile options). Without run-time dispatch (not GCC/Clang on x86-64)
 # <name> is an empty INTERFACE library that defines nothing.
 function(locmoe_add_simd_kernels name)
@@ -55,7 +85,8 @@ function(locmoe_add_simd_kernels name)
   endif()
   add_library(${name} OBJECT ${sources})
   set_target_properties(${name} PROPERTIES POSITION_INDEPENDENT_CODE ON)
-  target_compile_definitions(${name} PUBLIC LOCMOE_SIMD_DISPATCH)
+  _locmoe_simd_definitions(definitions)
+  target_compile_definitions(${name} PUBLIC ${definitions})
 endfunction()
 
 function(locmoe_enable_simd_dispatch target)
@@ -70,5 +101,6 @@ function(locmoe_enable_simd_dispatch target)
     _locmoe_simd_sources("${CMAKE_CURRENT_BINARY_DIR}/locmoe_simd/${target}" sources)
     target_sources(${target} PRIVATE ${sources})
   endif()
-  target_compile_definitions(${target} PUBLIC LOCMOE_SIMD_DISPATCH)
+  _locmoe_simd_definitions(definitions)
+  target_compile_definitions(${target} PUBLIC ${definitions})
 endfunction()

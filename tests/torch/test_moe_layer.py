@@ -21,9 +21,10 @@ from locmoe_torch import MoELayer
 WORLD, PER_NODE, T, HIDDEN, FFN, EXPERTS = 4, 2, 96, 24, 32, 8
 
 
-def inputs():
+def inputs(settings=None):
     g = torch.Generator().manual_seed(3)
-    return torch.randn(T, HIDDEN, generator=g), torch.randn(T, HIDDEN, generator=g)
+    dtype = torch.float16 if settings and settings.get("half") else torch.float32
+    return torch.randn(T, HIDDEN, generator=g).to(dtype), torch.randn(T, HIDDEN, generator=g).to(dtype)
 
 
 def run(layer, x, upstream):
@@ -42,19 +43,24 @@ class BiasedExperts(torch.nn.Module):
 
     def __init__(self, first, count):
         super().__init__()
+        self.calls = 0
         gens = [torch.Generator().manual_seed(100 + e) for e in range(first, first + count)]
         self.weight = torch.nn.Parameter(torch.stack([torch.randn(HIDDEN, HIDDEN, generator=g) for g in gens]))
         self.bias = torch.nn.Parameter(torch.stack([torch.randn(HIDDEN, generator=g) for g in gens]))
 
     def forward(self, rows, counts):
+        self.calls += 1
+        if not rows.shape[0]:  # no rows: an output that needs no gradient (the layer must cope)
+            return rows.new_zeros((0, HIDDEN))
         pieces = rows.split(counts)
         return torch.cat([torch.tanh(p @ self.weight[j] + self.bias[j]) for j, p in enumerate(pieces)])
 
 
 def make_layer(settings, **kwargs):
-    """The layer of `settings`; "skew" makes expert 0 win most tokens (ranks and experts left with no rows);
-    "custom" gives the layer BiasedExperts."""
+    """The layer of `settings`; "skew" makes expert 0 win most tokens (with top-1 the other ranks get no rows);
+    "custom" gives the layer BiasedExperts; "half": float16 tokens (inputs())."""
     settings = dict(settings)
+    settings.pop("half", None)
     skew = settings.pop("skew", False)
     experts = settings.pop("experts", EXPERTS)
     if settings.pop("custom", False):
@@ -73,9 +79,10 @@ def worker(rank, init_file, out_dir, settings, world, per_node):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))  # a failing rank must not hang the others for 30 min
     layer = make_layer(settings, ranks_per_node=per_node)
-    x, upstream = inputs()
+    x, upstream = inputs(settings)
     block = slice(rank * T // world, (rank + 1) * T // world)
     result = run(layer, x[block], upstream[block])
+    result["expert_calls"] = getattr(layer.experts, "calls", None)
     result["sub_groups"] = layer.node_group is not None and layer.peer_group is not None
     result["link_bytes"] = layer.link_bytes(HIDDEN * 4)
     torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
@@ -92,37 +99,73 @@ def worker(rank, init_file, out_dir, settings, world, per_node):
     (dict(gate="dense", topk=2, chunks=3), WORLD, PER_NODE),
     (dict(gate="grap", topk=2, exchange="two_level", chunks=4, skew=True), WORLD, PER_NODE),
     (dict(gate="dense", topk=2, exchange="two_level", chunks=2, custom=True), WORLD, PER_NODE),
+    (dict(gate="grap", topk=1, chunks=5, custom=True, skew=True), WORLD, PER_NODE),
+    (dict(gate="dense", topk=2, exchange="two_level", experts=12, chunks=3), 6, 2),
     (dict(gate="grap", topk=1, chunks=200), WORLD, PER_NODE),
+    (dict(gate="dense", topk=2, chunks=3, half=True), WORLD, PER_NODE),
 ], ids=["grap-top1", "dense-top2", "dense-top2-two-level", "grap-top1-two-level-skewed", "3-nodes-of-2",
         "dense-top2-3-chunks", "grap-top2-two-level-4-chunks-skewed", "own-experts-two-level-2-chunks",
-        "more-chunks-than-rows"])
+        "own-experts-5-chunks-skewed-empty", "3-nodes-of-2-3-chunks", "more-chunks-than-rows", "float16-3-chunks"])
 def test_ranks_equal_one_process(settings, world, per_node):
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(os.path.join(tmp, "init"), tmp, settings, world, per_node), nprocs=world, join=True)
         ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(world)]
-    whole = run(make_layer(settings), *inputs())  # one process: no exchange
+    whole = run(make_layer(settings), *inputs(settings))  # one process: no exchange
     local = settings.get("experts", EXPERTS) // world
     chunked = settings.get("chunks", 1) > 1
     assert all(r["sub_groups"] == (settings.get("exchange") == "two_level") for r in ranks)
     if settings.get("skew") and settings.get("topk", 1) == 1:  # expert 0 takes every token: other ranks get no rows
         assert [int(r["counts"].sum()) for r in ranks] == [T, 0, 0, 0]
+    if settings.get("custom"):  # the experts run once per chunk on every rank (once more in the one process: 1)
+        assert [r["expert_calls"] for r in ranks] == [settings.get("chunks", 1)] * world
     assert torch.equal(torch.cat([r["y"] for r in ranks]), whole["y"])
     assert torch.equal(torch.cat([r["grad_x"] for r in ranks]), whole["grad_x"])
     for r, got in enumerate(ranks):
         for name in ("grad_w1", "grad_w2"):
-            want = whole[name][r * local:(r + 1) * local]
+            want, grad = whole[name][r * local:(r + 1) * local], got[name]
+            if grad is None:  # no rows here and experts that then use no parameter: no gradient (the module's choice)
+                assert settings.get("custom") and not int(got["counts"].sum()), f"rank {r} {name}: no gradient"
+                grad = torch.zeros_like(want)
             if chunked:  # a sum of the chunks' sums: float32 rounding of the sum, at the gradient's scale
                 scale = want.abs().max().item()
-                torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6 * scale, msg=f"rank {r} {name}")
+                torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6 * scale, msg=f"rank {r} {name}")
             else:
-                assert torch.equal(got[name], want), f"rank {r} {name}"
+                assert torch.equal(grad, want), f"rank {r} {name}"
         # what rank r received per (source, local expert) is the whole batch's count of each source's tokens
         assert int(got["counts"].sum()) == int(whole["counts"][0, r * local:(r + 1) * local].sum())
+    if settings.get("half"):
+        return  # the gate's and the aux loss's sums in float16: compared bit for bit above where it holds
     # a sum over the ranks' partial sums against one sum over all tokens: float32 rounding at the gradient's scale
     scale = whole["grad_gate"].abs().max().item()
     torch.testing.assert_close(sum(r["grad_gate"] for r in ranks), whole["grad_gate"], rtol=1e-5, atol=1e-6 * scale)
     torch.testing.assert_close(sum(r["aux"] for r in ranks), whole["aux"], rtol=1e-6, atol=0)
+
+
+def retain_worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
+    layer = make_layer(dict(gate="dense", topk=2, chunks=3))
+    x, upstream = inputs()
+    x = x[rank * T // 2:(rank + 1) * T // 2].clone().requires_grad_()
+    y = layer(x)
+    (y * upstream[:T // 2]).sum().backward(retain_graph=True)
+    first = (x.grad.clone(), layer.experts.w1.grad.clone())
+    (y * upstream[:T // 2]).sum().backward()  # again through the same graph: the gradients add up
+    torch.save({"first": first, "second": (x.grad, layer.experts.w1.grad)}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_backward_twice_with_retain_graph():
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(retain_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        for r in range(2):
+            got = torch.load(os.path.join(tmp, f"{r}.pt"))
+            for once, twice in zip(got["first"], got["second"]):
+                assert torch.equal(twice, once * 2), f"rank {r}"
 
 
 def test_bad_settings():

@@ -7,6 +7,7 @@ collective), so the ranks of each group match them without a barrier.
 """
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 
 class Step:
@@ -114,21 +115,23 @@ def _pieces(tensor, chunks):
     return [tensor if c.rows is None else tensor.index_select(0, c.rows) for c in chunks]
 
 
-def _assemble(pieces, chunks, like):
+def _assemble(pieces, chunks):
     if len(chunks) == 1 and chunks[0].rows is None:
         return pieces[0]
-    out = like.new_empty((sum(p.shape[0] for p in pieces), like.shape[1]))
+    out = pieces[0].new_empty((sum(p.shape[0] for p in pieces), pieces[0].shape[1]))
     for piece, chunk in zip(pieces, chunks):
         out.index_copy_(0, chunk.rows, piece)
     return out
 
 
 def _overlapped(inputs, chunks, compute):
-    """For each chunk c: inputs[c] to the experts, compute(c, rows), the result back; chunk c + 1 travels while
-    chunk c is computed, and chunk c comes back while chunk c + 1 is."""
-    going = [Transfer(rows, chunk.to_experts) for rows, chunk in zip(inputs, chunks)]
-    coming = []
+    """For each chunk c: inputs[c] to the experts, compute(c, rows), the result back. Chunk c + 1 starts travelling
+    before chunk c is computed, and chunk c's result travels back while chunk c + 1 is computed: at most two
+    chunks go each way at a time."""
+    going, coming = [Transfer(inputs[0], chunks[0].to_experts)], []
     for c, chunk in enumerate(chunks):
+        if c + 1 < len(chunks):
+            going.append(Transfer(inputs[c + 1], chunks[c + 1].to_experts))
         arrived = going[c].result()
         if c + 1 < len(chunks):
             going[c + 1].advance()  # its second step, if it has one, travels during this chunk's computation
@@ -141,7 +144,11 @@ def _overlapped(inputs, chunks, compute):
 class ExpertPipeline(torch.autograd.Function):
     """rows (this rank's, in destination order) -> the experts' outputs for them, in the same order, chunk by chunk.
     The backward sends the output gradients the way the rows went, differentiates each chunk's experts, and sends the
-    input gradients back; the parameters' gradients are summed over the chunks in chunk order."""
+    input gradients back; the parameters' gradients are summed over the chunks in chunk order.
+
+    Each chunk's expert graph is kept until this node is freed (so that backward(retain_graph=True) can run twice).
+    Only `params` get gradients: a tensor the experts use that is not among them (a weight tied to one outside the
+    experts module) gets none from the experts. Not twice differentiable."""
 
     @staticmethod
     def forward(ctx, experts, chunks, record, rows, *params):
@@ -163,9 +170,10 @@ class ExpertPipeline(torch.autograd.Function):
 
         results = _overlapped(_pieces(rows, chunks), chunks, compute)
         ctx.inputs, ctx.outputs, ctx.params = inputs, outputs, params
-        return _assemble(results, chunks, rows)
+        return _assemble(results, chunks)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         if not ctx.record:
             raise RuntimeError("MoELayer: the step ran without autograd and cannot be differentiated")
@@ -175,17 +183,19 @@ class ExpertPipeline(torch.autograd.Function):
         def differentiate(c, arrived):
             chunk = chunks[c]
             grad_y = arrived if chunk.order is None else arrived.index_select(0, chunk.order)
-            wanted = [ctx.inputs[c]] + [p for p in params if p.requires_grad]
-            got = iter(torch.autograd.grad(ctx.outputs[c], wanted, grad_y, allow_unused=True))
-            grad_x = next(got)
-            for i, p in enumerate(params):
-                g = next(got) if p.requires_grad else None
-                if g is not None:
-                    param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+            x, y = ctx.inputs[c], ctx.outputs[c]
+            grad_x = None
+            if y.requires_grad:  # else the experts' output depends on nothing differentiable (e.g. no rows)
+                wanted = [x] + [p for p in params if p.requires_grad]
+                got = iter(torch.autograd.grad(y, wanted, grad_y, retain_graph=True, allow_unused=True))
+                grad_x = next(got)
+                for i, p in enumerate(params):
+                    g = next(got) if p.requires_grad else None
+                    if g is not None:
+                        param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
             if grad_x is None:  # experts that ignore their input
-                grad_x = torch.zeros_like(ctx.inputs[c])
-            ctx.inputs[c] = ctx.outputs[c] = None  # this chunk's graph is no longer needed
+                grad_x = torch.zeros_like(x)
             return grad_x if chunk.inverse is None else grad_x.index_select(0, chunk.inverse)
 
         results = _overlapped(_pieces(grad.contiguous(), chunks), chunks, differentiate)
-        return (None, None, None, _assemble(results, chunks, grad), *param_grads)
+        return (None, None, None, _assemble(results, chunks), *param_grads)

@@ -18,8 +18,11 @@ two_level needs the default (world) process group.
 chunks=C > 1 overlaps the exchange with the experts (the paper's section 3.2): every block of rows one rank sends
 another is cut into C chunks; chunk c + 1's rows travel (all_to_all_single with async_op) while the experts compute
 chunk c, and chunk c's results travel back while chunk c + 1 is computed; the backward does the same with the
-gradients. Outputs and input gradients are those of C = 1 bit for bit (each row's arithmetic is the same); the
-experts' parameter gradients are sums over the chunks, equal to C = 1's within rounding.
+gradients. Outputs and input gradients are those of C = 1 bit for bit when the experts compute each row
+independently of the others (true of GroupedFFN on a BLAS whose rows of a product do not depend on how many rows
+it is given, as Debian's reference BLAS; a blocked BLAS may round differently for a different row count); the
+experts' parameter gradients are sums over the chunks, equal to C = 1's within rounding. Only the experts module's
+own parameters get gradients through the exchange (a weight tied to one outside it gets none from the experts).
 
 CPU tensors and the gloo backend only (locmoe_torch's operators take CPU tensors). The experts' parameters
 (`layer.experts`) are this rank's own: keep them out of DistributedDataParallel (which would overwrite them with

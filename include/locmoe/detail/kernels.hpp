@@ -4,16 +4,19 @@
 // Two ways to build (docs/architecture.md#simd-dispatch):
 //  * header only (default): kernels compile for the instruction set the including translation unit is
 //    compiled for (xsimd::default_arch: SSE2 on a plain x86-64 build, AVX-512 with -march=native).
-//  * run-time dispatch (LOCMOE_SIMD_DISPATCH defined): kernels are compiled once per instruction set in
-//    LOCMOE_SIMD_ARCHS, each in its own translation unit with that set's flags (CMake:
+//  * run-time dispatch (LOCMOE_SIMD_DISPATCH defined): kernels are compiled once per instruction set of
+//    kernel_archs, each in its own translation unit with that set's flags (CMake:
 //    locmoe_enable_simd_dispatch(target); by hand: include <locmoe/simd_instantiate.hpp> and invoke
 //    LOCMOE_INSTANTIATE_SIMD_KERNELS(arch) per set), and every call picks the best one the CPU has.
+//    kernel_archs is SSE2, SSE4.2, AVX2+FMA and AVX-512BW, less each set whose LOCMOE_SIMD_WITHOUT_<SET>
+//    (SSE4_2, FMA3_AVX2, AVX512BW) is defined (CMake: the LOCMOE_SIMD_ARCHS list); SSE2 is always in.
 #pragma once
 
 #include <locmoe/detail/row_kernels.hpp>
 #include <locmoe/detail/simd.hpp>
 
 #include <cstddef>
+#include <type_traits>
 
 namespace locmoe::detail {
 
@@ -185,16 +188,51 @@ std::size_t stream_read_kernel::operator()(Arch arch, const args_type& a) const 
 #  if !(defined(__x86_64__) || defined(_M_X64))
 #    error "LOCMOE_SIMD_DISPATCH lists x86-64 instruction sets; build header-only elsewhere"
 #  endif
+#  if !defined(LOCMOE_SIMD_WITHOUT_AVX512BW)
 LOCMOE_SIMD_KERNEL_LIST(LOCMOE_DETAIL_EXTERN_KERNEL, ::xsimd::avx512bw)
+#  endif
+#  if !defined(LOCMOE_SIMD_WITHOUT_FMA3_AVX2)
 LOCMOE_SIMD_KERNEL_LIST(LOCMOE_DETAIL_EXTERN_KERNEL, ::xsimd::fma3<::xsimd::avx2>)
+#  endif
+#  if !defined(LOCMOE_SIMD_WITHOUT_SSE4_2)
 LOCMOE_SIMD_KERNEL_LIST(LOCMOE_DETAIL_EXTERN_KERNEL, ::xsimd::sse4_2)
+#  endif
 LOCMOE_SIMD_KERNEL_LIST(LOCMOE_DETAIL_EXTERN_KERNEL, ::xsimd::sse2)
 #endif
 
 namespace locmoe::detail {
 
 #if defined(LOCMOE_SIMD_DISPATCH)
-using kernel_archs = xsimd::arch_list<xsimd::avx512bw, xsimd::fma3<xsimd::avx2>, xsimd::sse4_2, xsimd::sse2>;
+/// Whether the kernels of Arch were compiled (see the top of this file).
+template <class Arch>
+inline constexpr bool simd_arch_built = true;
+#  if defined(LOCMOE_SIMD_WITHOUT_AVX512BW)
+template <>
+inline constexpr bool simd_arch_built<xsimd::avx512bw> = false;
+#  endif
+#  if defined(LOCMOE_SIMD_WITHOUT_FMA3_AVX2)
+template <>
+inline constexpr bool simd_arch_built<xsimd::fma3<xsimd::avx2>> = false;
+#  endif
+#  if defined(LOCMOE_SIMD_WITHOUT_SSE4_2)
+template <>
+inline constexpr bool simd_arch_built<xsimd::sse4_2> = false;
+#  endif
+
+/// arch_list<Kept...> followed by those of Rest... that were built, in order.
+template <class Kept, class... Rest>
+struct built_archs {
+  using type = Kept;
+};
+template <class... Kept, class First, class... Rest>
+struct built_archs<xsimd::arch_list<Kept...>, First, Rest...> {
+  using type = typename built_archs<std::conditional_t<simd_arch_built<First>, xsimd::arch_list<Kept..., First>,
+                                                       xsimd::arch_list<Kept...>>,
+                                    Rest...>::type;
+};
+
+using kernel_archs = typename built_archs<xsimd::arch_list<>, xsimd::avx512bw, xsimd::fma3<xsimd::avx2>,
+                                          xsimd::sse4_2, xsimd::sse2>::type;
 #else
 using kernel_archs = xsimd::arch_list<xsimd::default_arch>;
 #endif
