@@ -458,17 +458,22 @@ Tensor token_dropping(const Tensor& probs_in, const Tensor& map_in, int64_t capa
     const auto key = [&](int64_t t, int64_t e) {
       return by_probs ? static_cast<double>(p[t * n + e]) : (in_map[t * n + e] ? 1.0 : 0.0);
     };
-    std::vector<std::vector<int64_t>> positive(static_cast<std::size_t>(n));
-    bool nan = false;
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t e = 0; e < n; ++e) {
-        const double v = key(t, e);
-        nan |= v != v;
-        if (v > 0) positive[e].push_back(t);
-      }
-    }
-    TORCH_CHECK_VALUE(!nan, "locmoe_torch: routing_probs must not hold NaN");
+    // Each expert's tokens of positive key, found over token ranges on the pool, then joined in range order.
     backend_lease lease;
+    const auto ranges = token_ranges(static_cast<std::size_t>(T), lease.pool().threads(), 1024);
+    std::vector<std::vector<std::vector<int64_t>>> found(ranges.size(),
+                                                         std::vector<std::vector<int64_t>>(static_cast<std::size_t>(n)));
+    std::vector<char> nan(ranges.size(), 0);
+    lease.pool().run(ranges.size(), [&](std::size_t r) {
+      for (auto t = static_cast<int64_t>(ranges[r].begin); t < static_cast<int64_t>(ranges[r].end); ++t) {
+        for (int64_t e = 0; e < n; ++e) {
+          const double v = key(t, e);
+          if (v != v) nan[r] = 1;
+          if (v > 0) found[r][static_cast<std::size_t>(e)].push_back(t);
+        }
+      }
+    });
+    TORCH_CHECK_VALUE(std::find(nan.begin(), nan.end(), 1) == nan.end(), "locmoe_torch: routing_probs must not hold NaN");
     lease.pool().run(static_cast<std::size_t>(n), [&](std::size_t e_) {
       const auto e = static_cast<int64_t>(e_);
       const auto before = [&](int64_t a, int64_t b) {
@@ -476,7 +481,8 @@ Tensor token_dropping(const Tensor& probs_in, const Tensor& map_in, int64_t capa
         return ka > kb || (ka == kb && a < b);
       };
       const auto keep = [&](int64_t t) { out[t * n + e] = pad_to_capacity || in_map[t * n + e]; };
-      auto& best = positive[e];
+      std::vector<int64_t> best;
+      for (const auto& range_found : found) best.insert(best.end(), range_found[e_].begin(), range_found[e_].end());
       const auto count = static_cast<int64_t>(best.size());
       if (count >= capacity) {
         std::nth_element(best.begin(), best.begin() + capacity, best.end(), before);
@@ -519,22 +525,33 @@ std::tuple<Tensor, Tensor, int64_t> permute_index(const Tensor& map_in, int64_t 
   const int64_t capacity = drop_and_pad ? num_out_tokens / n : 0;
   TORCH_CHECK_VALUE(!drop_and_pad || capacity <= T, "locmoe_torch: with drop_and_pad, num_out_tokens / num_experts ",
                     "must be <= num_tokens");
-  std::vector<int64_t> ones(static_cast<std::size_t>(n), 0);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t e = 0; e < n; ++e) ones[e] += m[t * n + e];
+  // Pass 1 on the pool: each token range's routed count per expert.
+  backend_lease lease;
+  const auto ranges = token_ranges(static_cast<std::size_t>(T), lease.pool().threads(), 1024);
+  const std::size_t R = ranges.size(), N = static_cast<std::size_t>(n);
+  std::vector<int64_t> range_ones(R * N, 0);
+  lease.pool().run(R, [&](std::size_t r) {
+    int64_t* ones = range_ones.data() + r * N;
+    for (std::size_t t = ranges[r].begin; t < ranges[r].end; ++t)
+      for (std::size_t e = 0; e < N; ++e) ones[e] += m[t * N + e];
+  });
+  std::vector<int64_t> ones(N, 0);
+  for (std::size_t r = 0; r < R; ++r)
+    for (std::size_t e = 0; e < N; ++e) ones[e] += range_ones[r * N + e];
   // Where each expert's routed and unrouted entries start.
-  std::vector<int64_t> first_one(n), first_zero(n);
+  std::vector<int64_t> first_one(N), first_zero(N);
   int64_t total_ones = 0;
-  for (int64_t e = 0; e < n; ++e) total_ones += ones[e];
-  for (int64_t e = 0, placed = 0, placed_zero = total_ones; e < n; ++e) {
+  for (std::size_t e = 0; e < N; ++e) total_ones += ones[e];
+  for (std::size_t e = 0, placed = 0, placed_zero = static_cast<std::size_t>(total_ones); e < N; ++e) {
+    const auto ei = static_cast<int64_t>(e);
     if (drop_and_pad) {
-      first_one[e] = e * capacity;
-      first_zero[e] = e * capacity + std::min(ones[e], capacity);
+      first_one[e] = ei * capacity;
+      first_zero[e] = ei * capacity + std::min(ones[e], capacity);
     } else {
-      first_one[e] = placed;
-      first_zero[e] = placed_zero;
-      placed += ones[e];
-      placed_zero += T - ones[e];
+      first_one[e] = static_cast<int64_t>(placed);
+      first_zero[e] = static_cast<int64_t>(placed_zero);
+      placed += static_cast<std::size_t>(ones[e]);
+      placed_zero += static_cast<std::size_t>(T - ones[e]);
     }
   }
   const int64_t rows = drop_and_pad ? n * capacity : num_out_tokens;
@@ -542,26 +559,40 @@ std::tuple<Tensor, Tensor, int64_t> permute_index(const Tensor& map_in, int64_t 
   Tensor expert = at::empty({rows}, map_in.options().dtype(at::kLong));
   int64_t* s = sorted.data_ptr<int64_t>();
   int64_t* x = expert.data_ptr<int64_t>();
-  // The routed entries in one pass over the map, row by row (a token's entries are contiguous); the unrouted ones
-  // only where rows are left for them (num_out_tokens beyond the routed count, or an expert short of capacity).
+  // Pass 2 on the pool: each range writes its entries from its own offsets (the earlier ranges' counts), so the
+  // order is that of one pass over the map, row by row. Unrouted entries only where rows are left for them
+  // (num_out_tokens beyond the routed count, or an expert short of capacity).
   bool unrouted_needed = false;
-  for (int64_t e = 0; e < n; ++e) {
-    const int64_t end = drop_and_pad ? (e + 1) * capacity : rows;
+  for (std::size_t e = 0; e < N; ++e) {
+    const int64_t end = drop_and_pad ? (static_cast<int64_t>(e) + 1) * capacity : rows;
     unrouted_needed |= first_zero[e] < end;
   }
-  std::vector<int64_t> one = first_one, zero = first_zero;
-  for (int64_t t = 0; t < T; ++t) {
-    const bool* row = m + t * n;
-    for (int64_t e = 0; e < n; ++e) {
-      if (!row[e] && !unrouted_needed) continue;
-      int64_t& at = row[e] ? one[e] : zero[e];
-      if (at < (drop_and_pad ? (e + 1) * capacity : rows)) {
-        s[at] = t;
-        x[at] = e;
-      }
-      ++at;
+  std::vector<int64_t> one_at(R * N), zero_at(R * N);
+  for (std::size_t e = 0; e < N; ++e) {
+    int64_t one = first_one[e], zero = first_zero[e];
+    for (std::size_t r = 0; r < R; ++r) {
+      one_at[r * N + e] = one;
+      zero_at[r * N + e] = zero;
+      one += range_ones[r * N + e];
+      zero += static_cast<int64_t>(ranges[r].end - ranges[r].begin) - range_ones[r * N + e];
     }
   }
+  lease.pool().run(R, [&](std::size_t r) {
+    int64_t* one = one_at.data() + r * N;
+    int64_t* zero = zero_at.data() + r * N;
+    for (std::size_t t = ranges[r].begin; t < ranges[r].end; ++t) {
+      const bool* row = m + t * N;
+      for (std::size_t e = 0; e < N; ++e) {
+        if (!row[e] && !unrouted_needed) continue;
+        int64_t& at = row[e] ? one[e] : zero[e];
+        if (at < (drop_and_pad ? (static_cast<int64_t>(e) + 1) * capacity : rows)) {
+          s[at] = static_cast<int64_t>(t);
+          x[at] = static_cast<int64_t>(e);
+        }
+        ++at;
+      }
+    }
+  });
   return std::make_tuple(sorted, expert, total_ones);
 }
 
@@ -632,27 +663,53 @@ Tensor pair_weights(const Tensor& probs_in, const Tensor& slots, const Tensor& r
 }
 
 /// pair_weights' backward: dL/dprobs [T, n] in probs' dtype, grad_weights[t][j] at (t, row_expert of the pair's row).
+/// A token's pairs of one expert (several only for a hand-made sorted_indices) are summed in double in pair order
+/// and rounded once. One pass over [T, n] on the pool, each token's row written whole (zeros included).
 Tensor pair_weights_backward(const Tensor& grad_in, const Tensor& slots, const Tensor& row_expert_in, const Tensor& probs) {
   TORCH_CHECK_VALUE(grad_in.sizes() == slots.sizes(), "locmoe_torch: grad_weights must have the pair table's shape");
   check_matrix(probs, "probs");
+  check_row_dtype(probs, "probs");
   TORCH_CHECK_VALUE(slots.scalar_type() == at::kInt && slots.is_contiguous() && slots.size(0) == probs.size(0),
                     "locmoe_torch: slots must be token_slots' int32 table with probs' rows");
   Tensor grad_w = grad_in.to(at::kDouble).contiguous();
   Tensor row_expert = row_expert_in.to(at::kLong).contiguous();
-  Tensor grad = at::zeros({probs.size(0), probs.size(1)}, probs.options().dtype(at::kDouble));
-  const int64_t n = probs.size(1), width = slots.size(1), count = slots.numel();
+  const int64_t T = probs.size(0), n = probs.size(1), width = slots.size(1), rows = row_expert.size(0);
   const int32_t* slot = slots.data_ptr<int32_t>();
   const int64_t* expert = row_expert.data_ptr<int64_t>();
-  const double* g = grad_w.data_ptr<double>();
-  double* out = grad.data_ptr<double>();
-  const int64_t rows = row_expert.size(0);
-  for (int64_t i = 0; i < count; ++i) {
-    if (slot[i] < 0) continue;
-    TORCH_CHECK_VALUE(slot[i] < rows && expert[slot[i]] >= 0 && expert[slot[i]] < n, "locmoe_torch: row ", slot[i],
-                      " has no expert in [0, ", n, ")");
-    out[(i / width) * n + expert[slot[i]]] += g[i];
+  for (int64_t i = 0; i < T * width; ++i) {  // checked here: a pool task must not throw
+    TORCH_CHECK_VALUE(slot[i] < rows && (slot[i] < 0 || (expert[slot[i]] >= 0 && expert[slot[i]] < n)),
+                      "locmoe_torch: row ", slot[i], " has no expert in [0, ", n, ")");
   }
-  return grad.to(probs.scalar_type());
+  Tensor grad = at::empty({T, n}, probs.options().dtype(probs.scalar_type()).memory_format(at::MemoryFormat::Contiguous));
+  const double* g = grad_w.data_ptr<double>();
+  with_row_type(probs.scalar_type(), [&](auto element) {
+    using P = decltype(element);
+    P* out = reinterpret_cast<P*>(grad.data_ptr());
+    const auto tokens = [&](locmoe::token_range range) {
+      for (std::size_t t = range.begin; t < range.end; ++t) {
+        P* row = out + t * static_cast<std::size_t>(n);
+        std::fill(row, row + n, P(0.0f));
+        const int32_t* pair = slot + t * static_cast<std::size_t>(width);
+        const double* pair_grad = g + t * static_cast<std::size_t>(width);
+        for (int64_t j = 0; j < width; ++j) {
+          if (pair[j] < 0) continue;
+          const int64_t e = expert[pair[j]];
+          bool first = true;
+          for (int64_t i = 0; i < j && first; ++i) first = !(pair[i] >= 0 && expert[pair[i]] == e);
+          if (!first) continue;  // summed with the first pair of its expert
+          double sum = 0.0 + pair_grad[j];
+          for (int64_t i = j + 1; i < width; ++i) {
+            if (pair[i] >= 0 && expert[pair[i]] == e) sum += pair_grad[i];
+          }
+          row[e] = static_cast<P>(sum);
+        }
+      }
+    };
+    backend_lease lease;
+    const auto ranges = token_ranges(static_cast<std::size_t>(T), lease.pool().threads(), 1024);
+    lease.pool().run(ranges.size(), [&](std::size_t r) { tokens(ranges[r]); });
+  });
+  return grad;
 }
 
 /// A pair table as the one-expert grouped layout (see the file comment); `offsets` must outlive the layout.

@@ -663,6 +663,50 @@ def test_many_token_ranges_on_four_threads(four_threads, cfg):
     close(tokens.grad, ref_tokens.grad, torch.float32, "grad tokens")
 
 
+@pytest.mark.parametrize("policy,pad", [("probs", False), ("position", False), ("probs", True)])
+def test_dropping_and_permute_over_token_ranges_on_four_threads(four_threads, policy, pad):
+    """T = 5000: token_dropping's scan, permute_index's two passes and unpermute's dL/dprobs run over several token
+    ranges; the results equal the reference (maps and row orders exactly) and one thread's bit for bit."""
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(5000, 12, generator=g, dtype=torch.float64)
+    probs, routing_map = lt.topk_routing_with_score_function(logits, 2)
+    probs = probs.detach()
+    dropped = {}
+    for threads in (4, 1):
+        torch.set_num_threads(threads)
+        dropped[threads] = lt.apply_router_token_dropping(probs, routing_map, 2, 0.9, policy, pad)
+    torch.set_num_threads(4)
+    ref_probs, ref_map = ref_drop(probs, routing_map, 2, 0.9, policy, pad)
+    assert torch.equal(dropped[4][1], ref_map) and torch.equal(dropped[1][1], ref_map)
+    assert torch.equal(dropped[4][0], ref_probs)
+    kept_probs, kept_map = dropped[4]
+    tokens = torch.randn(5000, 6, generator=g, dtype=torch.float64)
+    # num_out_tokens past the routed count: permute_index's unrouted entries too (dropless), or padded experts
+    rows = 12 * 900 if pad else int(kept_map.sum()) + 37
+    results = {}
+    for threads in (4, 1):
+        torch.set_num_threads(threads)
+        p = kept_probs.clone().requires_grad_()
+        permuted, permuted_probs, sorted_indices, _, _ = lt.permute(tokens, kept_map, p, rows, drop_and_pad=pad)
+        y = lt.unpermute(permuted, sorted_indices[:], tokens.shape, p, kept_map, drop_and_pad=pad) if pad else \
+            lt.unpermute(permuted[:int(kept_map.sum())], sorted_indices[:int(kept_map.sum())], tokens.shape, p,
+                         kept_map)
+        y.backward(torch.ones_like(y))
+        results[threads] = (sorted_indices, permuted_probs.detach(), y.detach(), p.grad)
+    torch.set_num_threads(4)
+    ref_permuted, ref_pp, ref_indices = ref_permute(tokens, kept_map, kept_probs, rows, pad)
+    assert torch.equal(results[4][0], ref_indices) and torch.equal(results[4][1], ref_pp)
+    for a, b in zip(results[4], results[1]):
+        assert torch.equal(a, b), "4 threads and 1 thread differ"
+    # dL/dprobs[t, e] = sum of y's row of ones . the token's row: tokens[t].sum() where (t, e) has a permuted row
+    expected = torch.zeros_like(kept_probs)
+    used = ref_indices if pad else ref_indices[:int(kept_map.sum())]
+    experts = torch.arange(12).repeat_interleave(rows // 12) if pad else \
+        torch.arange(12).repeat_interleave(kept_map.sum(dim=0))
+    expected[used, experts] = tokens.sum(dim=1)[used]
+    torch.testing.assert_close(results[4][3], expected, rtol=1e-12, atol=1e-12)
+
+
 def test_operators_check_their_tables_on_the_calling_thread(four_threads):
     ops = torch.ops.locmoe
     logits = torch.randn(2048, 8)
