@@ -101,14 +101,13 @@ class Transfer:
 
 class Chunk:
     """Chunk c of a step: `rows` the positions of its rows among this rank's rows (None: all of them), its routes
-    to the experts and back, and on arrival `order` (received rows -> expert-major; None: already) and `counts`
-    (rows per local expert)."""
+    to the experts and back, and on arrival `order` (received rows -> expert-major) and `counts` (rows per local
+    expert)."""
     __slots__ = ("rows", "to_experts", "back", "order", "inverse", "counts")
 
     def __init__(self, rows, to_experts, back, order, counts):
         self.rows, self.to_experts, self.back, self.counts = rows, to_experts, back, counts
-        self.order = order
-        self.inverse = None if order is None else torch.argsort(order)
+        self.order, self.inverse = order, torch.argsort(order)
 
 
 def _pieces(tensor, chunks):
@@ -157,7 +156,7 @@ class ExpertPipeline(torch.autograd.Function):
 
         def compute(c, arrived):
             chunk = chunks[c]
-            x = arrived if chunk.order is None else arrived.index_select(0, chunk.order)
+            x = arrived.index_select(0, chunk.order)
             if record:
                 x = x.detach().requires_grad_()
                 with torch.enable_grad():
@@ -166,7 +165,7 @@ class ExpertPipeline(torch.autograd.Function):
                 outputs.append(y)
             else:
                 y = experts(x, chunk.counts)
-            return y.detach() if chunk.inverse is None else y.detach().index_select(0, chunk.inverse)
+            return y.detach().index_select(0, chunk.inverse)
 
         results = _overlapped(_pieces(rows, chunks), chunks, compute)
         ctx.inputs, ctx.outputs, ctx.params = inputs, outputs, params
@@ -182,7 +181,7 @@ class ExpertPipeline(torch.autograd.Function):
 
         def differentiate(c, arrived):
             chunk = chunks[c]
-            grad_y = arrived if chunk.order is None else arrived.index_select(0, chunk.order)
+            grad_y = arrived.index_select(0, chunk.order)
             x, y = ctx.inputs[c], ctx.outputs[c]
             grad_x = None
             if y.requires_grad:  # else the experts' output depends on nothing differentiable (e.g. no rows)
@@ -195,7 +194,7 @@ class ExpertPipeline(torch.autograd.Function):
                         param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
             if grad_x is None:  # experts that ignore their input
                 grad_x = torch.zeros_like(x)
-            return grad_x if chunk.inverse is None else grad_x.index_select(0, chunk.inverse)
+            return grad_x.index_select(0, chunk.inverse)
 
         results = _overlapped(_pieces(grad.contiguous(), chunks), chunks, differentiate)
         return (None, None, None, _assemble(results, chunks), *param_grads)

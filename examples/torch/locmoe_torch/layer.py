@@ -219,24 +219,25 @@ class MoELayer(torch.nn.Module):
         block of s rows that one rank sends to another. On arrival each chunk is put expert-major: for each local
         expert, its rows from each source in source order, then token order (one process's order)."""
         C, me = self.chunks, self.rank
-        sent = sends[me].tolist()
-        sent_at = [sum(sent[:d]) for d in range(self.ranks)]
-        per_source = counts.tolist()  # [source][local expert]
+        sent_at = (torch.cumsum(sends[me], 0) - sends[me]).tolist()  # where my block for each rank starts
+        # expert_at[s][j]: where local expert j's rows start in source s's block ([s][local] + its end)
+        expert_at = torch.cat([torch.zeros(self.ranks, 1, dtype=counts.dtype), torch.cumsum(counts, 1)], 1).tolist()
         chunks = []
         for c in range(C):
             low, high = sends * c // C, sends * (c + 1) // C
             rows = None if C == 1 else torch.cat([
                 torch.arange(sent_at[d] + int(low[me, d]), sent_at[d] + int(high[me, d])) for d in range(self.ranks)])
-            arriving = (high - low)[:, me].tolist()
+            arriving = (high - low)[:, me]
+            arrived_at = (torch.cumsum(arriving, 0) - arriving).tolist()  # where each source's rows land
+            first, arriving = low[:, me].tolist(), arriving.tolist()
             pieces, per_expert = [], []
             for j in range(self.local_experts):
                 total = 0
                 for s in range(self.ranks):  # source s's chunk holds rows [low, high) of its block, expert-major
-                    first = int(low[s, me])
-                    begin = max(first, sum(per_source[s][:j]))
-                    end = min(first + arriving[s], sum(per_source[s][:j + 1]))
+                    begin = max(first[s], expert_at[s][j])
+                    end = min(first[s] + arriving[s], expert_at[s][j + 1])
                     if end > begin:
-                        at = sum(arriving[:s]) - first
+                        at = arrived_at[s] - first[s]
                         pieces.append(torch.arange(at + begin, at + end))
                         total += end - begin
                 per_expert.append(total)
