@@ -13,7 +13,8 @@ The step (Megatron-Core's TopKRouter + the alltoall dispatcher's local permutati
 "plain torch" is that step written with torch's own operators as Megatron-Core writes them (in this file); the
 locmoe side calls locmoe_torch's functions of the same names. Both run in this process, alternately, with
 torch.set_num_threads(threads) (locmoe_torch's pool follows it). Prints tokens/s of each, and their ratio
-(target: >= 5). Usage:
+(target: >= 5), and the time of locmoe's row work alone (permute + unpermute + backward on a routing computed
+beforehand: memory-bound, near this machine's copy speed) with the bound it sets on the ratio. Usage:
     PYTHONPATH=build/default/python /usr/bin/python3 bench/megatron_vs_torch.py [--threads 1 2] [--rounds 5]
 """
 import argparse
@@ -101,6 +102,15 @@ def locmoe_step(logits, tokens, upstream, topk, cf):
     torch.autograd.backward([y, aux + z], [upstream, None])
 
 
+def locmoe_rows_only(routed, tokens, upstream, rows):
+    """The row work of locmoe_step alone (permute, unpermute, their backward), on a routing computed beforehand: the
+    part bound by memory bandwidth. torch's step time over this is the most any router could reach at this point."""
+    probs, routing_map = routed
+    permuted, _, sorted_indices, _, _ = lt.permute(tokens, routing_map, probs, rows)
+    y = lt.unpermute(permuted, sorted_indices, tokens.shape, probs, routing_map)
+    y.backward(upstream)
+
+
 def keep_freed_memory(prefault_bytes=3 << 29):
     """glibc: serve every allocation from the heap (no mmap), never trim it, and grow it once, up front, by
     `prefault_bytes` (1.5 GiB: under the trim threshold, which glibc caps at 2^31 - 1) of touched memory, so that the steps reuse their memory as a caching allocator would instead of
@@ -121,6 +131,20 @@ def keep_freed_memory(prefault_bytes=3 << 29):
         return True
     except (OSError, AttributeError):
         return False
+
+
+def rows_seconds(inputs, topk, cf, repeat):
+    logits, tokens, upstream = inputs
+    probs, routing_map = lt.topk_routing_with_score_function(logits, topk)
+    probs, routing_map = lt.apply_router_token_dropping(probs, routing_map, topk, cf, "probs")
+    routed, rows = (probs.detach(), routing_map), int(routing_map.sum())
+    best = []
+    for _ in range(repeat):
+        t, p = tokens.detach().clone().requires_grad_(), routed[0].clone().requires_grad_()
+        start = time.perf_counter()
+        locmoe_rows_only((p, routed[1]), t, upstream, rows)
+        best.append(time.perf_counter() - start)
+    return min(best)
 
 
 def seconds(step, inputs, topk, cf, repeat):
@@ -156,28 +180,32 @@ def main():
                 g = torch.Generator().manual_seed(1)
                 inputs = (torch.randn(a.tokens, n, generator=g), torch.randn(a.tokens, a.hidden, generator=g),
                           torch.randn(a.tokens, a.hidden, generator=g))
-                ours, theirs = [], []
+                ours, theirs, rows = [], [], []
                 seconds(locmoe_step, inputs, k, a.capacity_factor, 1)  # warm-up: pools, allocator
                 seconds(torch_step, inputs, k, a.capacity_factor, 1)
                 for _ in range(a.rounds):
                     ours.append(seconds(locmoe_step, inputs, k, a.capacity_factor, a.repeat))
                     theirs.append(seconds(torch_step, inputs, k, a.capacity_factor, a.repeat))
-                t_ours, t_theirs = statistics.median(ours), statistics.median(theirs)
+                    rows.append(rows_seconds(inputs, k, a.capacity_factor, a.repeat))
+                t_ours, t_theirs, t_rows = (statistics.median(x) for x in (ours, theirs, rows))
                 results.append(dict(threads=threads, T=a.tokens, hidden=a.hidden, n=n, k=k,
                                     locmoe_tokens_per_s=a.tokens / t_ours, torch_tokens_per_s=a.tokens / t_theirs,
-                                    ratio=t_theirs / t_ours))
+                                    ratio=t_theirs / t_ours, rows_only_ms=t_rows * 1e3, bound=t_theirs / t_rows))
     if a.json:
         print(json.dumps(dict(torch=torch.__version__, malloc=malloc, capacity_factor=a.capacity_factor,
                               results=results), indent=1))
         return
     print(f"Megatron-Core routing step, forward + backward; PyTorch {torch.__version__}, malloc {malloc}, capacity factor "
           f"{a.capacity_factor:g}, median of {a.rounds} rounds (best of {a.repeat} steps each)")
+    print("rows ms: locmoe's permute + unpermute + their backward alone (memory-bound); bound: torch's step time over "
+          "it, the ratio if routing took no time")
     print(f"{'threads':>7} {'T':>6} {'hidden':>6} {'n':>3} {'k':>2} {'locmoe tok/s':>13} {'torch tok/s':>12} "
-          f"{'ratio':>6}")
+          f"{'ratio':>6} {'rows ms':>8} {'bound':>6}")
     for r in results:
         flag = "" if r["ratio"] >= a.target else f"  (below {a.target:g})"
         print(f"{r['threads']:>7} {r['T']:>6} {r['hidden']:>6} {r['n']:>3} {r['k']:>2} "
-              f"{r['locmoe_tokens_per_s']:>13.4g} {r['torch_tokens_per_s']:>12.4g} {r['ratio']:>6.2f}{flag}")
+              f"{r['locmoe_tokens_per_s']:>13.4g} {r['torch_tokens_per_s']:>12.4g} {r['ratio']:>6.2f} "
+              f"{r['rows_only_ms']:>8.1f} {r['bound']:>6.2f}{flag}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <xsimd/xsimd.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -34,6 +35,7 @@
 #include <unistd.h>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -305,7 +307,7 @@ Tensor route_backward(const Tensor& logits_in, const Tensor& indices, const Tens
   check_choices(idx, n);
   Tensor safe = idx.clamp_min(0).to(at::kLong);
   Tensor grad_weights = grad_probs.to(dtype).gather(1, safe).contiguous();
-  Tensor grad_logits = at::zeros({T, n}, logits.options());
+  Tensor grad_logits = at::empty({T, n}, logits.options());
   return checked([&] {
     AT_DISPATCH_FLOATING_TYPES(dtype, "locmoe_torch::route_backward", [&] {
       using S = scalar_t;
@@ -317,28 +319,94 @@ Tensor route_backward(const Tensor& logits_in, const Tensor& indices, const Tens
       locmoe::route_backward(l, o, ix, gw, gl, locmoe::token_range{0, 0});  // checks on this thread
       backend_lease lease;
       const auto ranges = token_ranges(T, lease.pool().threads());
-      lease.pool().run(ranges.size(), [&](std::size_t r) { locmoe::route_backward(l, o, ix, gw, gl, ranges[r]); });
+      lease.pool().run(ranges.size(), [&](std::size_t r) {
+        locmoe::route_backward_workspace workspace;
+        for (std::size_t t = ranges[r].begin; t < ranges[r].end; t += 64) {  // zeroed just before they are added to
+          const locmoe::token_range block{t, std::min(t + 64, ranges[r].end)};
+          std::fill(gl.row(block.begin), gl.row(block.begin) + (block.end - block.begin) * gl.stride, S(0));
+          locmoe::route_backward(l, o, ix, gw, gl, block, locmoe::default_policy{}, &workspace);
+        }
+      });
     });
     return grad_logits.to(logits_in.scalar_type());
   });
 }
 
-/// z_loss_func: (coeff mean_t logsumexp(l_t)^2 as a 0-d tensor, its gradient [T, n]), in logits' dtype.
+/// Tokens per block of the z-loss (the blocks' sums are added in order: the same loss on any number of threads).
+constexpr std::size_t z_block = 64;
+
+/// z_loss_func: (coeff mean_t logsumexp(l_t)^2 as a 0-d tensor, its gradient [T, n]), in logits' dtype, as
+/// locmoe::z_loss computes them (losses.hpp: lse = max l - log(max p), tokens whose softmax is all zero, NaN or +inf
+/// logits, left out of the mean and given no gradient), over blocks of 64 tokens on the pool: pass 1 writes each
+/// token's softmax into the gradient and keeps its lse and each block's sum of lse^2 (in double, in token order);
+/// pass 2 scales each row by 2 coeff lse / T_valid. The blocks are summed in order on this thread, so the loss is
+/// the same bit for bit whatever the number of threads.
 std::tuple<Tensor, Tensor> z_loss(const Tensor& logits_in, double coeff) {
   Tensor logits = scores_input(logits_in);
   const auto dtype = logits.scalar_type();
-  Tensor grad = at::zeros_like(logits);
+  Tensor grad = at::empty_like(logits);
   return checked([&] {
     double value = 0;
     AT_DISPATCH_FLOATING_TYPES(dtype, "locmoe_torch::z_loss", [&] {
       using S = scalar_t;
+      using column = Eigen::Array<S, Eigen::Dynamic, 1, 0, z_block, 1>;
       const std::size_t T = logits.size(0), n = logits.size(1);
-      locmoe::loss_inputs<S> in;
-      in.logits = {logits.data_ptr<S>(), T, n};
-      value = locmoe::z_loss(in, static_cast<S>(coeff), locmoe::matrix_view<S>(grad.data_ptr<S>(), T, n)).value;
+      const locmoe::matrix_view<const S> l(logits.data_ptr<S>(), T, n);
+      const locmoe::matrix_view<S> g(grad.data_ptr<S>(), T, n);
+      locmoe::softmax(l, g, locmoe::token_range{0, 0});  // checks on this thread
+      const std::size_t blocks = (T + z_block - 1) / z_block;
+      std::vector<S> lse(T);
+      std::vector<double> block_sum(blocks, 0.0);
+      std::vector<std::size_t> block_valid(blocks, 0);
+      const auto block_rows = [&](std::size_t b) { return std::min(z_block, T - b * z_block); };
+      const auto map = [&](const auto& m, std::size_t b) {
+        return Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0, Eigen::OuterStride<>>(
+            m.row(b * z_block), static_cast<Eigen::Index>(block_rows(b)), static_cast<Eigen::Index>(n),
+            Eigen::OuterStride<>(static_cast<Eigen::Index>(m.stride)));
+      };
+      backend_lease lease;
+      const auto ranges = token_ranges(blocks, lease.pool().threads(), 4);
+      lease.pool().run(ranges.size(), [&](std::size_t r) {
+        for (std::size_t b = ranges[r].begin; b < ranges[r].end; ++b) {
+          const std::size_t t0 = b * z_block, rows = block_rows(b);
+          locmoe::softmax(l, g, locmoe::token_range{t0, t0 + rows});
+          const locmoe::matrix_view<const S> p(g.data, T, n, g.stride);
+          const column p_max = map(p, b).rowwise().maxCoeff();
+          const column row_lse = map(l, b).rowwise().maxCoeff() - p_max.max(S(1e-30)).log();
+          for (std::size_t i = 0; i < rows; ++i) {
+            const bool valid = p_max[static_cast<Eigen::Index>(i)] > S(0);
+            lse[t0 + i] = valid ? row_lse[static_cast<Eigen::Index>(i)] : S(0);
+            if (!valid) {
+              std::fill(g.row(t0 + i), g.row(t0 + i) + n, S(0));
+              continue;
+            }
+            ++block_valid[b];
+            block_sum[b] += static_cast<double>(lse[t0 + i]) * static_cast<double>(lse[t0 + i]);
+          }
+        }
+      });
+      double z_sum = 0;
+      std::size_t valid = 0;
+      for (std::size_t b = 0; b < blocks; ++b) {
+        z_sum += block_sum[b];
+        valid += block_valid[b];
+      }
+      if (valid == 0) {
+        grad.zero_();
+        return;
+      }
+      value = static_cast<double>(static_cast<S>(coeff)) * z_sum / static_cast<double>(valid);
+      const double factor = 2.0 * static_cast<double>(static_cast<S>(coeff)) / static_cast<double>(valid);
+      lease.pool().run(ranges.size(), [&](std::size_t r) {
+        for (std::size_t t = ranges[r].begin * z_block; t < std::min(T, ranges[r].end * z_block); ++t) {
+          S* row = g.row(t);  // an invalid token's row is zero, its lse 0
+          const S scale = static_cast<S>(factor * static_cast<double>(lse[t]));
+          for (std::size_t e = 0; e < n; ++e) row[e] = row[e] * scale;
+        }
+      });
     });
     const auto options = logits_in.options();
-    return std::make_tuple(at::scalar_tensor(value, options.dtype(dtype)).to(logits_in.scalar_type()),
+    return std::make_tuple(at::scalar_tensor(static_cast<double>(value), options.dtype(dtype)).to(logits_in.scalar_type()),
                            grad.to(logits_in.scalar_type()));
   });
 }
@@ -430,13 +498,64 @@ Tensor locality_target(int64_t ranks, int64_t ranks_per_node, int64_t num_expert
 
 // ---- token dropping ----------------------------------------------------------------------------------------------
 
+/// fn(e) for each e < n, in increasing e, whose row[e] is not <= 0 (positive or NaN). Float rows are tested a SIMD
+/// register at a time (xsimd's default architecture: what this file is compiled for), so that a sparse row costs a
+/// compare per register.
+template <class P, class Fn>
+void for_each_positive_or_nan(const P* row, std::size_t n, Fn&& fn) {
+  std::size_t e = 0;
+  if constexpr (std::is_same_v<P, float>) {
+    using batch = xsimd::batch<float>;
+    const batch zero(0.0f);
+    for (; e + batch::size <= n; e += batch::size) {
+      if (!xsimd::any(!(batch::load_unaligned(row + e) <= zero))) continue;
+      for (std::size_t j = e; j < e + batch::size; ++j) {
+        if (!(row[j] <= 0.0f)) fn(j);
+      }
+    }
+  }
+  for (; e < n; ++e) {
+    const double v = static_cast<double>(row[e]);
+    if (!(v <= 0)) fn(e);
+  }
+}
+
+/// values * mask in values' dtype over [T, n] (a NaN or inf times 0 is NaN, -x times 0 is -0: torch's product of
+/// a tensor and a bool mask), written over token ranges on the pool. What apply_router_token_dropping's probs and
+/// their gradient are.
+Tensor masked_product(const Tensor& values_in, const Tensor& mask_in) {
+  check_matrix(values_in, "values");
+  check_row_dtype(values_in, "values");
+  check_matrix(mask_in, "mask");
+  TORCH_CHECK_VALUE(values_in.sizes() == mask_in.sizes(), "locmoe_torch: mask must have values' shape");
+  Tensor values = values_in.contiguous();
+  Tensor mask = mask_in.to(at::kBool).contiguous();
+  Tensor out = at::empty(values.sizes(), values.options().memory_format(at::MemoryFormat::Contiguous));
+  const std::size_t T = values.size(0), n = values.size(1);
+  const bool* m = mask.data_ptr<bool>();
+  with_row_type(values.scalar_type(), [&](auto element) {
+    using P = decltype(element);
+    using A = std::conditional_t<std::is_same_v<P, double>, double, float>;
+    const P* v = reinterpret_cast<const P*>(values.data_ptr());
+    P* o = reinterpret_cast<P*>(out.data_ptr());
+    backend_lease lease;
+    const auto ranges = token_ranges(T, lease.pool().threads(), 1024);
+    lease.pool().run(ranges.size(), [&](std::size_t r) {
+      for (std::size_t i = ranges[r].begin * n; i < ranges[r].end * n; ++i)  // branch-free: vectorized
+        o[i] = static_cast<P>(static_cast<A>(v[i]) * static_cast<A>(m[i]));
+    });
+  });
+  return out;
+}
+
 /// apply_router_token_dropping's capacity mask: per expert, the `capacity` tokens of highest key (routing_probs
 /// for "probs", the routing map for "position"), ties to the lower token index; then final_map = mask (pad) or
-/// map & mask. Returns final_map [T, n] bool. One pass over the matrix lists each expert's tokens of positive key;
-/// an expert then needs only those, unless it has fewer than `capacity`: then its tokens of key 0 follow in token
-/// order, and the negative ones by key. O(T n + kept log kept).
-Tensor token_dropping(const Tensor& probs_in, const Tensor& map_in, int64_t capacity, std::string drop_policy,
-                      bool pad_to_capacity) {
+/// map & mask. Returns (routing_probs * final_map in probs' dtype, final_map [T, n] bool). One pass over the matrix
+/// on the pool lists each expert's tokens of positive key with their keys; an expert then needs only those, unless
+/// it has fewer than `capacity`: then its tokens of key 0 follow in token order, and the negative ones by key.
+/// O(T n + kept log kept).
+std::tuple<Tensor, Tensor> token_dropping(const Tensor& probs_in, const Tensor& map_in, int64_t capacity,
+                                          std::string drop_policy, bool pad_to_capacity) {
   check_matrix(probs_in, "routing_probs");
   check_row_dtype(probs_in, "routing_probs");
   check_matrix(map_in, "routing_map");
@@ -449,7 +568,7 @@ Tensor token_dropping(const Tensor& probs_in, const Tensor& map_in, int64_t capa
   const bool by_probs = drop_policy == "probs";
   Tensor probs = probs_in.contiguous();
   Tensor routed = map_in.to(at::kBool).contiguous();
-  Tensor final_map = at::zeros({T, n}, map_in.options().dtype(at::kBool));
+  Tensor final_map = at::empty({T, n}, map_in.options().dtype(at::kBool));
   const bool* in_map = routed.data_ptr<bool>();
   bool* out = final_map.data_ptr<bool>();
   with_row_type(probs.scalar_type(), [&](auto element) {
@@ -458,56 +577,71 @@ Tensor token_dropping(const Tensor& probs_in, const Tensor& map_in, int64_t capa
     const auto key = [&](int64_t t, int64_t e) {
       return by_probs ? static_cast<double>(p[t * n + e]) : (in_map[t * n + e] ? 1.0 : 0.0);
     };
-    // Each expert's tokens of positive key, found over token ranges on the pool, then joined in range order.
+    struct entry {
+      double key;
+      int64_t token;
+    };
+    const auto before = [](const entry& a, const entry& b) { return a.key > b.key || (a.key == b.key && a.token < b.token); };
+    // Each expert's tokens of positive key, found over token ranges on the pool (which zero their rows of the
+    // final map), then joined in range order.
     backend_lease lease;
     const auto ranges = token_ranges(static_cast<std::size_t>(T), lease.pool().threads(), 1024);
-    std::vector<std::vector<std::vector<int64_t>>> found(ranges.size(),
-                                                         std::vector<std::vector<int64_t>>(static_cast<std::size_t>(n)));
+    std::vector<std::vector<std::vector<entry>>> found(ranges.size(), std::vector<std::vector<entry>>(static_cast<std::size_t>(n)));
     std::vector<char> nan(ranges.size(), 0);
     lease.pool().run(ranges.size(), [&](std::size_t r) {
-      for (auto t = static_cast<int64_t>(ranges[r].begin); t < static_cast<int64_t>(ranges[r].end); ++t) {
-        for (int64_t e = 0; e < n; ++e) {
-          const double v = key(t, e);
-          if (v != v) nan[r] = 1;
-          if (v > 0) found[r][static_cast<std::size_t>(e)].push_back(t);
+      const auto begin = static_cast<int64_t>(ranges[r].begin), end = static_cast<int64_t>(ranges[r].end);
+      std::fill(out + begin * n, out + end * n, false);
+      auto& lists = found[r];
+      bool any_nan = false;
+      for (int64_t t = begin; t < end; ++t) {
+        const auto add = [&](std::size_t e) {
+          const double v = key(t, static_cast<int64_t>(e));
+          any_nan |= v != v;
+          if (v > 0) lists[e].push_back({v, t});
+        };
+        if (by_probs) {
+          for_each_positive_or_nan(p + t * n, static_cast<std::size_t>(n), add);
+        } else {
+          for (int64_t e = 0; e < n; ++e) {
+            if (in_map[t * n + e]) add(static_cast<std::size_t>(e));
+          }
         }
       }
+      nan[r] = any_nan;
     });
     TORCH_CHECK_VALUE(std::find(nan.begin(), nan.end(), 1) == nan.end(), "locmoe_torch: routing_probs must not hold NaN");
     lease.pool().run(static_cast<std::size_t>(n), [&](std::size_t e_) {
       const auto e = static_cast<int64_t>(e_);
-      const auto before = [&](int64_t a, int64_t b) {
-        const double ka = key(a, e), kb = key(b, e);
-        return ka > kb || (ka == kb && a < b);
-      };
       const auto keep = [&](int64_t t) { out[t * n + e] = pad_to_capacity || in_map[t * n + e]; };
-      std::vector<int64_t> best;
+      std::vector<entry> best;
+      std::size_t count = 0;
+      for (const auto& range_found : found) count += range_found[e_].size();
+      best.reserve(count);
       for (const auto& range_found : found) best.insert(best.end(), range_found[e_].begin(), range_found[e_].end());
-      const auto count = static_cast<int64_t>(best.size());
-      if (count >= capacity) {
+      if (static_cast<int64_t>(count) >= capacity) {
         std::nth_element(best.begin(), best.begin() + capacity, best.end(), before);
-        for (int64_t i = 0; i < capacity; ++i) keep(best[i]);
+        for (int64_t i = 0; i < capacity; ++i) keep(best[static_cast<std::size_t>(i)].token);
         return;
       }
-      for (const int64_t t : best) keep(t);
-      int64_t missing = capacity - count;
-      std::vector<int64_t> negative;
+      for (const entry& x : best) keep(x.token);
+      int64_t missing = capacity - static_cast<int64_t>(count);
+      std::vector<entry> negative;
       for (int64_t t = 0; t < T && missing > 0; ++t) {
         const double v = key(t, e);
         if (v == 0) {
           keep(t);
           --missing;
         } else if (v < 0) {
-          negative.push_back(t);
+          negative.push_back({v, t});
         }
       }
       if (missing > 0) {  // the scan saw every token: negative holds them all
         std::nth_element(negative.begin(), negative.begin() + missing, negative.end(), before);
-        for (int64_t i = 0; i < missing; ++i) keep(negative[i]);
+        for (int64_t i = 0; i < missing; ++i) keep(negative[static_cast<std::size_t>(i)].token);
       }
     });
   });
-  return final_map;
+  return std::make_tuple(masked_product(probs, final_map), final_map);
 }
 
 // ---- permute / unpermute -----------------------------------------------------------------------------------------
@@ -850,7 +984,8 @@ TORCH_LIBRARY(locmoe, m) {
   m.def("grap_logits(Tensor hidden, int num_experts, Tensor? bias, bool relu) -> Tensor");
   m.def("grap_backward(Tensor logits, Tensor grad_logits, int hidden_size, bool relu) -> Tensor");
   m.def("token_dropping(Tensor routing_probs, Tensor routing_map, int capacity, str drop_policy, "
-        "bool pad_to_capacity) -> Tensor");
+        "bool pad_to_capacity) -> (Tensor, Tensor)");
+  m.def("masked_product(Tensor values, Tensor mask) -> Tensor");
   m.def("permute_index(Tensor routing_map, int num_out_tokens, bool drop_and_pad) -> (Tensor, Tensor, int)");
   m.def("pair_weights(Tensor probs, Tensor slots, Tensor row_expert, bool double_precision) -> Tensor");
   m.def("pair_weights_backward(Tensor grad_weights, Tensor slots, Tensor row_expert, Tensor probs) -> Tensor");
@@ -869,6 +1004,7 @@ TORCH_LIBRARY_IMPL(locmoe, CPU, m) {
   m.impl("grap_logits", &grap_logits);
   m.impl("grap_backward", &grap_backward);
   m.impl("token_dropping", &token_dropping);
+  m.impl("masked_product", &masked_product);
   m.impl("permute_index", &permute_index);
   m.impl("pair_weights", &pair_weights);
   m.impl("pair_weights_backward", &pair_weights_backward);

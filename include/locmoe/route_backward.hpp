@@ -36,6 +36,8 @@
 #include <locmoe/select.hpp>
 #include <locmoe/views.hpp>
 
+#include <Eigen/Core>
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -51,12 +53,11 @@ namespace detail {
 /// Whether row l [n] routes (no NaN or +inf, not all -inf), and its largest logit.
 template <class S>
 bool routable_row(const S* l, std::size_t n, double& max_logit) {
-  max_logit = -std::numeric_limits<double>::infinity();
-  for (std::size_t e = 0; e < n; ++e) {
-    if (std::isnan(l[e]) || l[e] == std::numeric_limits<S>::infinity()) return false;
-    max_logit = std::max(max_logit, static_cast<double>(l[e]));
-  }
-  return max_logit != -std::numeric_limits<double>::infinity();
+  // Eigen's NaN-propagating max: vectorized, and NaN if any logit is NaN.
+  const S largest = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(l, static_cast<Eigen::Index>(n))
+                        .template maxCoeff<Eigen::PropagateNaN>();
+  max_logit = static_cast<double>(largest);
+  return std::isfinite(largest);  // not NaN, no +inf, not all -inf
 }
 
 /// One token's backward (see the header comment); `dense` is n zeros on entry and on exit.

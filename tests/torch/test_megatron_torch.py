@@ -769,3 +769,63 @@ def _route_and_permute():
 
 def _route_in_child():
     os._exit(0 if _route_and_permute().shape[0] == 2048 else 1)
+
+
+def test_z_loss_and_route_backward_over_blocks_on_four_threads(four_threads):
+    """T = 5000 (not a multiple of the 64-token blocks): the z-loss's blocks and route_backward's blocks run on the
+    pool; the loss and both gradients equal one thread's bit for bit and the reference within rounding. Rows with
+    a NaN or +inf logit, or all -inf, are left out of the z-loss's mean and get no gradient; a -inf logit alone
+    is a masked expert."""
+    g = torch.Generator().manual_seed(23)
+    logits = torch.randn(5000, 12, generator=g) * 4
+    logits[17, 3] = float("nan")
+    logits[4100, :] = float("-inf")
+    logits[4999, 0] = float("inf")
+    logits[64, 5] = float("-inf")
+    upstream = torch.randn(5000, 12, generator=g)
+    results = {}
+    for threads in (4, 1):
+        torch.set_num_threads(threads)
+        l = logits.clone().requires_grad_()
+        z = lt.z_loss_func(l, 1e-2)
+        probs, _ = lt.topk_routing_with_score_function(l, 2)
+        torch.autograd.backward([z, probs], [None, upstream])
+        results[threads] = (z.detach(), l.grad)
+    torch.set_num_threads(4)
+    assert all(torch.equal(a, b) for a, b in zip(results[4], results[1])), "4 threads and 1 thread differ"
+    valid = torch.ones(5000, dtype=torch.bool)
+    valid[[17, 4100, 4999]] = False
+    ref = logits.double().clone().requires_grad_()
+    ref_z = torch.logsumexp(ref[valid], dim=-1).square().mean() * 1e-2
+    routable = ref.masked_fill(~valid.unsqueeze(1), 0)  # no gradient reaches the invalid rows through it
+    top = routable.detach().topk(2, dim=1).indices
+    ref_probs = torch.zeros_like(ref).scatter(1, top, torch.softmax(routable.gather(1, top), dim=-1)) * \
+        valid.unsqueeze(1)
+    torch.autograd.backward([ref_z, ref_probs], [None, upstream.double()])
+    torch.testing.assert_close(results[4][0].double(), ref_z.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(results[4][1].double(), ref.grad, rtol=1e-5, atol=1e-6)
+    assert not results[4][1][[17, 4100, 4999]].any()
+
+
+def test_masked_product_is_torchs_product_with_a_bool_mask():
+    """apply_router_token_dropping's probs and their gradient: values * mask exactly as torch computes it
+    (NaN and inf times 0 are NaN, -x times 0 is -0), in every row dtype, over several token ranges."""
+    g = torch.Generator().manual_seed(24)
+    values = torch.randn(3000, 7, generator=g, dtype=torch.float64)
+    values[5, :3] = torch.tensor([float("nan"), float("inf"), -2.0], dtype=torch.float64)
+    mask = torch.rand(3000, 7, generator=g) < 0.5
+    mask[5, :3] = False
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        v = values.to(dtype)
+        ours, theirs = torch.ops.locmoe.masked_product(v, mask), v * mask
+        assert ours.dtype == dtype
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        same = ~theirs.isnan()
+        assert torch.equal(ours[same], theirs[same]) and torch.equal(ours.signbit(), theirs.signbit()), dtype
+    strided = values.t().contiguous().t()  # column-major: copied to rows
+    torch.testing.assert_close(torch.ops.locmoe.masked_product(strided, mask), strided * mask, rtol=0, atol=0,
+                               equal_nan=True)
+    with pytest.raises(ValueError, match="mask must have values' shape"):
+        torch.ops.locmoe.masked_product(values, mask[:5])
+    with pytest.raises(ValueError, match="values must be float32"):
+        torch.ops.locmoe.masked_product(values.long(), mask)

@@ -193,6 +193,24 @@ def get_capacity(num_tokens, num_experts, capacity_factor, min_capacity=None):
     return capacity
 
 
+class _DropTokens(torch.autograd.Function):
+    """(routing_probs * final_map, final_map) from one operator; backward: the gradient times the map."""
+
+    @staticmethod
+    def forward(ctx, routing_probs, routing_map, capacity, drop_policy, pad_to_capacity):
+        final_probs, final_map = ops.token_dropping(routing_probs, routing_map, capacity, drop_policy, pad_to_capacity)
+        ctx.mark_non_differentiable(final_map)
+        ctx.save_for_backward(final_map)
+        return final_probs, final_map
+
+    @staticmethod
+    def backward(ctx, grad_probs, _grad_map):
+        if grad_probs is None:
+            return (None,) * 5
+        (final_map,) = ctx.saved_tensors
+        return ops.masked_product(grad_probs, final_map), None, None, None, None
+
+
 def apply_router_token_dropping(routing_probs, routing_map, router_topk, capacity_factor, drop_policy="probs",
                                 pad_to_capacity=False):
     """(final_probs, final_map) [T, n]: each expert keeps its capacity = get_capacity(T k, n, cf) tokens of highest
@@ -208,10 +226,8 @@ def apply_router_token_dropping(routing_probs, routing_map, router_topk, capacit
     capacity = get_capacity(num_tokens * topk, num_experts, capacity_factor)
     if capacity > num_tokens:
         final_map = torch.ones_like(routing_map, dtype=torch.bool) if pad_to_capacity else routing_map.bool().clone()
-    else:
-        final_map = ops.token_dropping(routing_probs.detach(), routing_map, capacity, drop_policy,
-                                       bool(pad_to_capacity))
-    return routing_probs * final_map, final_map
+        return routing_probs * final_map, final_map
+    return _DropTokens.apply(routing_probs, routing_map, capacity, drop_policy, bool(pad_to_capacity))
 
 
 class _GatherRows(torch.autograd.Function):
