@@ -25,6 +25,7 @@
 #include <xsimd/xsimd.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -52,11 +53,14 @@ void route_on_pool(const locmoe::matrix_view<const S>& logits, const locmoe::rou
   });
 }
 
-/// Marks the chosen experts of the tokens in `range` in map [T, n], and writes their weights into probs [T, n]
-/// (cast to P, as Megatron-Core's probs.type_as(logits)) when probs is given; both zero on entry.
+/// Writes the rows of `range` of map [T, n] (true at the tokens' chosen experts) and, when given, of probs [T, n]
+/// (their weights there, cast to P as Megatron-Core's probs.type_as(logits); 0 elsewhere): zeroed here, while the
+/// pool task that routed these tokens has them in cache, instead of in a pass over the whole matrix before.
 template <class P, class S>
 void scatter_choices(const locmoe::route_outputs<S>& out, locmoe::token_range range, std::size_t n, bool* map,
                      P* probs) {
+  std::fill(map + range.begin * n, map + range.end * n, false);
+  if (probs) std::fill(probs + range.begin * n, probs + range.end * n, P(0.0f));
   const std::size_t k = out.indices.cols;
   for (std::size_t t = range.begin; t < range.end; ++t) {
     for (std::size_t j = 0; j < k; ++j) {
@@ -77,8 +81,8 @@ std::tuple<Tensor, Tensor, Tensor> route(const Tensor& logits_in, int64_t topk, 
   const auto dtype = logits.scalar_type();
   const int64_t T = logits.size(0), n = logits.size(1);
   Tensor indices = at::empty({T, topk}, logits.options().dtype(at::kInt));
-  Tensor probs = at::zeros({T, n}, logits_in.options());
-  Tensor map = at::zeros({T, n}, logits_in.options().dtype(at::kBool));
+  Tensor probs = at::empty({T, n}, logits_in.options());  // written whole by scatter_choices
+  Tensor map = at::empty({T, n}, logits_in.options().dtype(at::kBool));
   return checked([&] {
     AT_DISPATCH_FLOATING_TYPES(dtype, "locmoe_torch::route", [&] {
       using S = scalar_t;
@@ -115,7 +119,7 @@ std::tuple<Tensor, Tensor> aux_scores(const Tensor& logits_in, int64_t topk, std
   const int64_t T = logits.size(0), n = logits.size(1);
   Tensor indices = at::empty({T, topk}, logits.options().dtype(at::kInt));
   Tensor scores = at::empty({T, n}, logits.options());
-  Tensor map = at::zeros({T, n}, logits.options().dtype(at::kBool));
+  Tensor map = at::empty({T, n}, logits.options().dtype(at::kBool));  // written whole by scatter_choices
   return checked([&] {
     AT_DISPATCH_FLOATING_TYPES(dtype, "locmoe_torch::aux_scores", [&] {
       using S = scalar_t;
@@ -131,6 +135,43 @@ std::tuple<Tensor, Tensor> aux_scores(const Tensor& logits_in, int64_t topk, std
     });
     return std::make_tuple(map, scores);
   });
+}
+
+/// softmax's backward: dL/dl[t, i] = p[t, i] (g[t, i] - sum_j p[t, j] g[t, j]) for probs p [T, n] (float or double)
+/// and dL/dp g [T, n] of any strides (a row broadcast over the tokens, stride 0, as the aux loss's gradient comes,
+/// is read in place, not copied); the dot in double, the result in p's dtype. Over token ranges on the pool.
+Tensor softmax_backward(const Tensor& grad_in, const Tensor& probs_in) {
+  check_matrix(grad_in, "grad");
+  check_matrix(probs_in, "probs");
+  TORCH_CHECK_VALUE(probs_in.scalar_type() == at::kFloat || probs_in.scalar_type() == at::kDouble,
+                    "locmoe_torch: probs must be float32 or float64 (got ", probs_in.scalar_type(), ")");
+  TORCH_CHECK_VALUE(grad_in.sizes() == probs_in.sizes(), "locmoe_torch: grad must have probs' shape");
+  Tensor probs = probs_in.contiguous();
+  Tensor grad = grad_in.to(probs.scalar_type());
+  Tensor out = at::empty(probs.sizes(), probs.options());
+  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "locmoe_torch::softmax_backward", [&] {
+    using S = scalar_t;
+    const std::size_t T = probs.size(0), n = probs.size(1);
+    const auto row_stride = static_cast<std::ptrdiff_t>(grad.stride(0)), col_stride = static_cast<std::ptrdiff_t>(grad.stride(1));
+    const S* p = probs.data_ptr<S>();
+    const S* g = grad.data_ptr<S>();
+    S* o = out.data_ptr<S>();
+    backend_lease lease;
+    const auto ranges = token_ranges(T, lease.pool().threads(), 1024);
+    lease.pool().run(ranges.size(), [&](std::size_t r) {
+      for (std::size_t t = ranges[r].begin; t < ranges[r].end; ++t) {
+        const S* pt = p + t * n;
+        const S* gt = g + static_cast<std::ptrdiff_t>(t) * row_stride;
+        double dot = 0;
+        for (std::size_t e = 0; e < n; ++e)
+          dot += static_cast<double>(pt[e]) * static_cast<double>(gt[static_cast<std::ptrdiff_t>(e) * col_stride]);
+        for (std::size_t e = 0; e < n; ++e)
+          o[t * n + e] = static_cast<S>(static_cast<double>(pt[e]) *
+                                        (static_cast<double>(gt[static_cast<std::ptrdiff_t>(e) * col_stride]) - dot));
+      }
+    });
+  });
+  return out;
 }
 
 /// The chosen experts [T, k] as the routers write them (checked here, on the calling thread: the pool's tasks
@@ -207,6 +248,9 @@ constexpr std::size_t z_block = 64;
 /// the same bit for bit whatever the number of threads.
 std::tuple<Tensor, Tensor> z_loss(const Tensor& logits_in, double coeff) {
   Tensor logits = scores_input(logits_in);
+  const double representable = logits.scalar_type() == at::kDouble ? coeff : static_cast<double>(static_cast<float>(coeff));
+  TORCH_CHECK_VALUE(std::isfinite(representable), "locmoe_torch: z_loss_coeff must be finite in the logits' arithmetic ",
+                    "type (got ", coeff, ")");
   const auto dtype = logits.scalar_type();
   Tensor grad = at::empty_like(logits);
   return checked([&] {
@@ -466,9 +510,7 @@ std::tuple<Tensor, Tensor> token_dropping(const Tensor& probs_in, const Tensor& 
         if (by_probs) {
           for_each_positive_or_nan(p + t * n, static_cast<std::size_t>(n), add);
         } else {
-          for (int64_t e = 0; e < n; ++e) {
-            if (in_map[t * n + e]) add(static_cast<std::size_t>(e));
-          }
+          for_each_true(in_map + t * n, static_cast<std::size_t>(n), add);
         }
       }
       nan[r] = any_nan;
@@ -541,6 +583,7 @@ TORCH_LIBRARY(locmoe, m) {
   m.def("token_dropping(Tensor routing_probs, Tensor routing_map, int capacity, str drop_policy, "
         "bool pad_to_capacity) -> (Tensor, Tensor)");
   m.def("masked_product(Tensor values, Tensor mask) -> Tensor");
+  m.def("softmax_backward(Tensor grad, Tensor probs) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(locmoe, CPU, m) {
@@ -553,4 +596,5 @@ TORCH_LIBRARY_IMPL(locmoe, CPU, m) {
   m.impl("grap_backward", &grap_backward);
   m.impl("token_dropping", &token_dropping);
   m.impl("masked_product", &masked_product);
+  m.impl("softmax_backward", &softmax_backward);
 }

@@ -38,8 +38,7 @@ std::tuple<Tensor, Tensor, int64_t> permute_index(const Tensor& map_in, int64_t 
   std::vector<int64_t> range_ones(R * N, 0);
   lease.pool().run(R, [&](std::size_t r) {
     int64_t* ones = range_ones.data() + r * N;
-    for (std::size_t t = ranges[r].begin; t < ranges[r].end; ++t)
-      for (std::size_t e = 0; e < N; ++e) ones[e] += m[t * N + e];
+    for (std::size_t t = ranges[r].begin; t < ranges[r].end; ++t) for_each_true(m + t * N, N, [&](std::size_t e) { ++ones[e]; });
   });
   std::vector<int64_t> ones(N, 0);
   for (std::size_t r = 0; r < R; ++r)
@@ -88,14 +87,18 @@ std::tuple<Tensor, Tensor, int64_t> permute_index(const Tensor& map_in, int64_t 
     int64_t* zero = zero_at.data() + r * N;
     for (std::size_t t = ranges[r].begin; t < ranges[r].end; ++t) {
       const bool* row = m + t * N;
-      for (std::size_t e = 0; e < N; ++e) {
-        if (!row[e] && !unrouted_needed) continue;
+      const auto place = [&](std::size_t e) {
         int64_t& at = row[e] ? one[e] : zero[e];
         if (at < (drop_and_pad ? (static_cast<int64_t>(e) + 1) * capacity : rows)) {
           s[at] = static_cast<int64_t>(t);
           x[at] = static_cast<int64_t>(e);
         }
         ++at;
+      };
+      if (unrouted_needed) {
+        for (std::size_t e = 0; e < N; ++e) place(e);
+      } else {
+        for_each_true(row, N, place);
       }
     }
   });

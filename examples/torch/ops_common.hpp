@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -153,6 +154,24 @@ inline std::vector<locmoe::token_range> token_ranges(std::size_t tokens, std::si
   std::vector<locmoe::token_range> r(count);
   for (std::size_t i = 0; i < count; ++i) r[i] = {tokens * i / count, tokens * (i + 1) / count};
   return r;
+}
+
+/// fn(e) for each e < n whose row[e] is true, in increasing e. Eight entries are tested at once: the rows of a
+/// routing map are mostly zero words.
+template <class Fn>
+void for_each_true(const bool* row, std::size_t n, Fn&& fn) {
+  std::size_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    std::uint64_t word;
+    std::memcpy(&word, row + e, sizeof word);
+    if (word == 0) continue;
+    for (std::size_t j = e; j < e + 8; ++j) {
+      if (row[j]) fn(j);
+    }
+  }
+  for (; e < n; ++e) {
+    if (row[e]) fn(e);
+  }
 }
 
 }  // namespace locmoe_torch_ops

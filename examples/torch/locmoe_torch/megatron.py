@@ -12,6 +12,7 @@ gradients) and are left out of the z-loss's mean.
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._ops import ROW_DTYPES, check_int, check_matrix, ops
 
@@ -104,14 +105,15 @@ class _SoftmaxScores(torch.autograd.Function):
         return routing_map, scores
 
     @staticmethod
+    @once_differentiable  # its backward is an operator without autograd: a second derivative raises
     def backward(ctx, _grad_map, grad_scores):
         if grad_scores is None:
             return None, None, None
         (scores,) = ctx.saved_tensors
         if ctx.score_function == "sigmoid":
             grad = grad_scores * scores * (1 - scores)
-        else:  # p (g - p . g), row by row
-            grad = torch._softmax_backward_data(grad_scores.to(scores.dtype), scores, -1, scores.dtype)
+        else:  # p (g - p . g), row by row (the aux loss's g, one row broadcast over the tokens, read in place)
+            grad = ops.softmax_backward(grad_scores, scores)
         return grad.to(ctx.logits_dtype), None, None
 
 
@@ -204,6 +206,7 @@ class _DropTokens(torch.autograd.Function):
         return final_probs, final_map
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_probs, _grad_map):
         if grad_probs is None:
             return (None,) * 5
@@ -341,7 +344,12 @@ def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, d
         sorted_indices._locmoe_pairs = _Pairs(sorted_indices, num_tokens, routing_map, bool(drop_and_pad), slots,
                                               experts, row_expert, rows == routed)
     permuted = _GatherRows.apply(tokens, slots, experts, sorted_indices.shape[0])
-    permuted_probs = probs[sorted_indices, row_expert] if probs is not None else None
+    if probs is None:
+        permuted_probs = None
+    elif probs.is_contiguous():  # one gather from the flat view: cheaper than 2-D advanced indexing
+        permuted_probs = probs.view(-1).index_select(0, sorted_indices * num_experts + row_expert)
+    else:
+        permuted_probs = probs[sorted_indices, row_expert]
     return permuted, permuted_probs, sorted_indices, None, tokens_per_expert
 
 
