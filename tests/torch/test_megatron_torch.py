@@ -864,3 +864,26 @@ def test_z_loss_refuses_a_coefficient_that_is_not_finite():
         with pytest.raises(ValueError, match="z_loss_coeff must be finite"):
             lt.z_loss_func(logits, coeff)
     assert torch.isfinite(lt.z_loss_func(logits.double(), 1e39))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_backward_reads_any_gradient_layout(four_threads, dtype):
+    """The aux scores' softmax backward: p (g - p . g) row by row, for a broadcast row (stride 0, as the aux loss's
+    gradient arrives), a transposed and a contiguous g, over several token ranges; against torch's."""
+    g = torch.Generator().manual_seed(26)
+    probs = torch.softmax(torch.randn(3000, 12, generator=g, dtype=torch.float64) * 3, dim=-1).to(dtype)
+    layouts = {
+        "broadcast": torch.randn(12, generator=g, dtype=dtype).expand(3000, 12),
+        "transposed": torch.randn(12, 3000, generator=g, dtype=dtype).t(),
+        "contiguous": torch.randn(3000, 12, generator=g, dtype=dtype),
+    }
+    for name, grad in layouts.items():
+        ours = torch.ops.locmoe.softmax_backward(grad, probs)
+        reference = torch._softmax_backward_data(grad.double(), probs.double(), -1, torch.float64)
+        assert ours.dtype == dtype
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(ours.double(), reference, rtol=tol, atol=tol, msg=name)
+    with pytest.raises(ValueError, match="probs must be float32 or float64"):
+        torch.ops.locmoe.softmax_backward(layouts["contiguous"], probs.bfloat16())
+    with pytest.raises(ValueError, match="grad must have probs' shape"):
+        torch.ops.locmoe.softmax_backward(layouts["contiguous"][:5], probs)

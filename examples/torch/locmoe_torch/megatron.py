@@ -36,6 +36,7 @@ class _Route(torch.autograd.Function):
         probs, routing_map, indices = ops.route(logits, topk, use_pre_softmax, num_groups, group_topk, scale,
                                                 score_function, expert_bias)
         ctx.save_for_backward(logits, indices)
+        ctx.set_materialize_grads(False)  # no zero [T, n] gradients for the maps autograd cannot use
         ctx.settings = (topk, use_pre_softmax, scale, score_function)
         ctx.mark_non_differentiable(routing_map, indices)
         return probs, routing_map, indices
@@ -100,6 +101,7 @@ class _SoftmaxScores(torch.autograd.Function):
         routing_map, scores = ops.aux_scores(logits, topk, score_function)
         ctx.mark_non_differentiable(routing_map)
         ctx.save_for_backward(scores)
+        ctx.set_materialize_grads(False)  # no zero [T, n] gradients for the maps autograd cannot use
         ctx.logits_dtype = logits.dtype
         ctx.score_function = score_function
         return routing_map, scores
@@ -203,6 +205,7 @@ class _DropTokens(torch.autograd.Function):
         final_probs, final_map = ops.token_dropping(routing_probs, routing_map, capacity, drop_policy, pad_to_capacity)
         ctx.mark_non_differentiable(final_map)
         ctx.save_for_backward(final_map)
+        ctx.set_materialize_grads(False)  # no zero [T, n] gradients for the maps autograd cannot use
         return final_probs, final_map
 
     @staticmethod
