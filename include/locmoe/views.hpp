@@ -108,14 +108,14 @@ inline std::string shape_text(std::size_t rows, std::size_t cols) {
 template <class Policy, class T>
 bool check_view(const char* function, const char* argument, const matrix_view<T>& v, std::size_t rows,
                 std::size_t cols, const char* cols_rule) {
-  const std::string shape = shape_text(v.rows, v.cols);
+  const auto shape = [&] { return shape_text(v.rows, v.cols); };  // formatted only for a report: checks run per call
   if (v.rows != rows) {
     const std::string rule = "must have " + std::to_string(rows) + " rows (one per token)";
-    Policy::report(error_report{errc::domain, function, argument, shape, rule.c_str()}, 0);
+    Policy::report(error_report{errc::domain, function, argument, shape(), rule.c_str()}, 0);
     return false;
   }
   if (v.cols != cols) {
-    Policy::report(error_report{errc::domain, function, argument, shape, cols_rule}, 0);
+    Policy::report(error_report{errc::domain, function, argument, shape(), cols_rule}, 0);
     return false;
   }
   if (v.rows > 1 && v.stride < v.cols) {
@@ -126,12 +126,12 @@ bool check_view(const char* function, const char* argument, const matrix_view<T>
   }
   if (v.rows > 0 && v.cols > 0) {
     if (v.data == nullptr) {
-      Policy::report(error_report{errc::domain, function, argument, shape, "must not be null"}, 0);
+      Policy::report(error_report{errc::domain, function, argument, shape(), "must not be null"}, 0);
       return false;
     }
     const std::size_t limit = std::numeric_limits<std::ptrdiff_t>::max() / sizeof(T);
     if (v.stride > limit || (v.rows - 1) > (limit - v.cols) / (v.stride == 0 ? 1 : v.stride)) {
-      Policy::report(error_report{errc::overflow, function, argument, shape, "extent overflows the address space"},
+      Policy::report(error_report{errc::overflow, function, argument, shape(), "extent overflows the address space"},
                      0);
       return false;
     }
