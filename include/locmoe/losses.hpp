@@ -79,7 +79,7 @@ struct aux_loss_options {
 
 template <class S>
 struct locality_loss_options {
-  S coeff = S(0.01);      ///< mu (paper: 0.01)
+  S coeff = S(0.01);      ///< mu (our default: the paper gives no value for mu)
   S smoothing = S(0.01);  ///< eps in D_l
   const topology* topo = nullptr;            ///< required
   token_ranks token_rank;                    ///< whose tokens (topology.hpp); required with more than one rank
