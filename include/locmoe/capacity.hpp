@@ -233,7 +233,8 @@ double log_ec_min_exp_bound(std::int64_t d, std::int64_t n, double delta, const 
   return detail::capacity_bound_checked<Policy>("locmoe::log_ec_min_exp_bound", d, n, delta).log_ec_min_exp_bound;
 }
 
-/// The smallest integer capacity that meets the bound: max(1, ceil(ec_min)).
+/// The smallest integer capacity that meets the bound: max(1, ceil(ec_min)). The paper's bound taken with
+/// equality: a floor for the capacity under its assumptions, not a guarantee that no token is dropped.
 /// Fallback (errno policy): -1; an ec_min beyond 2^62 is reported as errc::overflow.
 template <class Policy = default_policy>
 std::int64_t critical_capacity(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {

@@ -22,7 +22,8 @@ def p_delta(d, delta):
 
 
 def critical_capacity(d, n, delta):
-    """The critical expert capacity of the paper's Theorem 1: ceil(1 / (n p_delta(d, delta)))."""
+    """The critical expert capacity of the paper's Theorem 1: max(1, ceil(1 / (n p_delta(d, delta)))). The paper's bound
+    taken with equality: a floor for the capacity under its assumptions, not a guarantee that no token is dropped."""
     return _ops.critical_capacity(int(d), int(n), float(delta))
 
 
