@@ -7,7 +7,9 @@
 //   z^2    delta^2 d / (2 - delta^2)
 //
 //   p_delta          = 1 - I_{delta^2}(1/2, (d-1)/2)       Lemma 3, eq. (8): P(|cos| >= delta) for a uniform
-//                                                         unit vector in R^d and a fixed direction
+//                                                         unit vector in R^d and a fixed direction (both
+//                                                         caps; Assumption 3's one-sided count, cos >= delta,
+//                                                         is p_delta / 2 and doubles ec_min: docs/theory.md)
 //   ec_min           = 1 / (n p_delta)                    Theorem 1, eq. (9)
 //   ec_min_erfc      = 1 / (n erfc(z))                    eq. (9), the paper's large-d form
 //   ec_min_exp_bound = exp(z^2) / n                       eq. (9), the paper's final form
