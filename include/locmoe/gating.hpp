@@ -5,7 +5,9 @@
 //   The d features are cut into n contiguous blocks B_i = [floor(i d / n), floor((i + 1) d / n)), and
 //   w_i . x is the mean of block i. When n divides d this is the paper's w_i = (n / d) 1{block i}; when it
 //   does not, blocks differ in size by at most one and each is averaged over its own size, which keeps
-//   the n weight vectors orthogonal (disjoint supports). Requires 1 <= n <= d.
+//   the n weight vectors orthogonal (disjoint supports). Requires 1 <= n <= d. Ours, not the paper's: eq. 4
+//   read with integer features gives ceil boundaries, all scaled by n/d; neither keeps the norms equal, and
+//   Top-1 is off balance by a few percent either way (docs/theory.md, "GrAP's blocks").
 //   Cost: one read of x (d elements per token), n divisions; memory-bandwidth bound (docs/benchmarks.md).
 // Dense:  logits = act(x W^T + b),  W [n x d], act = ReLU or identity (identity by default, as Switch).
 //   Cost: one GEMM, 2 T n d flops, through Eigen.
