@@ -309,10 +309,7 @@ std::tuple<Tensor, Tensor> z_loss(const Tensor& logits_in, double coeff) {
         z_sum += block_sum[b];
         valid += block_valid[b];
       }
-      if (valid == 0) {
-        grad.zero_();
-        return;
-      }
+      if (valid == 0) return;  // every row was zeroed in pass 1
       value = static_cast<double>(static_cast<S>(coeff)) * z_sum / static_cast<double>(valid);
       const double factor = 2.0 * static_cast<double>(static_cast<S>(coeff)) / static_cast<double>(valid);
       lease.pool().run(ranges.size(), [&](std::size_t r) {
