@@ -1,5 +1,5 @@
-// examples/torch/ops_common.hpp - what the operators of locmoe_torch_ops.cpp and locmoe_torch_rows.cpp share: the
-// pool they run on, argument checks, dtype dispatch and token ranges. Included by those two files only.
+// examples/torch/ops_common.hpp - what the operators of locmoe_torch_ops.cpp, locmoe_torch_rows.cpp and
+// locmoe_torch_routers.cpp share: the pool they run on, argument checks, dtype dispatch and token ranges.
 #pragma once
 
 #include <locmoe/backend/cpu.hpp>

@@ -101,6 +101,23 @@ class Vocabulary:
         return out
 
 
+def genre_groups(texts, groups):
+    """{genre: group in [0, groups)}: each genre whole to one group, largest genre (by words in `texts`) first, to
+    the group with the fewest words so far (ties to the lower group, then by the genre's name). node_skewed
+    sharding puts group g's genres on node g; the RRE router sends group g's tokens to expert group g."""
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1 (got {groups})")
+    genre_words = collections.Counter()
+    for t in texts:
+        genre_words[t.genre] += t.words()
+    group_words, group_of = [0] * groups, {}
+    for genre, words in sorted(genre_words.items(), key=lambda kv: (-kv[1], kv[0])):
+        group = min(range(groups), key=lambda i: (group_words[i], i))
+        group_of[genre] = group
+        group_words[group] += words
+    return group_of
+
+
 def shard(texts, ranks, ranks_per_node, mode, seed=1):
     """Texts per rank. "iid": texts dealt round-robin after a seeded shuffle, so every rank sees every genre.
     "node_skewed": each genre goes whole to one node (largest genre first, to the node with the fewest words so far;
@@ -118,14 +135,7 @@ def shard(texts, ranks, ranks_per_node, mode, seed=1):
             out[i % ranks].append(t)
         return out
     nodes = ranks // ranks_per_node
-    genre_words = collections.Counter()
-    for t in texts:
-        genre_words[t.genre] += t.words()
-    node_words, node_of = [0] * nodes, {}
-    for genre, words in sorted(genre_words.items(), key=lambda kv: (-kv[1], kv[0])):
-        node = min(range(nodes), key=lambda i: (node_words[i], i))
-        node_of[genre] = node
-        node_words[node] += words
+    node_of = genre_groups(texts, nodes)
     dealt = [0] * nodes
     for t in order:
         node = node_of[t.genre]

@@ -69,6 +69,34 @@ def two_level_routes(sends, rank, ranks_per_node, node_group, peer_group):
     return to_experts, Route([step_a, step_b], _gather([rows[l * N + dn] for dn in range(N) for l in range(G)]))
 
 
+class TrafficMeter:
+    """Bytes this process's exchange really sent to each rank of the world (`sent` [world] int64): the sizes of the
+    rows handed to all_to_all_single, counted while the meter is on (`with meter:`), forward and backward alike.
+    Rows a rank sends itself count at its own index (all_to_all_single copies them locally)."""
+
+    _active = []
+
+    def __init__(self, world_size):
+        self.sent = torch.zeros(world_size, dtype=torch.int64)
+
+    def __enter__(self):
+        TrafficMeter._active.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        TrafficMeter._active.remove(self)
+
+    @staticmethod
+    def record(step, sending):
+        if not TrafficMeter._active:
+            return
+        row_bytes = sending.element_size() * (sending.shape[1] if sending.dim() > 1 else 1)
+        ranks = dist.get_process_group_ranks(step.group)
+        for meter in TrafficMeter._active:
+            for i, rows in enumerate(step.send):
+                meter.sent[ranks[i]] += rows * row_bytes
+
+
 class Transfer:
     """One chunk's rows along a Route, one step in flight at a time."""
 
@@ -81,6 +109,7 @@ class Transfer:
         self.taken += 1
         rows = self.rows if step.order is None else self.rows.index_select(0, step.order)
         self.sending = rows.contiguous()  # kept alive until the step completes
+        TrafficMeter.record(step, self.sending)
         self.rows = rows.new_empty((sum(step.recv), rows.shape[1]))
         self.work = dist.all_to_all_single(self.rows, self.sending, step.recv, step.send, group=step.group,
                                            async_op=True)

@@ -33,8 +33,10 @@ import torch.distributed as dist
 
 from .exchange import Chunk, ExpertPipeline, flat_routes, two_level_routes
 from .locmoe import grap_gating, locality_loss_func
-from .megatron import (apply_router_token_dropping, compute_routing_scores_for_aux_loss, permute,
+from .megatron import (compute_routing_scores_for_aux_loss, drop_to_capacity, get_capacity, permute,
                        switch_load_balancing_loss_func, topk_routing_with_score_function, unpermute, z_loss_func)
+from .routers import empirical_delta, grap_weights, hash_routing, routed_cosines, rre_routing
+from ._ops import check_int, ops
 
 __all__ = ["GroupedFFN", "MoELayer"]
 
@@ -83,10 +85,19 @@ class MoELayer(torch.nn.Module):
     the ranks of `process_group` (default: the world when torch.distributed is initialized, else one rank).
 
     Router: `gate` "grap" (LocMoE's GrAP gate, eq. 4, with a learned bias) or "dense" (a learned [n, h] weight, the
-    Switch gate), then topk_routing_with_score_function (softmax after Top-k by default), optional token dropping
-    at `capacity_factor`. forward(x [T, hidden]) returns y [T, hidden] and sets `self.aux_loss`: the load-balancing
-    loss with the counts of all ranks (Megatron-Core's global-batch form: summed over ranks it is the loss of the
-    whole batch), plus the z-loss and LocMoE's locality loss of this rank's tokens when their coefficients are set.
+    Switch gate), then topk_routing_with_score_function (softmax after Top-k by default; `num_groups` and
+    `group_topk` give the node-limited Top-k), optional token dropping. Or a router that does not learn: "hash"
+    (hash_routing of forward's `token_ids`, through `hash_table` when given) or "rre" (PanGu-Sigma's rre_routing of
+    `token_ids` and `domains` over `rre_groups` expert groups); they route top-1 with prob 1 and have no losses.
+    Capacity: `capacity_factor` (a number: Megatron-Core's get_capacity(T k, n, cf) per expert and rank) or
+    "critical": each step, delta = empirical_delta of the cosines of this rank's tokens to the gate weight of their
+    first expert (q = `delta_quantile`), and the capacity is critical_capacity(d, n, delta), the paper's Theorem 1
+    bound taken with equality (grap and dense gates only; a delta <= 0 raises ValueError).
+    forward(x [T, hidden], token_ids=None, domains=None) returns y [T, hidden] and sets `self.aux_loss`: the
+    load-balancing loss with the counts of all ranks (Megatron-Core's global-batch form: summed over ranks it is the
+    loss of the whole batch), plus the z-loss and LocMoE's locality loss of this rank's tokens when their
+    coefficients are set; and the step's statistics: `last_load` [n] (this rank's tokens routed to each expert
+    before drops), `last_dropped` (choices dropped), `last_capacity`, `last_delta` (capacity "critical").
     Parameters: the gate's (replicated on every rank: reduce their gradients as data-parallel parameters) and the
     rank's n / R experts, `experts`: a GroupedFFN (`experts.w1` [n/R, hidden, ffn], `experts.w2` [n/R, ffn, hidden])
     unless the caller passes its own module with GroupedFFN's forward(rows, counts). `chunks`: see the module comment.
@@ -95,10 +106,23 @@ class MoELayer(torch.nn.Module):
     def __init__(self, hidden_size, ffn_hidden_size, num_experts, topk=1, gate="grap", score_function="softmax",
                  use_pre_softmax=False, capacity_factor=None, drop_policy="probs", aux_loss_coeff=1e-2,
                  z_loss_coeff=0.0, locality_loss_coeff=0.0, ranks_per_node=1, process_group=None, seed=0,
-                 dtype=torch.float32, exchange="flat", chunks=1, experts=None):
+                 dtype=torch.float32, exchange="flat", chunks=1, experts=None, num_groups=None, group_topk=None,
+                 hash_table=None, rre_groups=None, delta_quantile=0.05):
         super().__init__()
-        if gate not in ("grap", "dense"):
-            raise ValueError(f"gate must be 'grap' or 'dense' (got {gate!r})")
+        if gate not in ("grap", "dense", "hash", "rre"):
+            raise ValueError(f"gate must be 'grap', 'dense', 'hash' or 'rre' (got {gate!r})")
+        fixed = gate in ("hash", "rre")
+        if fixed and topk != 1:
+            raise ValueError(f"gate {gate!r} routes top-1 (got topk = {topk})")
+        if gate == "rre":
+            rre_groups = check_int("rre_groups", rre_groups, 1, num_experts)
+        if capacity_factor == "critical":
+            if fixed:
+                raise ValueError(f"capacity_factor 'critical' needs a gate with weights (grap or dense), not {gate!r}")
+            if not 0 <= delta_quantile <= 1:
+                raise ValueError(f"delta_quantile must be in [0, 1] (got {delta_quantile})")
+        elif capacity_factor is not None:
+            get_capacity(1, 1, capacity_factor)  # raises on a factor that is not a finite number >= 0
         self.group = process_group if process_group is not None else (
             dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
         self.ranks = dist.get_world_size(self.group) if self.group is not None else 1
@@ -127,8 +151,12 @@ class MoELayer(torch.nn.Module):
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
         self.locality_loss_coeff, self.ranks_per_node = locality_loss_coeff, ranks_per_node
+        self.num_groups, self.group_topk, self.delta_quantile = num_groups, group_topk, delta_quantile
+        self.hash_table, self.rre_groups, self.seed = hash_table, rre_groups, seed
         g = torch.Generator().manual_seed(seed)
-        if gate == "grap":
+        if fixed:
+            pass
+        elif gate == "grap":
             self.gate_bias = torch.nn.Parameter(torch.zeros(num_experts, dtype=dtype))
         else:
             self.gate_weight = torch.nn.Parameter(torch.randn(num_experts, hidden_size, generator=g, dtype=dtype)
@@ -138,6 +166,7 @@ class MoELayer(torch.nn.Module):
         self.aux_loss = None
         self.last_counts = None  # [R, n/R] rows this rank received per (source rank, local expert) in the last step
         self.last_sent = None    # [R] rows this rank sent to each rank in the last step (itself included)
+        self.last_load = self.last_dropped = self.last_capacity = self.last_delta = None
 
     def link_bytes(self, row_bytes):
         """Bytes the last step's rows took to this rank itself, to the other ranks of its node and to other nodes
@@ -156,16 +185,53 @@ class MoELayer(torch.nn.Module):
             return grap_gating(x, self.num_experts, self.gate_bias)
         return x.to(self.gate_weight.dtype) @ self.gate_weight.T
 
-    def forward(self, x):
-        if x.dim() != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"x must be [tokens, {self.hidden_size}] (got {tuple(x.shape)})")
+    def gate_weights(self):
+        """The gate's weight vectors [n, hidden] (float64): GrAP's block means, or the dense gate's rows."""
+        if self.gate_kind == "grap":
+            return grap_weights(self.hidden_size, self.num_experts)
+        if self.gate_kind == "dense":
+            return self.gate_weight.detach().to(torch.float64)
+        raise ValueError(f"gate {self.gate_kind!r} has no weight vectors")
+
+    def route(self, x, token_ids=None, domains=None):
+        """(probs, routing_map) [T, n] before capacity, and the logits (None for hash and rre); sets aux_loss."""
+        if self.gate_kind in ("hash", "rre"):
+            if token_ids is None or (self.gate_kind == "rre" and domains is None):
+                raise ValueError(f"gate {self.gate_kind!r} needs forward's token_ids"
+                                 + (" and domains" if self.gate_kind == "rre" else ""))
+            if token_ids.shape != (x.shape[0],) or (domains is not None and domains.shape != (x.shape[0],)):
+                raise ValueError(f"token_ids and domains must be [tokens] = [{x.shape[0]}]")
+            self.aux_loss = x.new_zeros((), dtype=torch.float32)
+            if self.gate_kind == "hash":
+                return (*hash_routing(token_ids, self.num_experts, self.seed, self.hash_table), None)
+            return (*rre_routing(token_ids, domains, self.num_experts, self.rre_groups, self.seed), None)
         logits = self.logits(x)
         probs, routing_map = topk_routing_with_score_function(logits, self.topk, self.use_pre_softmax,
+                                                              num_groups=self.num_groups, group_topk=self.group_topk,
                                                               score_function=self.score_function)
         self.aux_loss = self._losses(logits, routing_map)
+        return probs, routing_map, logits
+
+    def _capacity(self, x, probs, routing_map):
+        if self.capacity_factor != "critical":
+            return get_capacity(x.shape[0] * self.topk, self.num_experts, self.capacity_factor)
+        first = torch.where(routing_map.any(dim=1), probs.detach().masked_fill(~routing_map, -1).argmax(dim=1), -1)
+        self.last_delta = empirical_delta(routed_cosines(x, self.gate_weights(), first), self.delta_quantile)
+        if not self.last_delta > 0:
+            raise ValueError(f"capacity 'critical': the batch's delta ({self.last_delta:.4g}, the "
+                             f"{self.delta_quantile} quantile of the routed cosines) must be > 0")
+        return ops.critical_capacity(self.hidden_size, self.num_experts, self.last_delta)
+
+    def forward(self, x, token_ids=None, domains=None):
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"x must be [tokens, {self.hidden_size}] (got {tuple(x.shape)})")
+        probs, routing_map, _ = self.route(x, token_ids, domains)
+        self.last_load = routing_map.sum(dim=0)
+        self.last_dropped, self.last_capacity = 0, None
         if self.capacity_factor is not None:
-            probs, routing_map = apply_router_token_dropping(probs, routing_map, self.topk, self.capacity_factor,
-                                                             self.drop_policy)
+            self.last_capacity = self._capacity(x, probs, routing_map)
+            probs, routing_map = drop_to_capacity(probs, routing_map, self.last_capacity, self.drop_policy)
+            self.last_dropped = int(self.last_load.sum() - routing_map.sum())
         permuted, _, sorted_indices, _, _ = permute(x, routing_map)
         tokens_per_expert = routing_map.sum(dim=0)
         expert_out = self._through_experts(permuted, tokens_per_expert)

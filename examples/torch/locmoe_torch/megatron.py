@@ -229,7 +229,15 @@ def apply_router_token_dropping(routing_probs, routing_map, router_topk, capacit
     topk = check_int("router_topk", router_topk, 1, num_experts)
     if drop_policy not in ("probs", "position"):
         raise ValueError(f"drop_policy must be 'probs' or 'position' (got {drop_policy!r})")
-    capacity = get_capacity(num_tokens * topk, num_experts, capacity_factor)
+    return drop_to_capacity(routing_probs, routing_map, get_capacity(num_tokens * topk, num_experts, capacity_factor),
+                            drop_policy, pad_to_capacity)
+
+
+def drop_to_capacity(routing_probs, routing_map, capacity, drop_policy="probs", pad_to_capacity=False):
+    """apply_router_token_dropping with the capacity (tokens per expert, >= 0) given instead of a capacity factor:
+    for capacities that do not come from get_capacity (MoELayer's capacity from the critical bound)."""
+    num_tokens = routing_probs.shape[0]
+    capacity = check_int("capacity", capacity, 0)
     if capacity > num_tokens:
         final_map = torch.ones_like(routing_map, dtype=torch.bool) if pad_to_capacity else routing_map.bool().clone()
         return routing_probs * final_map, final_map
