@@ -176,7 +176,8 @@ def test_moe_layer_critical_capacity(gate):
     first = routing_map.int().argmax(dim=1)
     w = lt.grap_weights(32, 4) if gate == "grap" else layer.gate_weight.detach().double()
     cos = torch.nn.functional.cosine_similarity(x.double(), w[first], dim=1)
-    delta = float(torch.quantile(cos, 0.05))
+    delta = float(torch.quantile(cos.abs(), 0.05))  # both caps, as the calculator counts (eq. 8)
+    assert layer.last_negative_share == float((cos < 0).double().mean())
     assert layer.last_delta == pytest.approx(delta, abs=1e-12)
     assert layer.last_capacity == lt.critical_capacity(32, 4, delta)
     load = routing_map.sum(dim=0)
@@ -188,5 +189,8 @@ def test_moe_layer_critical_capacity(gate):
     assert torch.allclose(y[kept], expert_outputs(layer, x[kept], first[kept].tolist()), rtol=1e-5, atol=1e-6)
     assert bool((y[~kept] == 0).all()) and int((~kept).sum()) == layer.last_dropped
     assert gate == "dense" or layer.last_dropped > 0  # GrAP's cosines are small here: the bound drops tokens
-    with pytest.raises(ValueError, match="delta"):
-        layer(-x if gate == "grap" else x * 0 - 1)
+    flipped = layer(-x if gate == "grap" else x * 0 - 1)  # every routed cosine negative: |cos| still gives delta
+    assert layer.last_negative_share == 1.0 and layer.last_delta > 0 and flipped.shape == x.shape
+    if gate == "grap":  # +1, -1 in every block: every block mean is 0, so is every cosine and delta
+        with pytest.raises(ValueError, match="delta"):
+            layer(torch.tensor([1.0, -1.0]).repeat(10, 16))

@@ -81,10 +81,14 @@ def modelled_all_to_all(rows, ranks_per_node, token_bytes):
 
 
 def flat_row(run):
-    """One run as a flat dict of scalars (CSV columns); the curve as "step:loss" pairs."""
-    row = {k: run[k] for k in ("router", "sharding", "capacity", "steps", "final_val_loss", "final_perplexity",
-                                "inter_node_share", "max_mean_load", "drop_rate", "tokens_per_second",
-                                "step_seconds", "step_seconds_overlap", "mean_capacity", "mean_delta", "plan_check")}
+    """One run as a flat dict of scalars (CSV columns); the curve as "step:loss" pairs. A failed run has only its
+    settings and `error`."""
+    row = {k: run.get(k) for k in ("router", "sharding", "capacity", "error", "steps", "final_val_loss",
+                                    "final_perplexity", "inter_node_share", "max_mean_load", "drop_rate",
+                                    "tokens_per_second", "step_seconds", "step_seconds_overlap", "mean_capacity",
+                                    "mean_delta", "negative_cosine_share", "plan_check")}
+    if "error" in run:
+        return row
     for k, v in run["bytes_per_step"].items():
         row[f"bytes_per_step_{k}"] = v
     for k, v in run["modelled_all_to_all_seconds"].items():
@@ -95,8 +99,9 @@ def flat_row(run):
 
 def to_csv(runs):
     rows = [flat_row(r) for r in runs]
+    fields = max((list(r) for r in rows), key=len, default=[])
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -108,6 +113,9 @@ def table(runs):
             f"{'drops':>7}{'tok/s':>8}{'64N flat us':>12}{'64N s-g us':>11}")
     lines = [head]
     for r in runs:
+        if "error" in r:
+            lines.append(f"{r['router']:<16}{r['sharding']:<12}{str(r['capacity']):<9}failed: {r['error']}")
+            continue
         m = r["modelled_all_to_all_seconds"]
         lines.append(f"{r['router']:<16}{r['sharding']:<12}{str(r['capacity']):<9}{r['final_val_loss']:>9.3f}"
                      f"{r['final_perplexity']:>8.1f}{r['inter_node_share']:>7.3f}{r['max_mean_load']:>9.2f}"

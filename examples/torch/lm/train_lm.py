@@ -44,9 +44,12 @@ import locmoe_torch as lt
 from locmoe_torch.exchange import TrafficMeter
 
 ROUTERS = ("switch", "hash", "rre", "locmoe", "node_limited")
-DEFAULT_RUNS = [f"{r}/{s}/1.25" for s in ("iid", "node_skewed")
-                for r in ("switch", "hash", "rre", "locmoe-0.01", "locmoe-0.1", "locmoe-1", "node_limited")] + [
-    "switch/node_skewed/critical", "locmoe-0.1/node_skewed/critical"]
+# about 30 minutes on 2 cores: every router on both shardings, LocMoE's mu swept where locality can pay (node-skewed
+# data), and the critical capacity against the factor 1.25 for the two learned top-1 routers
+DEFAULT_RUNS = ([f"{r}/iid/1.25" for r in ("switch", "hash", "rre", "locmoe-0.1", "node_limited")]
+                + [f"{r}/node_skewed/1.25" for r in ("switch", "hash", "rre", "locmoe-0.01", "locmoe-0.1", "locmoe-1",
+                                                     "node_limited")]
+                + ["switch/node_skewed/critical", "locmoe-0.1/node_skewed/critical"])
 SMOKE_RUNS = ["switch/iid/1.25", "hash/node_skewed/1.25", "rre/node_skewed/1.25", "locmoe-0.1/node_skewed/1.25",
               "node_limited/node_skewed/1.25", "locmoe-0.1/iid/critical"]
 
@@ -79,7 +82,10 @@ def parse_run(spec):
 
 def layer_settings(run, a, hash_table):
     nodes = a.ranks // a.ranks_per_node
-    common = dict(capacity_factor=run["capacity"], ranks_per_node=a.ranks_per_node)
+    # softmax over all n experts before the top-k (use_pre_softmax): the chosen experts' probs scale their outputs,
+    # so the language-model loss reaches the gate (Switch Transformer's p_i(x) E_i(x); the paper's eq. 1-2: y = R E(x), R from softmax(G)). With
+    # Megatron-Core's default (softmax over the k chosen) a top-1 prob is always 1 and only the aux losses train it.
+    common = dict(capacity_factor=run["capacity"], ranks_per_node=a.ranks_per_node, use_pre_softmax=True)
     return {
         "switch": dict(gate="dense", aux_loss_coeff=1e-2),
         "hash": dict(gate="hash", aux_loss_coeff=0.0, hash_table=hash_table),
@@ -177,7 +183,7 @@ def worker(rank, a, run, data, out_path):
     plan_rows = torch.zeros(R, dtype=torch.int64)    # rows this rank dispatched to each rank, all steps and layers
     loads = torch.zeros(a.steps, L, n, dtype=torch.int64)
     dropped = routed = 0
-    capacities, deltas = [], []
+    capacities, deltas, negatives = [], [], []
     meter = TrafficMeter(R) if R > 1 else None
     curve, train_seconds = [], 0.0
 
@@ -216,11 +222,14 @@ def worker(rank, a, run, data, out_path):
                 capacities.append(moe.last_capacity)
             if moe.last_delta is not None:
                 deltas.append(moe.last_delta)
+                negatives.append(moe.last_negative_share)
         if step % a.eval_every == 0 or step == a.steps:
             curve.append((step, evaluate()))
             if rank == 0:
-                print(f"  {run['spec']}: step {step:4d}  train {loss:.3f}  val {curve[-1][1]:.3f}  "
-                      f"{train_seconds:.0f} s", file=sys.stderr, flush=True)
+                last = loads[step - 1].double()  # this rank's loads: the progress line shows rank 0's view
+                print(f"  {run['spec']}: step {step:4d}  train {loss:.3f}  val {curve[-1][1]:.3f}  rank 0's max/mean "
+                      f"{float((last.amax(dim=1) / last.mean(dim=1)).mean()):.2f}  {train_seconds:.0f} s",
+                      file=sys.stderr, flush=True)
     timing = {}
     for chunks in (1, 2):  # step time without and with the exchange/compute overlap (MoELayer chunks)
         for moe in moes:
@@ -234,7 +243,7 @@ def worker(rank, a, run, data, out_path):
     measured = torch.stack(_all_gather(meter.sent, R)) if meter else plan * 0
     totals = torch.tensor([dropped, routed], dtype=torch.int64)
     cap = torch.tensor([sum(capacities), len(capacities)], dtype=torch.float64)
-    dsum = torch.tensor([sum(deltas), len(deltas)], dtype=torch.float64)
+    dsum = torch.tensor([sum(deltas), len(deltas), sum(negatives)], dtype=torch.float64)
     if R > 1:
         for t in (loads, totals, cap, dsum):
             dist.all_reduce(t)
@@ -254,6 +263,7 @@ def worker(rank, a, run, data, out_path):
                       drop_rate=float(totals[0]) / max(float(totals[1]), 1),
                       mean_capacity=float(cap[0] / cap[1]) if cap[1] else None,
                       mean_delta=float(dsum[0] / dsum[1]) if dsum[1] else None,
+                      negative_cosine_share=float(dsum[2] / dsum[1]) if dsum[1] else None,
                       tokens_per_second=a.steps * a.batch * a.context * R / train_seconds,
                       step_seconds=timing[1], step_seconds_overlap=timing[2],
                       modelled_all_to_all_seconds=report.modelled_all_to_all(rows_per_step, a.ranks_per_node,
@@ -273,12 +283,18 @@ def _all_gather(t, R):
 
 
 def train(run, a, data, index):
+    """The run's report, or the run with an `error` (the message of the process that failed) when a process
+    raised: one failed run does not lose the others (spawn stops the run's other processes)."""
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, f"run{index}.json")
-        if a.ranks == 1:
-            worker(0, a, run, data, out_path)
-        else:
-            torch.multiprocessing.spawn(worker, args=(a, run, data, out_path), nprocs=a.ranks, join=True)
+        try:
+            if a.ranks == 1:
+                worker(0, a, run, data, out_path)
+            else:
+                torch.multiprocessing.spawn(worker, args=(a, run, data, out_path), nprocs=a.ranks, join=True)
+        except Exception as e:  # noqa: BLE001 (the report names it; the sweep goes on)
+            lines = [l for l in str(e).strip().splitlines() if l.strip()]
+            return dict(run, error=lines[-1] if lines else type(e).__name__)
         with open(out_path) as f:
             return json.load(f)
 
@@ -300,9 +316,9 @@ def arguments(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--context", type=int, default=32)
     p.add_argument("--batch", type=int, default=8, help="windows per rank and step")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--val-windows", type=int, default=128)
     p.add_argument("--timing-steps", type=int, default=5, help="steps timed with and without overlap after training")
     p.add_argument("--token-bytes", type=int, default=10240, help="bytes of a row in the modelled All-to-All")
@@ -340,6 +356,7 @@ def main(argv=None):
     for i, run in enumerate(a.parsed):
         print(f"run {i + 1}/{len(a.parsed)}: {run['spec']}", file=sys.stderr, flush=True)
         runs.append(train(run, a, data, i))
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # the log keeps every finished run
     settings = {k: v for k, v in vars(a).items() if k not in ("parsed", "json", "csv")}
     if a.json:
         print(json.dumps(dict(settings=settings, runs=runs), indent=1))
@@ -347,7 +364,11 @@ def main(argv=None):
         print(report.to_csv(runs), end="")
     else:
         print(report.table(runs))
+    failed = [r for r in runs if "error" in r]
+    for r in failed:
+        print(f"run {r['spec']} failed: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

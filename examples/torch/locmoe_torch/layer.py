@@ -90,9 +90,11 @@ class MoELayer(torch.nn.Module):
     (hash_routing of forward's `token_ids`, through `hash_table` when given) or "rre" (PanGu-Sigma's rre_routing of
     `token_ids` and `domains` over `rre_groups` expert groups); they route top-1 with prob 1 and have no losses.
     Capacity: `capacity_factor` (a number: Megatron-Core's get_capacity(T k, n, cf) per expert and rank) or
-    "critical": each step, delta = empirical_delta of the cosines of this rank's tokens to the gate weight of their
-    first expert (q = `delta_quantile`), and the capacity is critical_capacity(d, n, delta), the paper's Theorem 1
-    bound taken with equality (grap and dense gates only; a delta <= 0 raises ValueError).
+    "critical": each step, delta = empirical_delta of |cos| of this rank's tokens to the gate weight of their first
+    expert (q = `delta_quantile`), and the capacity is critical_capacity(d, n, delta), the paper's Theorem 1 bound
+    taken with equality (grap and dense gates only). |cos| because the calculator counts both caps, |cos| >= delta
+    (eq. 8); Assumption 3's one-sided cos >= delta has no positive delta once more than a q share of the routed
+    cosines are negative, which happens in training (docs/training.md). A delta of 0 raises ValueError.
     forward(x [T, hidden], token_ids=None, domains=None) returns y [T, hidden] and sets `self.aux_loss`: the
     load-balancing loss with the counts of all ranks (Megatron-Core's global-batch form: summed over ranks it is the
     loss of the whole batch), plus the z-loss and LocMoE's locality loss of this rank's tokens when their
@@ -167,6 +169,7 @@ class MoELayer(torch.nn.Module):
         self.last_counts = None  # [R, n/R] rows this rank received per (source rank, local expert) in the last step
         self.last_sent = None    # [R] rows this rank sent to each rank in the last step (itself included)
         self.last_load = self.last_dropped = self.last_capacity = self.last_delta = None
+        self.last_negative_share = None  # capacity "critical": share of the routed cosines below 0
 
     def link_bytes(self, row_bytes):
         """Bytes the last step's rows took to this rank itself, to the other ranks of its node and to other nodes
@@ -216,10 +219,12 @@ class MoELayer(torch.nn.Module):
         if self.capacity_factor != "critical":
             return get_capacity(x.shape[0] * self.topk, self.num_experts, self.capacity_factor)
         first = torch.where(routing_map.any(dim=1), probs.detach().masked_fill(~routing_map, -1).argmax(dim=1), -1)
-        self.last_delta = empirical_delta(routed_cosines(x, self.gate_weights(), first), self.delta_quantile)
+        cosines = routed_cosines(x, self.gate_weights(), first)
+        self.last_delta = empirical_delta(cosines.abs(), self.delta_quantile)
+        self.last_negative_share = float((cosines < 0).double().mean()) if cosines.numel() else 0.0
         if not self.last_delta > 0:
             raise ValueError(f"capacity 'critical': the batch's delta ({self.last_delta:.4g}, the "
-                             f"{self.delta_quantile} quantile of the routed cosines) must be > 0")
+                             f"{self.delta_quantile} quantile of the routed |cos|) must be > 0")
         return ops.critical_capacity(self.hidden_size, self.num_experts, self.last_delta)
 
     def forward(self, x, token_ids=None, domains=None):
