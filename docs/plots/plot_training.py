@@ -80,15 +80,16 @@ def all_to_all(runs, out):
 
 def tables(runs):
     """docs/training.md's two tables: quality and traffic, and the modelled All-to-All."""
-    print("| run | val loss | ppl | inter-node share | max/mean load | drop rate | tokens/s | step s | step s, 2 chunks |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | val loss | ppl | inter-node share | max/mean load | drop rate | val drop rate | tokens/s | step s "
+          "| step s, 2 chunks |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         cap = "critical" if r["capacity"] == "critical" else f"cf {r['capacity']:g}"
         if r["capacity"] == "critical":
             cap += f" (mean {r['mean_capacity']:.2f}, delta {r['mean_delta']:.3f})"
         print(f"| {label(r).replace(' (critical)', '')} / {r['sharding']} / {cap} | {r['final_val_loss']:.3f} | "
               f"{r['final_perplexity']:.1f} | {r['inter_node_share']:.3f} | {r['max_mean_load']:.2f} | "
-              f"{r['drop_rate']:.3f} | {r['tokens_per_second']:.0f} | {r['step_seconds']:.3f} | "
+              f"{r['drop_rate']:.3f} | {r['val_drop_rate']:.3f} | {r['tokens_per_second']:.0f} | {r['step_seconds']:.3f} | "
               f"{r['step_seconds_overlap']:.3f} |")
     print()
     clusters = ["run", "64N", "128N", "256N"]

@@ -6,7 +6,12 @@
 
 #include <locmoe/capacity.hpp>
 #include <locmoe/exchange.hpp>
+#include <locmoe/routers.hpp>
 #include <locmoe/topology.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
 
 #include <cstdint>
 #include <string>
@@ -32,7 +37,8 @@ Tensor experts_of(const std::vector<locmoe::expert_index>& chosen) {
   return out;
 }
 
-Tensor hash_route(const Tensor& token_ids_in, int64_t num_experts, int64_t seed, const c10::optional<Tensor>& table_in) {
+Tensor hash_route(const Tensor& token_ids_in, int64_t num_experts, int64_t seed,
+                  const c10::optional<Tensor>& table_in) {
   TORCH_CHECK_VALUE(num_experts >= 1, "locmoe_torch: num_experts must be >= 1 (got ", num_experts, ")");
   const Tensor ids = ids_input(token_ids_in, "token_ids");
   const auto tokens = static_cast<std::size_t>(ids.size(0));
@@ -40,7 +46,7 @@ Tensor hash_route(const Tensor& token_ids_in, int64_t num_experts, int64_t seed,
   locmoe::hash_options<int64_t> options;
   options.seed = static_cast<std::uint64_t>(seed);
   if (table_in.has_value()) {
-    const Tensor t = ids_input(*table_in, "table");
+    const Tensor t = ids_input(*table_in, "table");  // indexed by token id
     const auto* v = t.data_ptr<int64_t>();
     for (int64_t i = 0; i < t.size(0); ++i) {
       TORCH_CHECK_VALUE(v[i] >= 0 && v[i] < num_experts, "locmoe_torch: table[", i, "] = ", v[i],
@@ -63,14 +69,17 @@ Tensor hash_route(const Tensor& token_ids_in, int64_t num_experts, int64_t seed,
 Tensor balanced_hash_table(const Tensor& frequencies_in, int64_t num_experts) {
   TORCH_CHECK_VALUE(num_experts >= 1, "locmoe_torch: num_experts must be >= 1 (got ", num_experts, ")");
   TORCH_CHECK_VALUE(frequencies_in.device().is_cpu() && frequencies_in.dim() == 1,
-                    "locmoe_torch: frequencies must be a 1-D CPU tensor");
+                    "locmoe_torch: frequencies must be a 1-D CPU tensor (got ", frequencies_in.dim(), "-D on ",
+                    frequencies_in.device(), ")");
   const Tensor f = frequencies_in.to(at::kDouble).contiguous();
   const auto* v = f.data_ptr<double>();
   const std::vector<double> frequencies(v, v + f.size(0));
-  return experts_of(checked([&] { return locmoe::balanced_hash_table(frequencies, static_cast<std::size_t>(num_experts)); }));
+  const auto n = static_cast<std::size_t>(num_experts);
+  return experts_of(checked([&] { return locmoe::balanced_hash_table(frequencies, n); }));
 }
 
-Tensor rre_route(const Tensor& token_ids_in, const Tensor& domains_in, int64_t num_experts, int64_t groups, int64_t seed) {
+Tensor rre_route(const Tensor& token_ids_in, const Tensor& domains_in, int64_t num_experts, int64_t groups,
+                 int64_t seed) {
   TORCH_CHECK_VALUE(num_experts >= 1, "locmoe_torch: num_experts must be >= 1 (got ", num_experts, ")");
   TORCH_CHECK_VALUE(groups >= 1, "locmoe_torch: groups must be >= 1 (got ", groups, ")");
   const Tensor ids = ids_input(token_ids_in, "token_ids");
@@ -125,6 +134,8 @@ double model_exchange_seconds(const Tensor& send_bytes_in, int64_t ranks_per_nod
   TORCH_CHECK_VALUE(send_bytes_in.device().is_cpu() && send_bytes_in.dim() == 2 &&
                         send_bytes_in.size(0) == send_bytes_in.size(1),
                     "locmoe_torch: send_bytes must be a square 2-D CPU tensor [R, R] (source-major bytes)");
+  TORCH_CHECK_TYPE(at::isIntegralType(send_bytes_in.scalar_type(), /*includeBool=*/false),
+                   "locmoe_torch: send_bytes must hold integers (bytes), got ", send_bytes_in.scalar_type());
   TORCH_CHECK_VALUE(scheme == "flat" || scheme == "split_gather" || scheme == "two_level",
                     "locmoe_torch: scheme must be 'flat', 'split_gather' or 'two_level' (got '", scheme, "')");
   TORCH_CHECK_VALUE(links == "ascend_910" || links == "dgx_a100",
@@ -132,9 +143,9 @@ double model_exchange_seconds(const Tensor& send_bytes_in, int64_t ranks_per_nod
   const Tensor s = send_bytes_in.to(at::kLong).contiguous();
   const int64_t ranks = s.size(0);
   const std::vector<int64_t> bytes(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + ranks * ranks);
-  for (std::size_t i = 0; i < bytes.size(); ++i) {
-    TORCH_CHECK_VALUE(bytes[i] >= 0, "locmoe_torch: send_bytes[", i / ranks, "][", i % ranks, "] = ", bytes[i],
-                      " must be >= 0");
+  for (int64_t i = 0; i < ranks * ranks; ++i) {
+    TORCH_CHECK_VALUE(bytes[static_cast<std::size_t>(i)] >= 0, "locmoe_torch: send_bytes[", i / ranks, "][",
+                      i % ranks, "] = ", bytes[static_cast<std::size_t>(i)], " must be >= 0");
   }
   const auto kind = scheme == "flat"           ? locmoe::exchange_scheme::flat
                     : scheme == "split_gather" ? locmoe::exchange_scheme::split_gather

@@ -149,6 +149,23 @@ def test_moe_layer_hash_and_rre():
         lt.MoELayer(16, 8, 4, gate="hash", capacity_factor="critical")
     with pytest.raises(ValueError, match="rre_groups"):
         lt.MoELayer(16, 8, 4, gate="rre", rre_groups=5)
+    table = [3, 1, 2, 0] * 30  # through a table: expert = table[id]
+    tabled = lt.MoELayer(16, 8, 4, gate="hash", hash_table=table, seed=3)
+    assert torch.allclose(tabled(x, token_ids=ids), expert_outputs(tabled, x, [table[i] for i in ids.tolist()]),
+                          rtol=1e-5, atol=1e-6)
+    for kwargs, name in ((dict(gate="dense", hash_table=table), "hash_table"), (dict(gate="hash", rre_groups=2),
+                         "rre_groups"), (dict(gate="dense", num_groups=2), "group_topk"),
+                         (dict(gate="hash", num_groups=2, group_topk=1), "num_groups"),
+                         (dict(gate="dense", drop_policy="bogus"), "drop_policy"),
+                         (dict(gate="dense", capacity_factor="critical", delta_quantile="a"), "delta_quantile")):
+        with pytest.raises(ValueError, match=name):
+            lt.MoELayer(16, 8, 4, **kwargs)
+    with pytest.raises(ValueError, match="drop_policy"):
+        lt.megatron.drop_to_capacity(torch.ones(4, 2), torch.ones(4, 2, dtype=torch.bool), 10, "bogus")
+    with pytest.raises(ValueError, match="seed"):
+        lt.hash_routing(ids, 4, seed=-1)
+    with pytest.raises(TypeError, match="send_bytes"):
+        lt.model_exchange_seconds(torch.ones(2, 2), 1)
 
 
 def test_moe_layer_node_limited_topk():
@@ -194,3 +211,29 @@ def test_moe_layer_critical_capacity(gate):
     if gate == "grap":  # +1, -1 in every block: every block mean is 0, so is every cosine and delta
         with pytest.raises(ValueError, match="delta"):
             layer(torch.tensor([1.0, -1.0]).repeat(10, 16))
+
+
+def critical_worker(rank, init_file, out_dir):
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    torch.manual_seed(rank)
+    layer = lt.MoELayer(32, 8, 4, gate="grap", capacity_factor="critical", aux_loss_coeff=0)
+    x = torch.randn(64 + 64 * rank, 32).abs() * (rank + 1)  # each rank its own tokens and count
+    layer(x)
+    outcome = [layer.last_delta, layer.last_capacity]
+    try:  # +1, -1 in every block: every cosine 0 on both ranks, so both raise (neither waits for the other)
+        layer(torch.tensor([1.0, -1.0]).repeat(8, 16))
+        outcome.append("no error")
+    except ValueError as e:
+        outcome.append(str(e))
+    torch.save(outcome, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_critical_capacity_is_the_same_on_every_rank(tmp_path):
+    torch.multiprocessing.spawn(critical_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert first[:2] == second[:2] and first[1] >= 1  # one delta, one capacity, from both ranks' cosines
+    assert "delta" in first[2] and first[2] == second[2]

@@ -2,14 +2,15 @@
 and the terminal table and CSV of the runs.
 
 The projection to the paper's clusters (64N, 128N, 256N: 8, 16 and 32 nodes of 8 Ascend 910A NPUs, the paper's
-Table 1) is ours, not the paper's. The run measures, per source rank, the share of its routed rows that stay on the
-rank (a), go to the other ranks of its node (b) and leave the node (c), averaged over the ranks. On a cluster of N'
+Table 1) is ours, not the paper's. The run measures the share of all routed rows that stay on their rank (a), go to the
+other ranks of their node (b) and leave the node (c). On a cluster of N'
 nodes of G' ranks the node share f = a + b is carried over as the same fraction of the way from uniform routing to
 all-local: f' = u' + (f - u) (1 - u') / (1 - u), u = 1 / N and u' = 1 / N' the node shares of a uniform router
 (so a router that ignores the topology stays uniform at every size, and one that keeps every row on its node
 stays local); the rank's share of its node's rows, g = a / f, is mapped the same way with 1 / G and 1 / G'. Every
-rank then sends rows_per_rank rows: f' g' to itself, f' (1 - g') / (G' - 1) to each other rank of its node and
-(1 - f') / (G' (N' - 1)) to each rank of another node, each row `token_bytes` bytes (default 10240: d = 5120 in
+rank then sends its mean number of rows m: round(m f' g') to itself, round(m f' (1 - g')) dealt as whole rows over
+the other ranks of its node and round(m (1 - f')) over the ranks of other nodes (so a rank with fewer rows than
+destinations sends fewer messages), each row `token_bytes` bytes (default 10240: d = 5120 in
 fp16, the paper's model), and exchange.hpp's alpha-beta model times one flat and one split-gather All-to-All on
 Ascend 910 links. Load imbalance is not carried over (every destination of a class gets the same rows).
 """
@@ -31,7 +32,8 @@ def by_link_class(matrix, ranks_per_node):
     out = dict.fromkeys(LINK_CLASSES, 0)
     for s in range(matrix.shape[0]):
         for d in range(matrix.shape[1]):
-            key = "same_rank" if s == d else ("intra_node" if s // ranks_per_node == d // ranks_per_node else "inter_node")
+            same_node = s // ranks_per_node == d // ranks_per_node
+            key = "same_rank" if s == d else ("intra_node" if same_node else "inter_node")
             out[key] += int(matrix[s, d])
     return out
 
@@ -43,28 +45,44 @@ def _toward_local(share, uniform, uniform_there):
     return min(1.0, max(0.0, uniform_there + (share - uniform) * (1 - uniform_there) / (1 - uniform)))
 
 
+def _deal(rows, destinations, source):
+    """rows (an integer) over the destinations as evenly as whole rows go; source s puts its e extra rows on
+    destinations [s e, s e + e) of its list (mod their count), so the sources' extras spread over the
+    destinations (not exactly evenly: each source's list starts at its own next node)."""
+    if not destinations:
+        return []
+    k = len(destinations)
+    out = [rows // k] * k
+    for i in range(rows % k):
+        out[(source * (rows % k) + i) % k] += 1
+    return list(zip(destinations, out))
+
+
 def projected_send_matrix(rows, ranks_per_node, nodes_there, ranks_per_node_there, token_bytes):
-    """The send matrix in bytes [R', R'] of the module comment's projection of `rows` [R, R] (rows per step)."""
+    """The send matrix in bytes [R', R'] of the module comment's projection of `rows` [R, R] (rows per step): the
+    shares of all the rows kept on their rank (a) and node (a + b), each rank's mean number of rows, whole rows
+    per link class dealt evenly (a rank with fewer rows than destinations sends fewer messages)."""
     R = rows.shape[0]
     nodes = R // ranks_per_node
-    total = rows.sum(dim=1).double()
-    a = b = 0.0  # mean over the source ranks of the shares kept on the rank and sent inside its node
-    for s in range(R):
-        first = s // ranks_per_node * ranks_per_node
-        a += float(rows[s, s]) / max(float(total[s]), 1) / R
-        b += float(rows[s, first:first + ranks_per_node].sum() - rows[s, s]) / max(float(total[s]), 1) / R
+    total = float(rows.sum())
+    node = torch.arange(R) // ranks_per_node
+    a = float(rows.diagonal().sum()) / max(total, 1e-300)
+    b = float(rows[node.view(R, 1) == node.view(1, R)].sum()) / max(total, 1e-300) - a
     f = _toward_local(a + b, 1 / nodes, 1 / nodes_there)
     g = _toward_local(a / (a + b) if a + b > 0 else 1 / ranks_per_node, 1 / ranks_per_node, 1 / ranks_per_node_there)
-    per_rank = float(total.mean())
+    per_rank = total / R
     G, N = ranks_per_node_there, nodes_there
-    R2 = G * N
-    node = torch.arange(R2) // G
-    out = torch.empty(R2, R2, dtype=torch.float64)
-    same_node = node.view(R2, 1) == node.view(1, R2)
-    out[same_node] = per_rank * f * (1 - g) / (G - 1) if G > 1 else 0.0
-    out[~same_node] = per_rank * (1 - f) / (G * (N - 1)) if N > 1 else 0.0
-    out.fill_diagonal_(per_rank * f * g)
-    return (out * token_bytes).round().to(torch.int64)
+    same, intra, inter = (round(per_rank * f * g), round(per_rank * f * (1 - g)) if G > 1 else 0,
+                          round(per_rank * (1 - f)) if N > 1 else 0)
+    out = torch.zeros(G * N, G * N, dtype=torch.int64)
+    for s in range(G * N):
+        home = s // G
+        out[s, s] = same
+        peers = [home * G + (s % G + i) % G for i in range(1, G)]
+        remote = [(home * G + G + i) % (G * N) for i in range(G * (N - 1))]
+        for d, r in _deal(intra, peers, s % G) + _deal(inter, remote, s):
+            out[s, d] = r
+    return out * token_bytes
 
 
 def modelled_all_to_all(rows, ranks_per_node, token_bytes):

@@ -23,8 +23,8 @@ A run is ROUTER/SHARDING/CAPACITY:
              node_limited  dense gate, top-2 inside the best node (num_groups = nodes, group_topk = 1), aux 1e-2
   SHARDING   iid (texts dealt round-robin) or node_skewed (each genre whole on one node; brown.shard)
   CAPACITY   a capacity factor (Megatron-Core's get_capacity per rank and expert), or "critical": the paper's
-             critical capacity, critical_capacity(d, n, delta) with delta the 5% quantile of the step's routed
-             cosines (MoELayer's capacity_factor="critical")
+             critical capacity, critical_capacity(d, n, delta) with delta the 5% quantile of |cos| of the step's
+             tokens to their expert's gate weight, over all ranks (MoELayer's capacity_factor="critical")
 """
 import argparse
 import json
@@ -62,7 +62,7 @@ def parse_run(spec):
     router, sharding, capacity = parts
     mu = None
     if router.startswith("locmoe-"):
-        router, mu = "locmoe", float(router[len("locmoe-"):])
+        router, mu = "locmoe", _number(router[len("locmoe-"):], spec, "mu")
         if not (math.isfinite(mu) and mu >= 0):
             raise ValueError(f"run {spec!r}: mu must be a finite number >= 0")
     if router not in ROUTERS:
@@ -72,7 +72,7 @@ def parse_run(spec):
     if sharding not in ("iid", "node_skewed"):
         raise ValueError(f"run {spec!r}: sharding must be iid or node_skewed")
     if capacity != "critical":
-        capacity = float(capacity)
+        capacity = _number(capacity, spec, "capacity")
         if not (math.isfinite(capacity) and capacity > 0):
             raise ValueError(f"run {spec!r}: capacity must be a factor > 0 or 'critical'")
     elif router in ("hash", "rre"):
@@ -80,11 +80,19 @@ def parse_run(spec):
     return dict(spec=spec, router=router, mu=mu, sharding=sharding, capacity=capacity)
 
 
+def _number(text, spec, name):
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"run {spec!r}: {name} must be a number (got {text!r})") from None
+
+
 def layer_settings(run, a, hash_table):
     nodes = a.ranks // a.ranks_per_node
     # softmax over all n experts before the top-k (use_pre_softmax): the chosen experts' probs scale their outputs,
-    # so the language-model loss reaches the gate (Switch Transformer's p_i(x) E_i(x); the paper's eq. 1-2: y = R E(x), R from softmax(G)). With
-    # Megatron-Core's default (softmax over the k chosen) a top-1 prob is always 1 and only the aux losses train it.
+    # so the language-model loss reaches the gate (Switch Transformer's p_i(x) E_i(x); the paper's eq. 1-2:
+    # y = R E(x), R from softmax(G)). With Megatron-Core's default (softmax over the k chosen) a top-1 prob is
+    # always 1 and only the aux losses train the gate.
     common = dict(capacity_factor=run["capacity"], ranks_per_node=a.ranks_per_node, use_pre_softmax=True)
     return {
         "switch": dict(gate="dense", aux_loss_coeff=1e-2),
@@ -127,8 +135,11 @@ class LanguageModel(torch.nn.Module):
             x = block(x, mask, flat_ids, flat_domains)
         return self.norm(x) @ self.embedding.weight.T
 
-    def aux_loss(self):
-        return sum(block.moe.aux_loss for block in self.blocks)
+    def aux_loss(self, ranks):
+        """The MoE layers' losses for a step whose gate gradients are averaged over `ranks`: the load-balancing
+        loss (the global-batch form: summed over the ranks it is the whole batch's) times the ranks, so that the
+        average weights the whole batch's loss by its coefficient; the locality loss (a per-rank mean) as it is."""
+        return sum(b.moe.aux_loss + (ranks - 1) * b.moe.load_balancing_loss for b in self.blocks)
 
 
 def stream(texts, vocab, group_of):
@@ -192,7 +203,7 @@ def worker(rank, a, run, data, out_path):
         logits = model(x[:, :-1], d[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         optimizer.zero_grad()
-        (loss + model.aux_loss()).backward()
+        (loss + model.aux_loss(R)).backward()
         if R > 1:  # data parallel for everything but the experts (each rank's own)
             for p in shared:
                 if p.grad is not None:
@@ -202,9 +213,18 @@ def worker(rank, a, run, data, out_path):
         return float(loss)
 
     def evaluate():
+        """Mean loss over the validation windows, `a.batch` at a time: the batch size of training, so that a
+        capacity (absolute under "critical") drops as it does in training. Returns (loss, drop rate)."""
+        total, dropped, routed = 0.0, 0, 0
         with torch.no_grad():
-            out = model(val[0][:, :-1], val[1][:, :-1])
-            return float(F.cross_entropy(out.reshape(-1, out.shape[-1]), val[0][:, 1:].reshape(-1)))
+            for begin in range(0, a.val_windows, a.batch):
+                x, d = val[0][begin:begin + a.batch], val[1][begin:begin + a.batch]
+                out = model(x[:, :-1], d[:, :-1])
+                total += float(F.cross_entropy(out.reshape(-1, out.shape[-1]), x[:, 1:].reshape(-1),
+                                               reduction="sum"))
+                dropped += sum(m.last_dropped for m in moes)
+                routed += sum(int(m.last_load.sum()) for m in moes)
+        return total / (a.val_windows * a.context), dropped / max(routed, 1)
 
     for step in range(1, a.steps + 1):
         start = time.perf_counter()
@@ -224,7 +244,8 @@ def worker(rank, a, run, data, out_path):
                 deltas.append(moe.last_delta)
                 negatives.append(moe.last_negative_share)
         if step % a.eval_every == 0 or step == a.steps:
-            curve.append((step, evaluate()))
+            val_loss, val_drops = evaluate()
+            curve.append((step, val_loss))
             if rank == 0:
                 last = loads[step - 1].double()  # this rank's loads: the progress line shows rank 0's view
                 print(f"  {run['spec']}: step {step:4d}  train {loss:.3f}  val {curve[-1][1]:.3f}  rank 0's max/mean "
@@ -256,11 +277,14 @@ def worker(rank, a, run, data, out_path):
         mean = loads.double().mean(dim=2)
         result = dict(run, steps=a.steps, val_loss=curve, final_val_loss=curve[-1][1],
                       final_perplexity=report.perplexity(curve[-1][1]),
-                      bytes_per_step={k: v / a.steps for k, v in report.by_link_class(measured, a.ranks_per_node).items()},
+                      bytes_per_step={k: v / a.steps
+                                      for k, v in report.by_link_class(measured, a.ranks_per_node).items()},
                       plan_check=plan_check,
                       inter_node_share=share["inter_node"] / max(sum(share.values()), 1),
                       max_mean_load=float((loads.double().amax(dim=2) / mean.clamp(min=1e-30)).mean()),
                       drop_rate=float(totals[0]) / max(float(totals[1]), 1),
+                      val_drop_rate=val_drops,
+                      dispatch_rows_per_step=rows_per_step.tolist(),
                       mean_capacity=float(cap[0] / cap[1]) if cap[1] else None,
                       mean_delta=float(dsum[0] / dsum[1]) if dsum[1] else None,
                       negative_cosine_share=float(dsum[2] / dsum[1]) if dsum[1] else None,
@@ -335,11 +359,14 @@ def arguments(argv=None):
         p.error("--ranks must be a positive multiple of --ranks-per-node")
     if a.experts % a.ranks:
         p.error("--experts must be a multiple of --ranks")
-    if a.width % a.heads:
-        p.error("--width must be a multiple of --heads")
-    for name in ("steps", "eval_every", "batch", "context", "val_windows", "vocab", "token_bytes"):
+    for name in ("steps", "eval_every", "batch", "context", "val_windows", "token_bytes", "heads", "layers",
+                 "experts", "width", "ffn", "threads", "timing_steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.vocab < 3:
+        p.error("--vocab must be >= 3 (<unk>, <eos> and a word)")
+    if a.width % a.heads:
+        p.error("--width must be a multiple of --heads")
     try:
         a.parsed = [parse_run(r) for r in a.runs]
     except ValueError as e:

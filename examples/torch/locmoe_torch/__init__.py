@@ -16,7 +16,8 @@ from .routers import (balanced_hash_table, empirical_delta, grap_weights, hash_r
 from .megatron import (apply_router_token_dropping, compute_routing_scores_for_aux_loss, get_capacity, permute,
                        switch_load_balancing_loss_func, topk_routing_with_score_function, unpermute, z_loss_func)
 
-__all__ = megatron.__all__ + locmoe.__all__ + routers.__all__ + ["GroupedFFN", "MoELayer", "megatron", "critical_capacity", "p_delta", "max_delta_for_capacity"]
+__all__ = megatron.__all__ + locmoe.__all__ + routers.__all__ + [
+    "GroupedFFN", "MoELayer", "megatron", "critical_capacity", "p_delta", "max_delta_for_capacity"]
 
 
 def p_delta(d, delta):

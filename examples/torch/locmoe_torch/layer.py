@@ -90,15 +90,18 @@ class MoELayer(torch.nn.Module):
     (hash_routing of forward's `token_ids`, through `hash_table` when given) or "rre" (PanGu-Sigma's rre_routing of
     `token_ids` and `domains` over `rre_groups` expert groups); they route top-1 with prob 1 and have no losses.
     Capacity: `capacity_factor` (a number: Megatron-Core's get_capacity(T k, n, cf) per expert and rank) or
-    "critical": each step, delta = empirical_delta of |cos| of this rank's tokens to the gate weight of their first
-    expert (q = `delta_quantile`), and the capacity is critical_capacity(d, n, delta), the paper's Theorem 1 bound
-    taken with equality (grap and dense gates only). |cos| because the calculator counts both caps, |cos| >= delta
+    "critical": each step, delta = empirical_delta of |cos| of every rank's tokens to the gate weight of their first
+    expert (q = `delta_quantile`), and each rank's capacity is critical_capacity(d, n, delta), the paper's Theorem 1
+    bound taken with equality (grap and dense gates only). |cos| because the calculator counts both caps, |cos| >= delta
     (eq. 8); Assumption 3's one-sided cos >= delta has no positive delta once more than a q share of the routed
-    cosines are negative, which happens in training (docs/training.md). A delta of 0 raises ValueError.
+    cosines are negative, which happens in training (docs/training.md). A delta outside (0, 1), or no cosine at all,
+    raises ValueError on every rank alike.
     forward(x [T, hidden], token_ids=None, domains=None) returns y [T, hidden] and sets `self.aux_loss`: the
     load-balancing loss with the counts of all ranks (Megatron-Core's global-batch form: summed over ranks it is the
     loss of the whole batch), plus the z-loss and LocMoE's locality loss of this rank's tokens when their
-    coefficients are set; and the step's statistics: `last_load` [n] (this rank's tokens routed to each expert
+    coefficients are set (`load_balancing_loss` holds the first alone: a trainer that averages the gate's
+    gradients over R data-parallel ranks weights the whole batch's loss by coeff / R unless it multiplies this
+    part by R); and the step's statistics: `last_load` [n] (this rank's tokens routed to each expert
     before drops), `last_dropped` (choices dropped), `last_capacity`, `last_delta` (capacity "critical").
     Parameters: the gate's (replicated on every rank: reduce their gradients as data-parallel parameters) and the
     rank's n / R experts, `experts`: a GroupedFFN (`experts.w1` [n/R, hidden, ffn], `experts.w2` [n/R, ffn, hidden])
@@ -118,11 +121,23 @@ class MoELayer(torch.nn.Module):
             raise ValueError(f"gate {gate!r} routes top-1 (got topk = {topk})")
         if gate == "rre":
             rre_groups = check_int("rre_groups", rre_groups, 1, num_experts)
+        elif rre_groups is not None:
+            raise ValueError(f"rre_groups is for gate 'rre' (got gate {gate!r})")
+        if hash_table is not None:
+            if gate != "hash":
+                raise ValueError(f"hash_table is for gate 'hash' (got gate {gate!r})")
+            hash_table = torch.as_tensor(hash_table)
+        if (num_groups is None) != (group_topk is None):
+            raise ValueError("num_groups and group_topk go together (node-limited top-k): give both or neither")
+        if fixed and num_groups is not None:
+            raise ValueError(f"num_groups and group_topk are for the learned gates (got gate {gate!r})")
+        if drop_policy not in ("probs", "position"):
+            raise ValueError(f"drop_policy must be 'probs' or 'position' (got {drop_policy!r})")
         if capacity_factor == "critical":
             if fixed:
                 raise ValueError(f"capacity_factor 'critical' needs a gate with weights (grap or dense), not {gate!r}")
-            if not 0 <= delta_quantile <= 1:
-                raise ValueError(f"delta_quantile must be in [0, 1] (got {delta_quantile})")
+            if not (isinstance(delta_quantile, (int, float)) and 0 <= delta_quantile <= 1):
+                raise ValueError(f"delta_quantile must be a number in [0, 1] (got {delta_quantile!r})")
         elif capacity_factor is not None:
             get_capacity(1, 1, capacity_factor)  # raises on a factor that is not a finite number >= 0
         self.group = process_group if process_group is not None else (
@@ -170,6 +185,8 @@ class MoELayer(torch.nn.Module):
         self.last_sent = None    # [R] rows this rank sent to each rank in the last step (itself included)
         self.last_load = self.last_dropped = self.last_capacity = self.last_delta = None
         self.last_negative_share = None  # capacity "critical": share of the routed cosines below 0
+        self._grap_weights = None
+        self.load_balancing_loss = None
 
     def link_bytes(self, row_bytes):
         """Bytes the last step's rows took to this rank itself, to the other ranks of its node and to other nodes
@@ -204,7 +221,7 @@ class MoELayer(torch.nn.Module):
                                  + (" and domains" if self.gate_kind == "rre" else ""))
             if token_ids.shape != (x.shape[0],) or (domains is not None and domains.shape != (x.shape[0],)):
                 raise ValueError(f"token_ids and domains must be [tokens] = [{x.shape[0]}]")
-            self.aux_loss = x.new_zeros((), dtype=torch.float32)
+            self.aux_loss = self.load_balancing_loss = x.new_zeros((), dtype=torch.float32)
             if self.gate_kind == "hash":
                 return (*hash_routing(token_ids, self.num_experts, self.seed, self.hash_table), None)
             return (*rre_routing(token_ids, domains, self.num_experts, self.rre_groups, self.seed), None)
@@ -219,13 +236,32 @@ class MoELayer(torch.nn.Module):
         if self.capacity_factor != "critical":
             return get_capacity(x.shape[0] * self.topk, self.num_experts, self.capacity_factor)
         first = torch.where(routing_map.any(dim=1), probs.detach().masked_fill(~routing_map, -1).argmax(dim=1), -1)
-        cosines = routed_cosines(x, self.gate_weights(), first)
+        if self._grap_weights is None:
+            self._grap_weights = grap_weights(self.hidden_size, self.num_experts)
+        cosines = self._all_ranks(routed_cosines(x, self._grap_weights if self.gate_kind == "grap"
+                                                 else self.gate_weights(), first))
+        # every rank sees the same cosines, so every rank takes the same capacity or raises the same error (a rank
+        # raising alone would leave the others waiting in the exchange)
+        if cosines.numel() == 0:
+            raise ValueError("capacity 'critical': no routed token has a cosine (all routed nowhere or of zero norm)")
         self.last_delta = empirical_delta(cosines.abs(), self.delta_quantile)
-        self.last_negative_share = float((cosines < 0).double().mean()) if cosines.numel() else 0.0
-        if not self.last_delta > 0:
+        self.last_negative_share = float((cosines < 0).double().mean())
+        if not 0 < self.last_delta < 1:
             raise ValueError(f"capacity 'critical': the batch's delta ({self.last_delta:.4g}, the "
-                             f"{self.delta_quantile} quantile of the routed |cos|) must be > 0")
+                             f"{self.delta_quantile} quantile of the routed |cos|) must be in (0, 1)")
         return ops.critical_capacity(self.hidden_size, self.num_experts, self.last_delta)
+
+    def _all_ranks(self, values):
+        """The 1-D float64 `values` of every rank of the group, in rank order."""
+        if self.group is None or self.ranks == 1:
+            return values
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.ranks)]
+        dist.all_gather(sizes, torch.tensor([values.numel()]), group=self.group)
+        longest = max(int(z) for z in sizes)
+        padded = torch.cat([values, values.new_zeros(longest - values.numel())])
+        everyone = [torch.empty_like(padded) for _ in range(self.ranks)]
+        dist.all_gather(everyone, padded, group=self.group)
+        return torch.cat([v[:int(z)] for v, z in zip(everyone, sizes)])
 
     def forward(self, x, token_ids=None, domains=None):
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
@@ -244,6 +280,7 @@ class MoELayer(torch.nn.Module):
 
     def _losses(self, logits, routing_map):
         loss = logits.new_zeros(())
+        self.load_balancing_loss = loss
         if self.aux_loss_coeff:
             aux_map, scores = compute_routing_scores_for_aux_loss(logits, self.topk, self.score_function)
             counts = aux_map.sum(dim=0)
@@ -251,8 +288,9 @@ class MoELayer(torch.nn.Module):
             if self.group is not None:  # the counts and tokens of every rank
                 dist.all_reduce(counts, group=self.group)
                 dist.all_reduce(total, group=self.group)
-            loss = loss + switch_load_balancing_loss_func(scores, counts, float(total), self.topk, self.num_experts,
-                                                          self.aux_loss_coeff)
+            self.load_balancing_loss = switch_load_balancing_loss_func(scores, counts, float(total), self.topk,
+                                                                       self.num_experts, self.aux_loss_coeff)
+            loss = loss + self.load_balancing_loss
         if self.z_loss_coeff:
             loss = loss + z_loss_func(logits, self.z_loss_coeff)
         if self.locality_loss_coeff:

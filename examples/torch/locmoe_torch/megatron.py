@@ -224,11 +224,8 @@ def apply_router_token_dropping(routing_probs, routing_map, router_topk, capacit
     every expert to capacity (with unrouted tokens of prob 0). Kept probs are not renormalized; capacity > T
     keeps everything."""
     check_matrix("routing_probs", routing_probs)
-    check_matrix("routing_map", routing_map, *routing_probs.shape, dtypes=None)
     num_tokens, num_experts = routing_probs.shape
     topk = check_int("router_topk", router_topk, 1, num_experts)
-    if drop_policy not in ("probs", "position"):
-        raise ValueError(f"drop_policy must be 'probs' or 'position' (got {drop_policy!r})")
     return drop_to_capacity(routing_probs, routing_map, get_capacity(num_tokens * topk, num_experts, capacity_factor),
                             drop_policy, pad_to_capacity)
 
@@ -236,6 +233,10 @@ def apply_router_token_dropping(routing_probs, routing_map, router_topk, capacit
 def drop_to_capacity(routing_probs, routing_map, capacity, drop_policy="probs", pad_to_capacity=False):
     """apply_router_token_dropping with the capacity (tokens per expert, >= 0) given instead of a capacity factor:
     for capacities that do not come from get_capacity (MoELayer's capacity from the critical bound)."""
+    check_matrix("routing_probs", routing_probs)
+    check_matrix("routing_map", routing_map, *routing_probs.shape, dtypes=None)
+    if drop_policy not in ("probs", "position"):
+        raise ValueError(f"drop_policy must be 'probs' or 'position' (got {drop_policy!r})")
     num_tokens = routing_probs.shape[0]
     capacity = check_int("capacity", capacity, 0)
     if capacity > num_tokens:

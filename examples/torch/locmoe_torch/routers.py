@@ -27,7 +27,9 @@ def hash_routing(token_ids, num_experts, seed=0, table=None):
     (balanced_hash_table builds the balanced one), else to splitmix64(id_t ^ seed) mod n. token_ids: 1-D integer
     tensor of ids >= 0 (and < len(table)). Returns (probs, routing_map) [T, n], prob 1."""
     num_experts = check_int("num_experts", num_experts, 1)
-    return _one_hot(ops.hash_route(token_ids, num_experts, int(seed), table), num_experts)
+    seed = check_int("seed", seed, 0, 2**63 - 1)
+    table = None if table is None else torch.as_tensor(table)
+    return _one_hot(ops.hash_route(torch.as_tensor(token_ids), num_experts, seed, table), num_experts)
 
 
 def balanced_hash_table(frequencies, num_experts):
@@ -44,7 +46,9 @@ def rre_routing(token_ids, domains, num_experts, groups, seed=0):
     (probs, routing_map) [T, n], prob 1."""
     num_experts = check_int("num_experts", num_experts, 1)
     groups = check_int("groups", groups, 1, num_experts)
-    return _one_hot(ops.rre_route(token_ids, domains, num_experts, groups, int(seed)), num_experts)
+    seed = check_int("seed", seed, 0, 2**63 - 1)
+    return _one_hot(ops.rre_route(torch.as_tensor(token_ids), torch.as_tensor(domains), num_experts, groups, seed),
+                    num_experts)
 
 
 def grap_weights(hidden_size, num_experts, dtype=torch.float64):
@@ -64,13 +68,13 @@ def routed_cosines(x, w, expert):
     expert -1 (routed nowhere) and zero-norm rows are left out. x [T, d], w [n, d] finite; expert [T] in [-1, n)."""
     check_matrix("x", x)
     check_matrix("w", w, cols=x.shape[1])
-    return ops.routed_cosines(x.detach(), w.detach(), expert)
+    return ops.routed_cosines(x.detach(), w.detach(), torch.as_tensor(expert))
 
 
 def empirical_delta(cosines, q=0.05):
     """The q-quantile (type 7, numpy's default) of the cosines (capacity.hpp empirical_delta): the delta of the
     paper's Assumption 3 read off a batch. A value <= 0 gives no usable delta (critical_capacity rejects it)."""
-    return ops.empirical_delta(cosines, float(q))
+    return ops.empirical_delta(torch.as_tensor(cosines, dtype=torch.float64), float(q))
 
 
 def model_exchange_seconds(send_bytes, ranks_per_node, scheme="flat", links="ascend_910"):
@@ -78,4 +82,6 @@ def model_exchange_seconds(send_bytes, ranks_per_node, scheme="flat", links="asc
     send_bytes [R, R] (bytes, source-major) on R / ranks_per_node nodes. scheme: "flat", "split_gather" (the
     paper's group-wise exchange) or "two_level"; links: "ascend_910" (the paper's clusters) or "dgx_a100"."""
     send_bytes = torch.as_tensor(send_bytes)
+    if send_bytes.is_floating_point() or send_bytes.is_complex() or send_bytes.dtype == torch.bool:
+        raise TypeError(f"send_bytes must hold integers (bytes), got {send_bytes.dtype}")
     return ops.model_exchange_seconds(send_bytes, check_int("ranks_per_node", ranks_per_node, 1), scheme, links)
