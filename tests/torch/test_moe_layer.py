@@ -170,7 +170,7 @@ def test_backward_twice_with_retain_graph():
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="gate"):
-        MoELayer(8, 8, 4, gate="hash")
+        MoELayer(8, 8, 4, gate="switch")  # the gates are grap, dense, hash and rre
     with pytest.raises(ValueError, match="topk"):
         MoELayer(8, 8, 4, topk=5)
     with pytest.raises(ValueError, match="exchange"):
