@@ -207,8 +207,10 @@ class MoELayer(torch.nn.Module):
 
     def gate_weights(self):
         """The gate's weight vectors [n, hidden] (float64): GrAP's block means, or the dense gate's rows."""
-        if self.gate_kind == "grap":
-            return grap_weights(self.hidden_size, self.num_experts)
+        if self.gate_kind == "grap":  # fixed block means: built once
+            if self._grap_weights is None:
+                self._grap_weights = grap_weights(self.hidden_size, self.num_experts)
+            return self._grap_weights
         if self.gate_kind == "dense":
             return self.gate_weight.detach().to(torch.float64)
         raise ValueError(f"gate {self.gate_kind!r} has no weight vectors")
@@ -236,10 +238,7 @@ class MoELayer(torch.nn.Module):
         if self.capacity_factor != "critical":
             return get_capacity(x.shape[0] * self.topk, self.num_experts, self.capacity_factor)
         first = torch.where(routing_map.any(dim=1), probs.detach().masked_fill(~routing_map, -1).argmax(dim=1), -1)
-        if self._grap_weights is None:
-            self._grap_weights = grap_weights(self.hidden_size, self.num_experts)
-        cosines = self._all_ranks(routed_cosines(x, self._grap_weights if self.gate_kind == "grap"
-                                                 else self.gate_weights(), first))
+        cosines = self._all_ranks(routed_cosines(x, self.gate_weights(), first))
         # every rank sees the same cosines, so every rank takes the same capacity or raises the same error (a rank
         # raising alone would leave the others waiting in the exchange)
         if cosines.numel() == 0:
