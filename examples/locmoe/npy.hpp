@@ -197,11 +197,10 @@ class header_parser {
 
 }  // namespace detail
 
-/// Reads a whole .npy file and checks everything about it: magic, version, header, dtype (one of the four
-/// supported, little-endian), C order, and that the data is exactly as long as the shape says.
-inline array read(const std::string& path, const std::string& flag) {
-  const std::string at = detail::where(path, flag);
-  std::vector<unsigned char> bytes = detail::read_file(path, at);
+/// Parses the bytes of a whole .npy file and checks everything about them: magic, version, header, dtype (one of
+/// the four supported, little-endian), C order, and that the data is exactly as long as the shape says. `at`
+/// names the source in messages ("<flag> <path>"). tests/fuzz/fuzz_npy.cpp fuzzes this.
+inline array parse(std::vector<unsigned char> bytes, const std::string& at) {
   if (bytes.size() < 6 || std::memcmp(bytes.data(), "\x93NUMPY", 6) != 0) {
     detail::fail(at, "not a .npy file (bad magic)");
   }
@@ -257,6 +256,12 @@ inline array read(const std::string& path, const std::string& flag) {
   bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(data_start));  // no second buffer
   result.data = std::move(bytes);
   return result;
+}
+
+/// Reads a whole .npy file and checks it as parse() does.
+inline array read(const std::string& path, const std::string& flag) {
+  const std::string at = detail::where(path, flag);
+  return parse(detail::read_file(path, at), at);
 }
 
 namespace detail {

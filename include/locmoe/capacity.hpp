@@ -15,7 +15,8 @@
 //   ec_min_exp_bound = exp(z^2) / n                       eq. (9), the paper's final form
 //
 // Which is a bound of which (checked in tests/test_capacity.cpp, tabulated in docs/theory.md):
-// ec_min_exp_bound < ec_min_erfc always (erfc(z) < exp(-z^2) for z > 0). ec_min_erfc is an approximation of
+// ec_min_exp_bound < ec_min_erfc always (erfc(z) < exp(-z^2) for z > 0), except that both round to 1 / n when z is
+// below about 1e-16 (delta near the smallest double: found by tests/fuzz). ec_min_erfc is an approximation of
 // ec_min, not a bound: it is larger than ec_min for small delta and smaller for large delta.
 //
 // Every value has a log_ twin (natural log) that stays finite where the value leaves the range of a
@@ -223,7 +224,7 @@ double log_ec_min_erfc(std::int64_t d, std::int64_t n, double delta, const Polic
   return detail::capacity_bound_checked<Policy>("locmoe::log_ec_min_erfc", d, n, delta).log_ec_min_erfc;
 }
 
-/// ec_min_exp_bound = exp(delta^2 d / (2 - delta^2)) / n (eq. 9, final form); always < ec_min_erfc.
+/// ec_min_exp_bound = exp(delta^2 d / (2 - delta^2)) / n (eq. 9, final form); < ec_min_erfc (<= where z < 1e-16).
 template <class Policy = default_policy>
 double ec_min_exp_bound(std::int64_t d, std::int64_t n, double delta, const Policy& = Policy{}) {
   return detail::capacity_bound_checked<Policy>("locmoe::ec_min_exp_bound", d, n, delta).ec_min_exp_bound;
@@ -299,7 +300,8 @@ std::int64_t classic_capacity(std::int64_t tokens, double capacity_factor, std::
 
 /// The largest delta for which `capacity` still meets the bound, i.e. ec_min(d, n, delta) <= capacity
 /// (ec_min grows with delta). Solves p_delta = 1 / (n capacity) with Boost.Math's ibetac_inv; where
-/// 1 / (n capacity) underflows a double, solves log_p_delta = -log(n capacity) with Boost's TOMS 748 root finder.
+/// 1 / (n capacity) underflows a double, solves log_p_delta = -log(n capacity) with Boost's TOMS 748 root finder;
+/// then steps by ulps to the largest double at which ec_min (as computed here) is <= capacity.
 /// Returns 0 where no delta in (0, 1) qualifies (n * capacity <= 1), and the largest double below 1 where the
 /// answer rounds to 1 (small d with a huge capacity).
 /// Preconditions: 2 <= d <= 2^53, n >= 1, capacity finite and > 0. Fallback (errno policy): NaN.
@@ -317,17 +319,26 @@ double max_delta_for_capacity(std::int64_t d, std::int64_t n, double capacity, c
   const double below_one = std::nextafter(1.0, 0.0);
   typename Policy::boost_policy pol;
   const double a = 0.5 * static_cast<double>(d - 1);
+  double delta = 0;
   if (log_target > std::log(detail::direct_floor)) {
     double one_minus_delta2 = 0;
     const double delta2 = boost::math::ibetac_inv(0.5, a, std::exp(log_target), &one_minus_delta2, pol);
-    return std::min(std::sqrt(delta2), below_one);
+    delta = std::min(std::sqrt(delta2), below_one);
+  } else {
+    auto gap = [&](double x) { return detail::log_ibetac_half(a, x, detail::ibetac_half(a, x, pol), pol) - log_target; };
+    if (gap(below_one) >= 0.0) return below_one;
+    std::uintmax_t iterations = 200;
+    delta = boost::math::tools::toms748_solve(gap, 1e-300, below_one, boost::math::tools::eps_tolerance<double>(52),
+                                              iterations, pol).first;
   }
-  auto gap = [&](double delta) { return detail::log_ibetac_half(a, delta, detail::ibetac_half(a, delta, pol), pol) - log_target; };
-  if (gap(below_one) >= 0.0) return below_one;
-  std::uintmax_t iterations = 200;
-  const auto root = boost::math::tools::toms748_solve(gap, 1e-300, below_one, boost::math::tools::eps_tolerance<double>(52),
-                                                      iterations, pol);
-  return root.first;  // the lower end: ec_min there is <= capacity
+  // The root is within a few ulps of the true one, and where p_delta is steep in delta (d = 3, n C = 1e9: one ulp of
+  // delta moves ec_min by 1e-7) the nearest double can land on the wrong side. Step to the largest double at which
+  // ec_min(d, n, delta), as this header evaluates it, is <= capacity (found by tests/fuzz/fuzz_capacity.cpp).
+  const auto meets = [&](double x) { return detail::capacity_bound_unchecked<Policy>(d, n, x).ec_min <= capacity; };
+  for (int step = 0; step < 64 && delta > 0.0 && !meets(delta); ++step) delta = std::nextafter(delta, 0.0);
+  for (int step = 0; step < 64 && delta < below_one && meets(std::nextafter(delta, 1.0)); ++step)
+    delta = std::nextafter(delta, 1.0);
+  return delta;
 }
 
 /// The smallest capacity factor whose classic capacity reaches ec_min: the smallest double cf > 0 with

@@ -288,12 +288,16 @@ bool select_token(Arch arch, S* row, std::size_t n, const select_settings& setti
   }
 
   // Pass 3: e_j = exp(s_j - max) in place and their sum; padding contributes exp(-inf) = 0.
+  // The argument is clamped to a finite floor far below exp's underflow (where exp gives exactly 0 either way):
+  // xsimd's exp converts round(x / ln 2) to an integer, and on sets without a vector double -> int64 conversion
+  // (AVX2) that is a scalar cast, undefined behaviour for -inf (found by tests/fuzz/fuzz_select.cpp).
   batch sums[registers];
   for (auto& s : sums) s = batch(S(0));
   const batch shift(maximum);
+  const batch floor(std::is_same_v<S, float> ? S(-200) : S(-1000));
   for (std::size_t j = 0; j < padded; j += lanes) {
     for (std::size_t r = 0; r < registers; ++r) {
-      const batch e = xsimd::exp(batch::load_aligned(row + j + r * width) - shift);
+      const batch e = xsimd::exp(xsimd::max(batch::load_aligned(row + j + r * width) - shift, floor));
       e.store_aligned(row + j + r * width);
       sums[r] += e;
     }
