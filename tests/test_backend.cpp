@@ -11,6 +11,8 @@
 #include <atomic>
 #include <cstring>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 using namespace locmoe;
@@ -53,6 +55,34 @@ TEST_CASE("thread_pool runs every task exactly once, for any thread count, and a
     }
   }
   CHECK_THROWS_WITH_AS(thread_pool(0), doctest::Contains("threads = 0"), error);
+}
+
+TEST_CASE("thread_pool: a task that throws reaches the caller of run, and the pool stays usable") {
+  for (const std::size_t threads : {1, 2, 4}) {
+    CAPTURE(threads);
+    thread_pool pool(threads);
+    for (const std::size_t tasks : {1, 2, 100}) {
+      CAPTURE(tasks);
+      std::vector<std::atomic<int>> hits(tasks);
+      const std::size_t bad = tasks / 2;
+      bool caught = false;
+      try {
+        pool.run(tasks, [&](std::size_t t) {
+          hits[t].fetch_add(1);
+          if (t == bad || t == tasks - 1) throw std::runtime_error("task " + std::to_string(t));
+        });
+      } catch (const std::runtime_error& e) {
+        caught = true;
+        const std::string what = e.what();  // whichever of the two threw first
+        CHECK((what == "task " + std::to_string(bad) || what == "task " + std::to_string(tasks - 1)));
+      }
+      CHECK(caught);
+      for (auto& h : hits) CHECK(h.load() <= 1);  // no task twice; later ones may be skipped
+      std::vector<std::atomic<int>> again(tasks);  // the next run is complete and does not rethrow
+      pool.run(tasks, [&](std::size_t t) { again[t].fetch_add(1); });
+      for (auto& h : again) CHECK(h.load() == 1);
+    }
+  }
 }
 
 TEST_CASE("cpu backend: fused GrAP route equals grap_route, bit for bit, for 1-4 threads") {

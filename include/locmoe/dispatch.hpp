@@ -29,6 +29,8 @@
 // last-level cache keeps) writes with x86 non-temporal stores, which skip reading each destination line first,
 // as glibc's memcpy does for large copies; a smaller call writes plainly and leaves its output in cache. No path
 // changes a value: combine does the same operations in the same order on all of them.
+// Thread safety: a dispatch_plan is immutable once built and may be shared: dispatch, combine and their backwards
+// only read it, so threads may call them on one plan concurrently with disjoint outputs.
 // Example: docs/api.md#dispatch-plans.
 #pragma once
 

@@ -10,6 +10,8 @@
 // A user policy is any type with the same static `report` member. The default is LOCMOE_DEFAULT_POLICY,
 // which is throw_on_error where exceptions are enabled and errno_on_error where they are not.
 //
+// Thread safety: the policies keep no state (errno is per thread).
+//
 // Example (docs/api.md#errors):
 //   try { locmoe::p_delta(1, 0.5); }
 //   catch (const locmoe::error& e) { e.argument(); /* "d" */ e.what(); /* "locmoe::p_delta: d = 1: ..." */ }

@@ -25,6 +25,8 @@
 // class messages serialize: t(rank, class) = alpha * max(messages sent, received) + max(bytes sent, received) /
 // beta. A rank's stage time is the larger of its two classes, a stage lasts as long as its slowest rank, and the
 // stages of a plan run one after the other. Defaults and their sources: docs/theory.md#the-communication-model.
+// Thread safety: plans, exchange_router and comm_model are immutable once built and may be shared across threads;
+// the functions keep no state.
 // Example: docs/api.md#exchange-plans-and-the-communication-model.
 #pragma once
 

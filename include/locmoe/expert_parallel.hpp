@@ -19,7 +19,8 @@
 // Both maps are row copies: exact, and their own inverses on the rows they touch.
 // Preconditions (checked; errors name the argument): rank < R; experts placed in rank order; counts >= 0;
 // multiple >= 1; shapes of the row buffers. Cost: building O(R E_r) plus O(received rows); the moves one copy of
-// each row. Example: examples/mpi_exchange.cpp (flat and two-level exchanges over MPI); docs/api.md#a-training-step.
+// each row. Thread safety: the maps are immutable once built and may be shared; the moves write only their
+// outputs. Example: examples/mpi_exchange.cpp (flat and two-level exchanges over MPI); docs/api.md#a-training-step.
 #pragma once
 
 #include <locmoe/config.hpp>

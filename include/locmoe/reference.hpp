@@ -4,7 +4,7 @@
 // the ranking, Eigen's own bf16/fp16 conversions. The tests compare every SIMD path with these, and the
 // benchmarks time them as the "scalar" baseline. The accumulation type Acc is a parameter, so a test may
 // evaluate in double what the kernels compute in float. Semantics (blocks, ReLU, invalid tokens, ties)
-// are those documented in gating.hpp and select.hpp; arguments are not validated here.
+// are those documented in gating.hpp and select.hpp; arguments are not validated here. No state: thread-safe.
 #pragma once
 
 #include <locmoe/gating.hpp>

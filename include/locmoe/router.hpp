@@ -34,6 +34,8 @@
 // selection's backward, the losses and the gate's backward run on the host, so the backend must say its memory is
 // the host's (Backend::host_memory, checked at compile time: cuda_backend is refused; a device router is not
 // written yet).
+// Thread safety: a moe_router keeps its step's state and workspaces: one router per thread (or per layer), never
+// shared. Routers that share one cpu_backend (and so one thread_pool) serialize their parallel passes.
 // Example: docs/api.md#a-training-step.
 #pragma once
 

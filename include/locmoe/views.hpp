@@ -2,7 +2,8 @@
 //
 // Every kernel in locmoe reads and writes the caller's memory through matrix_view: row-major, rows
 // `stride` elements apart (stride >= cols), so that an operand may be a slice of a larger tensor. Views do
-// not own and never allocate. Eigen matrices convert with as_view (row-major, inner stride 1).
+// not own and never allocate. Eigen matrices convert with as_view (row-major, inner stride 1). A view is a value:
+// copying it or sharing it between threads is safe; what the threads do with the memory is the caller's to order.
 //
 // Element types: float and double, and the 16-bit bf16 (bfloat16) and fp16 (IEEE binary16), which are
 // Eigen's Eigen::bfloat16 and Eigen::half: 2-byte values whose conversions round to nearest even.

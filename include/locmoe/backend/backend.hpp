@@ -26,6 +26,8 @@
 //          no allocation, on the caller's stream. combine() after the experts ran.
 // Results are those of the single-threaded calls (grap_route, capacity_assigner with drop_policy::position,
 // dispatch, combine) bit for bit, on every backend where the arithmetic is the same.
+// Thread safety: a grap_pipeline holds its shape and backend only; run() writes the caller's workspace and outputs, so
+// one pipeline may serve several threads with their own workspaces (on the CPU backend they serialize on its pool).
 // Example: docs/api.md#device-backends.
 #pragma once
 

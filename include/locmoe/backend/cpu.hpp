@@ -13,6 +13,8 @@
 // The stream is a tag: every call has finished when it returns. Calls allocate nothing; the workspace sizes are
 // given by *_workspace_size. Preconditions are checked before any thread starts (locmoe::error).
 // Cost: the single-threaded cost divided by the threads, plus one pool wake-up per pass.
+// Thread safety: a cpu_backend may be shared; calls from several threads on one backend serialize on its pool (one
+// run at a time), so give each caller thread its own pool for parallel throughput.
 // Example: docs/api.md#device-backends.
 #pragma once
 

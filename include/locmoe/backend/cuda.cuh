@@ -22,6 +22,8 @@
 // once, as on the CPU. Bit-equal combine assumes the CPU build does not
 // contract multiply-adds into FMA (no -mfma/-march=native, or -ffp-contract=off).
 // Workspace: slot_workspace_size(T, n) bytes of device memory. No call allocates or synchronizes.
+// Thread safety: a cuda_backend holds its stream only; threads may share one, and their launches queue on that
+// stream in the order the calls are made (give each thread its own backend and stream to overlap them).
 // Errors of the launches are thrown as locmoe::cuda_error at the next call that checks (cudaGetLastError).
 #pragma once
 

@@ -7,8 +7,10 @@
 // run() allocates nothing and creates no thread. One run at a time: concurrent calls to run() on one pool are
 // serialized; a task must not call run() on its own pool (it would wait for itself). The destructor stops and
 // joins the workers.
-// Preconditions: threads >= 1 (checked, locmoe::error); fn must not throw (a throw terminates: it would leave
-// the other threads mid-task).
+// Exceptions: a task that throws does not terminate the process. The first exception thrown (in time) is kept,
+// no task is started after it (tasks already running finish), and run() rethrows it to its caller once every
+// thread is idle; the outputs of the tasks that did not run are left as they were. The pool stays usable.
+// Preconditions: threads >= 1 (checked, locmoe::error).
 // Cost: one wake-up of the workers per run (a mutex and a condition variable), then one atomic increment per
 // task. Example: docs/api.md#the-cpu-backend.
 #pragma once
@@ -19,6 +21,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -52,7 +55,8 @@ class thread_pool {
   }
   std::size_t threads() const noexcept { return workers_.size() + 1; }
 
-  /// fn(task) for every task in [0, tasks); returns when all have run.
+  /// fn(task) for every task in [0, tasks); returns when all have run, or rethrows the first exception of a task
+  /// (see the header comment).
   template <class Fn>
   void run(std::size_t tasks, Fn&& fn) {
     if (tasks == 0) return;
@@ -68,11 +72,18 @@ class thread_pool {
       next_.store(0, std::memory_order_relaxed);
       busy_ = workers_.size();
       ++generation_;
+      failure_ = nullptr;
     }
     wake_.notify_all();
     drain();
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, [this] { return busy_ == 0; });
+    if (failure_) {
+      std::exception_ptr failure = nullptr;
+      std::swap(failure, failure_);
+      lock.unlock();
+      std::rethrow_exception(failure);
+    }
   }
 
  private:
@@ -94,7 +105,17 @@ class thread_pool {
   void drain() noexcept {
     for (std::size_t t = next_.fetch_add(1, std::memory_order_relaxed); t < job_.tasks;
          t = next_.fetch_add(1, std::memory_order_relaxed)) {
+#if LOCMOE_HAS_EXCEPTIONS
+      try {
+        job_.call(job_.fn, t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!failure_) failure_ = std::current_exception();
+        next_.store(job_.tasks, std::memory_order_relaxed);  // hand out no further task
+      }
+#else
       job_.call(job_.fn, t);
+#endif
     }
   }
 
@@ -121,6 +142,7 @@ class thread_pool {
   std::size_t busy_ = 0;
   std::uint64_t generation_ = 0;
   bool stopping_ = false;
+  std::exception_ptr failure_;  ///< the first exception of this run's tasks (guarded by mutex_)
 };
 
 }  // namespace locmoe
