@@ -254,7 +254,10 @@ bool check_router_options(const char* fn, const router_options<S>& o, std::size_
   if (o.k / o.group_limit > 64) {
     return raise<Policy>(errc::domain, fn, "k", o.k, "k / group_limit must be <= 64", false);
   }
-  std::vector<std::size_t> size(o.groups, 0);
+  // Group sizes on the stack (8 KB; n <= 4096 fits 16 bits): the check runs on every call and allocates nothing.
+  std::array<std::uint16_t, max_experts> size_storage;
+  const auto size = size_storage.begin();
+  std::fill(size, size + static_cast<std::ptrdiff_t>(o.groups), std::uint16_t{0});
   for (std::size_t e = 0; e < n; ++e) {
     if (o.expert_group && (o.expert_group[e] < 0 || static_cast<std::size_t>(o.expert_group[e]) >= o.groups)) {
       return raise<Policy>(errc::domain, fn, "expert_group",
@@ -264,8 +267,8 @@ bool check_router_options(const char* fn, const router_options<S>& o, std::size_
     ++size[group_of(o, n, e)];
   }
   // Empty groups (nodes without experts) are never kept while a group with experts is left.
-  const auto first = size.begin(), last = size.end();
-  const auto nonempty = std::partition(first, last, [](std::size_t s) { return s > 0; });
+  const auto first = size, last = size + static_cast<std::ptrdiff_t>(o.groups);
+  const auto nonempty = std::partition(first, last, [](std::uint16_t s) { return s > 0; });
   std::sort(first, nonempty);
   const std::size_t kept_groups = std::min<std::size_t>(o.group_limit, static_cast<std::size_t>(nonempty - first));
   if (std::accumulate(first, first + static_cast<std::ptrdiff_t>(kept_groups), std::size_t{0}) < o.k) {
