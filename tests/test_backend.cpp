@@ -6,6 +6,8 @@
 #include <locmoe/assign.hpp>
 #include <locmoe/topology.hpp>
 
+#include "test_util.hpp"
+
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -264,7 +266,7 @@ TEST_CASE("cpu backend and pipeline: bad inputs name the argument, before any th
   CHECK_THROWS_WITH_AS(cpu.assign_slots(p, ws.data(), ws.size()), doctest::Contains("capacity = -1"), error);
   p.capacity = 2;
   p.kept_per_expert = nullptr;
-  CHECK_THROWS_AS(cpu.assign_slots(p, ws.data(), ws.size()), error);
+  CHECK(locmoe_test::error_argument([&] { cpu.assign_slots(p, ws.data(), ws.size()); }) == "kept_per_expert");
   CHECK_THROWS_WITH_AS(grap_pipeline(cpu, router_shape{8, 4, 5, 1, 2}), doctest::Contains("shape.experts = 5"), error);
   CHECK_THROWS_WITH_AS(grap_pipeline(cpu, router_shape{8, 16, 4, 5, 2}), doctest::Contains("k"), error);
   CHECK_THROWS_WITH_AS(grap_pipeline(cpu, router_shape{8, 16, 4, 1, -3}), doctest::Contains("shape.capacity = -3"), error);

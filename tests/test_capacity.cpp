@@ -121,7 +121,7 @@ TEST_CASE("values that leave the range of a double: +inf or 0, with finite logs"
   CHECK(b.log_p_delta < -1.4e5);
   CHECK(b.log_p_delta > -1.5e5);
   CHECK(b.log_ec_min_exp_bound == doctest::Approx(0.25e6 / 1.75 - std::log(16.0)).epsilon(1e-14));
-  CHECK_THROWS_AS(locmoe::critical_capacity(1000000, 16, 0.5), locmoe::error);
+  CHECK(locmoe_test::error_argument([] { locmoe::critical_capacity(1000000, 16, 0.5); }) == "delta");
 }
 
 TEST_CASE("bad arguments are rejected with the argument named") {
@@ -186,13 +186,14 @@ TEST_CASE("classic capacity: exact ceiling of the written capacity factor") {
 TEST_CASE("classic capacity: overflow and bad arguments") {
   CHECK(locmoe::classic_capacity(INT64_MAX, 1.0, 1, 1) == INT64_MAX);
   CHECK(locmoe::classic_capacity(INT64_MAX, 1.0, INT64_MAX, INT64_MAX) == 1);  // ep * n overflows an int64: fine
-  CHECK_THROWS_AS(locmoe::classic_capacity(INT64_MAX, 1.5, 1, 1), locmoe::error);
-  CHECK_THROWS_AS(locmoe::classic_capacity(1, 1e300, 1, 1), locmoe::error);
-  CHECK_THROWS_AS(locmoe::classic_capacity(-1, 1.0, 1, 1), locmoe::error);
-  for (const double bad : {0.0, -1.0, not_a_number, inf}) CHECK_THROWS_AS(locmoe::classic_capacity(8, bad, 1, 1), locmoe::error);
-  CHECK_THROWS_AS(locmoe::classic_capacity(8, 1.0, 0, 1), locmoe::error);
-  CHECK_THROWS_AS(locmoe::classic_capacity(8, 1.0, 1, 0), locmoe::error);
-  CHECK_THROWS_AS(locmoe::classic_capacity(8, 1.0, 1, 1, -1), locmoe::error);
+  CHECK(locmoe_test::error_argument([] { locmoe::classic_capacity(INT64_MAX, 1.5, 1, 1); }) == "tokens");
+  CHECK(locmoe_test::error_argument([] { locmoe::classic_capacity(1, 1e300, 1, 1); }) == "tokens");  // the product overflows
+  CHECK(locmoe_test::error_argument([] { locmoe::classic_capacity(-1, 1.0, 1, 1); }) == "tokens");
+  for (const double bad : {0.0, -1.0, not_a_number, inf})
+    CHECK(locmoe_test::error_argument([&] { locmoe::classic_capacity(8, bad, 1, 1); }) == "capacity_factor");
+  CHECK(locmoe_test::error_argument([] { locmoe::classic_capacity(8, 1.0, 0, 1); }) == "expert_parallel");
+  CHECK(locmoe_test::error_argument([] { locmoe::classic_capacity(8, 1.0, 1, 0); }) == "n");
+  CHECK(locmoe_test::error_argument([] { locmoe::classic_capacity(8, 1.0, 1, 1, -1); }) == "min_capacity");
 }
 
 TEST_CASE("critical capacity is the smallest integer >= ec_min, at least 1") {
@@ -225,12 +226,19 @@ TEST_CASE("max_delta_for_capacity inverts ec_min") {
       CHECK(locmoe::log_ec_min(d, n, below) <= log_c + 1e-12 * std::abs(log_c));
       if (above > delta) CHECK(locmoe::log_ec_min(d, n, above) >= log_c - 1e-12 * std::abs(log_c));
       if (delta < 0.9) CHECK(relative_error(locmoe::log_ec_min(d, n, delta), log_c) < 1e-9);
+      // Exactly the largest double that meets the bound, as ec_min evaluates it (found by tests/fuzz).
+      CHECK(locmoe::ec_min(d, n, delta) <= capacity);
+      if (std::nextafter(delta, 1.0) < 1.0) CHECK(locmoe::ec_min(d, n, std::nextafter(delta, 1.0)) > capacity);
     }
   }
   // n * capacity beyond double range: solved in log space (log ec_min = log n + log capacity).
   const double delta = locmoe::max_delta_for_capacity(1000000, 10, 1e308);
   CHECK(relative_error(locmoe::log_ec_min(1000000, 10, delta), std::log(1e308)) < 1e-9);
   CHECK(delta == doctest::Approx(0.0375).epsilon(0.01));
+  // The fuzzer's case: d = 3 (p_delta = 1 - delta), n capacity = 1.5e9; one ulp of delta moves ec_min by 1.7e-7.
+  const double steep = locmoe::max_delta_for_capacity(3, 1512439808, 1.0);
+  CHECK(locmoe::ec_min(3, 1512439808, steep) <= 1.0);
+  CHECK(locmoe::ec_min(3, 1512439808, std::nextafter(steep, 1.0)) > 1.0);
 }
 
 TEST_CASE("min_capacity_factor is the smallest factor whose classic capacity reaches ec_min") {
@@ -251,7 +259,7 @@ TEST_CASE("min_capacity_factor is the smallest factor whose classic capacity rea
   // (T, ep, n) = (16384, 16, 16): 64 tokens per expert at cf = 1; ec_min = 1.96 needs 2 slots, so any cf > 1/64.
   CHECK(locmoe::min_capacity_factor(16384, 16, 16, 1.9648) == std::nextafter(0.015625, 1.0));
   CHECK(locmoe::min_capacity_factor(16384, 16, 16, 0.5) == std::numeric_limits<double>::denorm_min());
-  CHECK_THROWS_AS(locmoe::min_capacity_factor(1, 1000000000, 1000000000, 1e300), locmoe::error);
+  CHECK(locmoe_test::error_argument([] { locmoe::min_capacity_factor(1, 1000000000, 1000000000, 1e300); }) == "ec_min");
 }
 
 TEST_CASE("extreme arguments keep full accuracy (high-precision values from mpmath)") {
@@ -297,10 +305,10 @@ TEST_CASE("empirical_delta is the type-7 quantile of the cosines") {
       CHECK(relative_error(locmoe::empirical_delta(c, q), want) < 1e-15);
     }
   }
-  CHECK_THROWS_AS(locmoe::empirical_delta(Eigen::VectorXd(), 0.05), locmoe::error);
-  CHECK_THROWS_AS(locmoe::empirical_delta(Eigen::VectorXd::Constant(3, 0.5), 1.5), locmoe::error);
-  CHECK_THROWS_AS(locmoe::empirical_delta(Eigen::VectorXd::Constant(3, not_a_number), 0.5), locmoe::error);
-  CHECK_THROWS_AS(locmoe::empirical_delta(Eigen::VectorXd::Constant(3, 1.5), 0.5), locmoe::error);
+  CHECK(locmoe_test::error_argument([] { locmoe::empirical_delta(Eigen::VectorXd(), 0.05); }) == "cosines");
+  CHECK(locmoe_test::error_argument([] { locmoe::empirical_delta(Eigen::VectorXd::Constant(3, 0.5), 1.5); }) == "q");
+  CHECK(locmoe_test::error_argument([&] { locmoe::empirical_delta(Eigen::VectorXd::Constant(3, not_a_number), 0.5); }) == "cosines");
+  CHECK(locmoe_test::error_argument([] { locmoe::empirical_delta(Eigen::VectorXd::Constant(3, 1.5), 0.5); }) == "cosines");
 }
 
 TEST_CASE("routed_cosines against hand-computed GrAP weights") {
@@ -321,12 +329,12 @@ TEST_CASE("routed_cosines against hand-computed GrAP weights") {
   CHECK(c[1] == 0.0);
   CHECK(c[2] == doctest::Approx(7.0 / (5.0 * std::sqrt(2.0))).epsilon(1e-15));
   expert[0] = 2;
-  CHECK_THROWS_AS(locmoe::routed_cosines(x, w, expert), locmoe::error);
+  CHECK(locmoe_test::error_argument([&] { locmoe::routed_cosines(x, w, expert); }) == "expert");
   expert[0] = 0;
   x(1, 1) = std::numeric_limits<float>::quiet_NaN();
-  CHECK_THROWS_AS(locmoe::routed_cosines(x, w, expert), locmoe::error);
-  CHECK_THROWS_AS(locmoe::routed_cosines(x, Eigen::MatrixXd(2, 3), expert), locmoe::error);
-  CHECK_THROWS_AS(locmoe::routed_cosines(x, w, Eigen::VectorXi(4)), locmoe::error);
+  CHECK(locmoe_test::error_argument([&] { locmoe::routed_cosines(x, w, expert); }) == "x");
+  CHECK(locmoe_test::error_argument([&] { locmoe::routed_cosines(x, Eigen::MatrixXd(2, 3), expert); }) == "w");
+  CHECK(locmoe_test::error_argument([&] { locmoe::routed_cosines(x, w, Eigen::VectorXi(4)); }) == "expert");
   // Rows whose squared norm overflows or underflows a double still have an angle.
   Eigen::MatrixXd big(2, 4);
   big << 1e200, 1e200, 0, 0, 1e-200, 0, 1e-200, 0;

@@ -2,6 +2,8 @@
 // alpha-beta model matches hand calculations, and bad inputs are refused.
 #include <locmoe/exchange.hpp>
 
+#include "test_util.hpp"
+
 #include <doctest/doctest.h>
 
 #include <random>
@@ -10,6 +12,46 @@
 using namespace locmoe;
 
 namespace {
+
+// The route of a row from s to t, written from exchange.hpp's header comment (the schemes' rules), not from its
+// code: what the library's routes and plans are compared against.
+std::vector<exchange_hop> documented_route(const topology& topo, exchange_scheme scheme, std::size_t s, std::size_t t) {
+  std::vector<std::vector<std::int32_t>> members(topo.nodes());  // each node's ranks in rank order
+  std::vector<std::size_t> position(topo.ranks());               // pos(r): r's index among its node's ranks
+  for (std::size_t r = 0; r < topo.ranks(); ++r) {
+    auto& m = members[static_cast<std::size_t>(topo.node_of_rank(r))];
+    position[r] = m.size();
+    m.push_back(static_cast<std::int32_t>(r));
+  }
+  const auto rank_at = [&](std::size_t node, std::size_t index) { return members[node][index % members[node].size()]; };
+  std::vector<exchange_hop> hops;
+  const auto hop = [&](std::size_t stage, std::int32_t from, std::int32_t to) {
+    if (from != to) hops.push_back({stage, from, to});  // a hop to the same rank is skipped
+  };
+  const auto src = static_cast<std::int32_t>(s), dst = static_cast<std::int32_t>(t);
+  const auto a = static_cast<std::size_t>(topo.node_of_rank(s)), b = static_cast<std::size_t>(topo.node_of_rank(t));
+  if (scheme == exchange_scheme::flat) {
+    hop(0, src, dst);
+  } else if (scheme == exchange_scheme::split_gather) {
+    if (a == b) {
+      hop(1, src, dst);  // rows for the own node go s -> t in stage 1
+    } else {
+      const std::int32_t p = rank_at(b, position[s]);  // the rank at position pos(s) mod |b| of node b
+      hop(0, src, p);
+      hop(1, p, dst);
+    }
+  } else {
+    if (a == b) {
+      hop(0, src, dst);  // rows for the own node go s -> t in stage 0
+    } else {
+      const std::int32_t gate_a = rank_at(a, b), gate_b = rank_at(b, a);  // pos b mod |a| of a, pos a mod |b| of b
+      hop(0, src, gate_a);
+      hop(1, gate_a, gate_b);
+      hop(2, gate_b, dst);
+    }
+  }
+  return hops;
+}
 
 std::vector<std::int64_t> random_sends(std::size_t ranks, unsigned seed) {
   std::mt19937 rng(seed);
@@ -36,9 +78,16 @@ TEST_CASE("exchange routes: every row reaches its rank through the scheme's stag
       for (std::size_t s = 0; s < topo.ranks(); ++s) {
         for (std::size_t t = 0; t < topo.ranks(); ++t) {
           const auto hops = router.route(scheme, s, t);
-          CHECK(hops.size() == exchange_route(topo, scheme, s, t).size());
           CAPTURE(s);
           CAPTURE(t);
+          const auto documented = documented_route(topo, scheme, s, t);
+          REQUIRE(hops.size() == documented.size());
+          for (std::size_t h = 0; h < hops.size(); ++h) {
+            CHECK(hops[h].stage == documented[h].stage);
+            CHECK(hops[h].from == documented[h].from);
+            CHECK(hops[h].to == documented[h].to);
+          }
+          CHECK(exchange_route(topo, scheme, s, t).size() == hops.size());
           if (s == t) {
             CHECK(hops.empty());
             continue;
@@ -237,7 +286,6 @@ TEST_CASE("exchange plans move whole rows: stage by stage, every rank ends with 
     for (auto& v : rows) v %= 7;
     std::vector<std::int64_t> bytes(rows.size());
     for (std::size_t i = 0; i < rows.size(); ++i) bytes[i] = rows[i] * row_bytes;
-    const exchange_router router(topo);
     for (const exchange_scheme scheme : schemes) {
       CAPTURE(static_cast<int>(scheme));
       const exchange_plan plan = build_exchange_plan(bytes, topo, {scheme, false});
@@ -252,7 +300,7 @@ TEST_CASE("exchange plans move whole rows: stage by stage, every rank ends with 
       for (std::size_t stage = 0; stage < plan.stages.size(); ++stage) {
         std::vector<std::int64_t> moved(R * R, 0);
         for (row& r : all) {
-          for (const exchange_hop& h : router.route(scheme, r.source, r.destination)) {
+          for (const exchange_hop& h : documented_route(topo, scheme, r.source, r.destination)) {
             if (h.stage != stage) continue;
             REQUIRE(static_cast<std::size_t>(h.from) == r.at);  // the row is where the hop starts
             moved[r.at * R + static_cast<std::size_t>(h.to)] += row_bytes;
@@ -283,7 +331,8 @@ TEST_CASE("exchange plans and the model refuse bad input") {
   S[3] = std::numeric_limits<std::int64_t>::max() / 2 + 1;
   // ... and meet on the gateway of two_level's stage 0 (0 -> 1 carries S[0][1] + S[0][2] + S[0][3]).
   CHECK_THROWS_WITH_AS(build_exchange_plan(S, topo, {exchange_scheme::two_level, false}), doctest::Contains("int64"), error);
-  CHECK_THROWS_AS(exchange_route(topo, exchange_scheme::flat, 4, 0), error);
+  CHECK(locmoe_test::error_argument([&] { exchange_route(topo, exchange_scheme::flat, 4, 0); }) == "source");
+  CHECK(locmoe_test::error_argument([&] { exchange_route(topo, exchange_scheme::flat, 0, 4); }) == "destination");
   CHECK_THROWS_WITH_AS(build_exchange_plan(std::vector<std::int64_t>(16, 1), topo, {static_cast<exchange_scheme>(7), false}),
                        doctest::Contains("options.scheme = 7"), error);
   CHECK_THROWS_WITH_AS(exchange_route(topo, static_cast<exchange_scheme>(-1), 0, 1), doctest::Contains("scheme"), error);

@@ -1,11 +1,46 @@
 // Helpers shared by the tests.
 #pragma once
 
+#include <locmoe/error.hpp>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <string>
+#include <type_traits>
 
 namespace locmoe_test {
+
+/// The argument a locmoe::error from f() names, "<no error>" if f returns, "<other exception>" for anything else.
+template <class F>
+std::string error_argument(F&& f) {
+  try {
+    f();
+  } catch (const locmoe::error& e) {
+    return e.argument();
+  } catch (...) {
+    return "<other exception>";
+  }
+  return "<no error>";
+}
+
+/// How many representable values lie between a and b (0: the same value; NaN only matches NaN, else the maximum).
+template <class S>
+std::uint64_t ulp_distance(S a, S b) {
+  static_assert(std::is_floating_point_v<S>);
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b) ? 0 : std::numeric_limits<std::uint64_t>::max();
+  using bits_t = std::conditional_t<sizeof(S) == 4, std::int32_t, std::int64_t>;
+  const auto ordered = [](S v) {  // a monotone map of the floats onto the integers (-0 and +0 both map to 0)
+    bits_t i;
+    std::memcpy(&i, &v, sizeof v);
+    return i < 0 ? static_cast<std::int64_t>(std::numeric_limits<bits_t>::min()) - static_cast<std::int64_t>(i)
+                 : static_cast<std::int64_t>(i);
+  };
+  const std::int64_t x = ordered(a), y = ordered(b);
+  return x > y ? static_cast<std::uint64_t>(x - y) : static_cast<std::uint64_t>(y - x);
+}
 
 /// |got - want| / |want|, with an absolute check where want is 0; NaN and Inf only match themselves.
 inline double relative_error(double got, double want) {

@@ -111,7 +111,7 @@ class capacity_assigner {
   assignment_stats run(const matrix_view<const expert_index>& indices, const matrix_view<const S>& weights,
                        const assignment_outputs<S>& out, const assignment_context<S>& context = {}) {
     constexpr const char* fn = "locmoe::capacity_assigner::run";
-    using P = throw_on_error;
+    using P = construction_policy;
     const std::size_t tokens = indices.rows, k = indices.cols;
     check(fn, indices, weights, out, context);
     assignment_stats stats;
@@ -256,7 +256,7 @@ class capacity_assigner {
 
   static detail::rank_map ranks_of(const assignment_context<S>& context, std::size_t tokens) {
     detail::rank_map map;  // checked in check()
-    detail::resolve_token_ranks<throw_on_error>("locmoe::capacity_assigner::run", "token_rank", context.token_rank,
+    detail::resolve_token_ranks<construction_policy>("locmoe::capacity_assigner::run", "token_rank", context.token_rank,
                                                 tokens, context.topo ? context.topo->ranks() : 1, map);
     return map;
   }
@@ -300,7 +300,7 @@ class capacity_assigner {
 
   void check(const char* fn, const matrix_view<const expert_index>& indices, const matrix_view<const S>& weights,
              const assignment_outputs<S>& out, const assignment_context<S>& context) const {
-    using P = throw_on_error;
+    using P = construction_policy;
     const std::size_t tokens = indices.rows, k = indices.cols;
     if (n_ < 1 || n_ > static_cast<std::size_t>(INT32_MAX)) {
       detail::raise<P>(errc::domain, fn, "n", n_, "number of experts must satisfy 1 <= n <= 2^31 - 1", 0);
@@ -363,7 +363,7 @@ class capacity_assigner {
 inline void global_capacity_shares(const std::int64_t* counts, std::size_t ranks, std::size_t n, std::int64_t capacity,
                                    std::size_t rank, std::int64_t* share) {
   constexpr const char* fn = "locmoe::global_capacity_shares";
-  using P = throw_on_error;
+  using P = construction_policy;
   if (rank >= ranks) detail::raise<P>(errc::domain, fn, "rank", rank, "must be < ranks", 0);
   if (capacity < 0) detail::raise<P>(errc::domain, fn, "capacity", capacity, "must be >= 0", 0);
   if (n > 0 && (!counts || !share)) detail::raise<P>(errc::domain, fn, "counts/share", "null", "must not be null", 0);

@@ -75,7 +75,7 @@ inline dispatch_plan build_dispatch_plan(const matrix_view<const expert_index>& 
                                          const topology& topo, token_ranks token_rank = {},
                                          std::int64_t token_bytes = 0) {
   constexpr const char* fn = "locmoe::build_dispatch_plan";
-  using P = throw_on_error;
+  using P = construction_policy;
   const std::size_t tokens = expert.rows, k = expert.cols, n = topo.experts(), ranks = topo.ranks();
   if (k < 1) detail::raise<P>(errc::domain, fn, "expert", detail::shape_text(tokens, k), "must have k >= 1 columns", 0);
   detail::check_view<P>(fn, "expert", expert, tokens, k, "");
@@ -205,7 +205,7 @@ void combine(const dispatch_plan& plan, const matrix_view<const T>& buffer, cons
   constexpr const char* fn = "locmoe::combine";
   const std::size_t d = y.cols, k = plan.top_k;
   detail::check_rows(fn, "buffer", buffer, plan.buffer_rows(), d);
-  detail::check_view<throw_on_error>(fn, "weight", weight, plan.tokens, k, "must be [T x k]");
+  detail::check_view<construction_policy>(fn, "weight", weight, plan.tokens, k, "must be [T x k]");
   detail::check_rows(fn, "y", y, plan.tokens, d);
   detail::run<detail::combine_kernel<T>>({detail::layout_of(plan), buffer, detail::weight_rows_of(weight), y, 0,
                                          plan.tokens, detail::use_streaming_stores(plan.tokens * d * sizeof(T))});
@@ -226,9 +226,9 @@ void combine_backward(const dispatch_plan& plan, const matrix_view<const T>& buf
   const std::size_t d = grad_y.cols, k = plan.top_k;
   detail::check_rows(fn, "grad_y", grad_y, plan.tokens, d);
   detail::check_rows(fn, "buffer", buffer, plan.buffer_rows(), d);
-  detail::check_view<throw_on_error>(fn, "weight", weight, plan.tokens, k, "must be [T x k]");
+  detail::check_view<construction_policy>(fn, "weight", weight, plan.tokens, k, "must be [T x k]");
   if (grad_buffer.present()) detail::check_rows(fn, "grad_buffer", grad_buffer, plan.buffer_rows(), d);
-  if (grad_weight.present()) detail::check_view<throw_on_error>(fn, "grad_weight", grad_weight, plan.tokens, k, "must be [T x k]");
+  if (grad_weight.present()) detail::check_view<construction_policy>(fn, "grad_weight", grad_weight, plan.tokens, k, "must be [T x k]");
   detail::run<detail::combine_backward_kernel<T>>(
       {detail::layout_of(plan), buffer, detail::weight_rows_of(weight), grad_y, grad_buffer,
        grad_weight.present() ? detail::weight_grads_of(grad_weight) : detail::weight_grads{}, 0, plan.tokens,
@@ -258,7 +258,7 @@ void dispatch_backward(const dispatch_plan& plan, const matrix_view<const T>& gr
 inline void grouped_offsets(const std::int64_t* kept_per_expert, std::size_t n, std::int64_t multiple,
                             std::int64_t* offsets) {
   constexpr const char* fn = "locmoe::grouped_offsets";
-  using P = throw_on_error;
+  using P = construction_policy;
   if (multiple < 1) detail::raise<P>(errc::domain, fn, "multiple", multiple, "must be >= 1", 0);
   if (!offsets || (n > 0 && !kept_per_expert)) {
     detail::raise<P>(errc::domain, fn, "kept_per_expert/offsets", "null", "must not be null", 0);

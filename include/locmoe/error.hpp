@@ -1,15 +1,24 @@
-// locmoe/error.hpp - how locmoe reports bad input.
+// locmoe/error.hpp - how locmoe reports bad input: one contract for every public entry point.
 //
-// Modelled on Boost.Math's error policies: every checked function takes a Policy (a type, defaulted to
-// locmoe::default_policy) that decides what happens when an argument breaks a rule.
+// Functions that compute a value (gating, selection, routers, route_backward, losses, capacity) take a Policy (a
+// type, defaulted to locmoe::default_policy), modelled on Boost.Math's error policies, that decides what happens when
+// an argument breaks a rule:
 //
 //   throw_on_error  throws locmoe::error, which names the function, the argument and the rule (default).
 //   errno_on_error  sets errno (EDOM for a bad argument, ERANGE for a size that overflows) and returns the
-//                   function's documented fallback (NaN for real results, -1 for sizes and counts).
+//                   function's documented fallback: NaN for real results, false for bool, -1 for int64 capacities,
+//                   and for the functions that count tokens (selection, routers, route_backward) a checked_count
+//                   whose ok() is false. A count is returned as a plain std::size_t only under a policy that never
+//                   returns from an error (throw_on_error), so a failure cannot be read as a count.
 //
-// A user policy is any type with the same static `report` member. The default is LOCMOE_DEFAULT_POLICY,
-// which is throw_on_error where exceptions are enabled and errno_on_error where they are not.
+// Functions and constructors that build or fill objects (topology, capacity_assigner, dispatch and exchange plans,
+// expert_parallel maps, the backends, grap_pipeline, moe_router, thread_pool) have no value to fall back on, so they
+// report through construction_policy: throw_on_error where exceptions are enabled, abort_on_error (the same message on
+// stderr, then std::abort) where they are not.
 //
+// A user policy is any type with the same static `report` member (and `never_returns = true` if it never returns).
+// The default is LOCMOE_DEFAULT_POLICY: throw_on_error where exceptions are enabled, errno_on_error where not, so every
+// public header compiles with -fno-exceptions (tests/consumer/no_exceptions.cpp).
 // Thread safety: the policies keep no state (errno is per thread).
 //
 // Example (docs/api.md#errors):
@@ -21,7 +30,10 @@
 
 #include <cerrno>
 #include <charconv>
+#include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -77,12 +89,14 @@ class error : public std::invalid_argument {
 
 /// Policy: throw locmoe::error.
 struct throw_on_error {
+  static constexpr bool never_returns = true;
   using boost_policy = boost::math::policies::policy<>;
   template <class Result>
   [[noreturn]] static Result report(const error_report& r, Result /*fallback*/) {
 #if LOCMOE_HAS_EXCEPTIONS
     throw error(r);
 #else
+    static_cast<void>(r);
     static_assert(sizeof(Result) == 0, "locmoe::throw_on_error needs exceptions; use errno_on_error");
 #endif
   }
@@ -102,6 +116,72 @@ struct errno_on_error {
     return fallback;
   }
 };
+
+/// Policy: print the message on stderr and abort. construction_policy where exceptions are disabled.
+struct abort_on_error {
+  static constexpr bool never_returns = true;
+  using boost_policy = errno_on_error::boost_policy;  // Boost.Math must not throw either
+  template <class Result>
+  [[noreturn]] static Result report(const error_report& r, Result /*fallback*/) {
+    std::fprintf(stderr, "locmoe: %s\n", r.message().c_str());
+    std::abort();
+  }
+};
+
+/// How functions that build objects report a broken rule (see the header comment).
+#if LOCMOE_HAS_EXCEPTIONS
+using construction_policy = throw_on_error;
+#else
+using construction_policy = abort_on_error;
+#endif
+
+/// The result of a function that counts tokens, under a policy that may return from an error: the count, or a
+/// failure. It converts from a count, and never to a number: read it with ok() and value().
+class checked_count {
+ public:
+  constexpr checked_count(std::size_t count) noexcept : count_(count), ok_(true) {}  // NOLINT: a count is a result
+  static constexpr checked_count failure() noexcept {
+    checked_count c(0);
+    c.ok_ = false;
+    return c;
+  }
+  constexpr bool ok() const noexcept { return ok_; }
+  /// The count; precondition ok() (a failure gives 0 here).
+  constexpr std::size_t value() const noexcept { return count_; }
+  constexpr std::size_t value_or(std::size_t fallback) const noexcept { return ok_ ? count_ : fallback; }
+  friend constexpr bool operator==(checked_count a, checked_count b) noexcept {
+    return a.ok_ == b.ok_ && (!a.ok_ || a.count_ == b.count_);
+  }
+  friend constexpr bool operator!=(checked_count a, checked_count b) noexcept { return !(a == b); }
+
+ private:
+  std::size_t count_;
+  bool ok_;
+};
+
+namespace detail {
+template <class Policy, class = void>
+struct never_returns : std::false_type {};
+template <class Policy>
+struct never_returns<Policy, std::enable_if_t<Policy::never_returns>> : std::true_type {};
+}  // namespace detail
+
+/// What a counting function returns under Policy: std::size_t if the policy never returns from an error, else
+/// checked_count.
+template <class Policy>
+using count_result = std::conditional_t<detail::never_returns<Policy>::value, std::size_t, checked_count>;
+
+namespace detail {
+/// The failure value of a counting function, whatever its count_result.
+struct failed_t {
+  constexpr operator std::size_t() const noexcept { return static_cast<std::size_t>(-1); }  // unreachable: see error.hpp
+  constexpr operator checked_count() const noexcept { return checked_count::failure(); }
+};
+inline constexpr failed_t failed{};
+/// Whether a count_result is a failure (a plain count never is: its policy does not return from an error).
+constexpr bool is_failure(std::size_t) noexcept { return false; }
+constexpr bool is_failure(checked_count c) noexcept { return !c.ok(); }
+}  // namespace detail
 
 #ifndef LOCMOE_DEFAULT_POLICY
 #  if LOCMOE_HAS_EXCEPTIONS

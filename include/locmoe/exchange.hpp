@@ -121,7 +121,7 @@ struct node_layout {
 
 inline void check_scheme(const char* fn, const char* argument, exchange_scheme s) {
   if (s != exchange_scheme::flat && s != exchange_scheme::split_gather && s != exchange_scheme::two_level) {
-    raise<throw_on_error>(errc::domain, fn, argument, static_cast<int>(s), "must be flat, split_gather or two_level", 0);
+    raise<construction_policy>(errc::domain, fn, argument, static_cast<int>(s), "must be flat, split_gather or two_level", 0);
   }
 }
 
@@ -170,7 +170,7 @@ inline std::vector<exchange_hop> route(const topology& topo, const node_layout& 
 
 inline std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* fn) {
   if (b > std::numeric_limits<std::int64_t>::max() - a) {
-    raise<throw_on_error>(errc::overflow, fn, "send_bytes", "", "the bytes of one stage and link must fit an int64", 0);
+    raise<construction_policy>(errc::overflow, fn, "send_bytes", "", "the bytes of one stage and link must fit an int64", 0);
   }
   return a + b;
 }
@@ -190,9 +190,9 @@ class exchange_router {
   std::vector<exchange_hop> route(exchange_scheme scheme, std::size_t source, std::size_t destination) const {
     constexpr const char* fn = "locmoe::exchange_route";
     detail::check_scheme(fn, "scheme", scheme);
-    if (source >= topo_.ranks()) detail::raise<throw_on_error>(errc::domain, fn, "source", source, "must be a rank in [0, R)", 0);
+    if (source >= topo_.ranks()) detail::raise<construction_policy>(errc::domain, fn, "source", source, "must be a rank in [0, R)", 0);
     if (destination >= topo_.ranks()) {
-      detail::raise<throw_on_error>(errc::domain, fn, "destination", destination, "must be a rank in [0, R)", 0);
+      detail::raise<construction_policy>(errc::domain, fn, "destination", destination, "must be a rank in [0, R)", 0);
     }
     return detail::route(topo_, layout_, scheme, source, destination);
   }
@@ -203,7 +203,7 @@ class exchange_router {
     constexpr const char* fn = "locmoe::exchange_router::gateway";
     for (const auto& [argument, node] : {std::pair<const char*, std::size_t>{"from", from}, {"to", to}}) {
       if (node >= layout_.ranks_of_node.size() || layout_.ranks_of_node[node].empty()) {
-        detail::raise<throw_on_error>(errc::domain, fn, argument, node, "must be a node that holds ranks", 0);
+        detail::raise<construction_policy>(errc::domain, fn, argument, node, "must be a node that holds ranks", 0);
       }
     }
     return layout_.member(from, to);
@@ -227,17 +227,17 @@ inline exchange_plan build_exchange_plan(const std::vector<std::int64_t>& send_b
   constexpr const char* fn = "locmoe::build_exchange_plan";
   const std::size_t ranks = topo.ranks();
   if (send_bytes.size() != ranks * ranks) {
-    detail::raise<throw_on_error>(errc::domain, fn, "send_bytes", send_bytes.size(),
+    detail::raise<construction_policy>(errc::domain, fn, "send_bytes", send_bytes.size(),
                                   "must hold R x R entries (R = topology ranks)", 0);
   }
   detail::check_scheme(fn, "options.scheme", options.scheme);
   if (options.replicate_in_node && options.scheme != exchange_scheme::split_gather) {
-    detail::raise<throw_on_error>(errc::domain, fn, "options.replicate_in_node", "true",
+    detail::raise<construction_policy>(errc::domain, fn, "options.replicate_in_node", "true",
                                   "applies to the split_gather scheme only", 0);
   }
   for (std::size_t i = 0; i < send_bytes.size(); ++i) {
     if (send_bytes[i] < 0) {
-      detail::raise<throw_on_error>(errc::domain, fn, "send_bytes",
+      detail::raise<construction_policy>(errc::domain, fn, "send_bytes",
                                     "[" + std::to_string(i / ranks) + "][" + std::to_string(i % ranks) + "] = " +
                                         std::to_string(send_bytes[i]),
                                     "entries must be >= 0", 0);
@@ -349,16 +349,16 @@ inline exchange_time model_exchange_time(const exchange_plan& plan, const topolo
     const bool intra = c == link_class::intra_node;
     const link_cost& l = model[c];
     if (!(l.latency_seconds >= 0) || !std::isfinite(l.latency_seconds)) {
-      detail::raise<throw_on_error>(errc::domain, fn, intra ? "model.intra_node.latency_seconds" : "model.inter_node.latency_seconds",
+      detail::raise<construction_policy>(errc::domain, fn, intra ? "model.intra_node.latency_seconds" : "model.inter_node.latency_seconds",
                                     l.latency_seconds, "must be finite and >= 0", 0);
     }
     if (!(l.bytes_per_second > 0) || !std::isfinite(l.bytes_per_second)) {
-      detail::raise<throw_on_error>(errc::domain, fn, intra ? "model.intra_node.bytes_per_second" : "model.inter_node.bytes_per_second",
+      detail::raise<construction_policy>(errc::domain, fn, intra ? "model.intra_node.bytes_per_second" : "model.inter_node.bytes_per_second",
                                     l.bytes_per_second, "must be finite and > 0", 0);
     }
   }
   if (plan.ranks != topo.ranks() || plan.node_of_rank != topo.node_of_rank_map()) {
-    detail::raise<throw_on_error>(errc::domain, fn, "topo", topo.ranks(),
+    detail::raise<construction_policy>(errc::domain, fn, "topo", topo.ranks(),
                                   "must be the topology the plan was built on (same ranks and nodes)", 0);
   }
   for (std::size_t i = 0; i < plan.stages.size(); ++i) {
@@ -369,7 +369,7 @@ inline exchange_time model_exchange_time(const exchange_plan& plan, const topolo
         const std::string where = "stages[" + std::to_string(i) + "].transfers[" + std::to_string(j) + "] = {" +
                                   std::to_string(m.source) + ", " + std::to_string(m.destination) + ", " +
                                   std::to_string(m.bytes) + "}";
-        detail::raise<throw_on_error>(errc::domain, fn, "plan", where,
+        detail::raise<construction_policy>(errc::domain, fn, "plan", where,
                                       "a transfer joins two different ranks in [0, R) and carries bytes > 0", 0);
       }
     }

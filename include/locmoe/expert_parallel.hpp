@@ -62,11 +62,11 @@ inline std::pair<std::size_t, std::size_t> experts_of_rank(const topology& topo,
   const std::vector<std::int32_t>& placed = topo.rank_of_expert_map();
   for (std::size_t e = 1; e < placed.size(); ++e) {
     if (placed[e] < placed[e - 1]) {
-      detail::raise<throw_on_error>(errc::domain, fn, "topology", "expert " + std::to_string(e) + " on rank " +
+      detail::raise<construction_policy>(errc::domain, fn, "topology", "expert " + std::to_string(e) + " on rank " +
                                     std::to_string(placed[e]), "experts must be placed in rank order (block placement)", 0);
     }
   }
-  if (rank >= topo.ranks()) detail::raise<throw_on_error>(errc::domain, fn, "rank", rank, "must be < ranks", 0);
+  if (rank >= topo.ranks()) detail::raise<construction_policy>(errc::domain, fn, "rank", rank, "must be < ranks", 0);
   const auto r = static_cast<std::int32_t>(rank);
   const auto first = std::lower_bound(placed.begin(), placed.end(), r) - placed.begin();
   const auto last = std::upper_bound(placed.begin(), placed.end(), r) - placed.begin();
@@ -79,7 +79,7 @@ inline std::pair<std::size_t, std::size_t> experts_of_rank(const topology& topo,
 inline ep_exchange_plan build_ep_exchange_plan(const topology& topo, std::size_t rank, const std::int64_t* my_kept,
                                                const std::int64_t* counts_to_me, std::int64_t multiple = 1) {
   constexpr const char* fn = "locmoe::build_ep_exchange_plan";
-  using P = throw_on_error;
+  using P = construction_policy;
   const std::size_t R = topo.ranks(), n = topo.experts();
   const auto [first, local] = experts_of_rank(topo, rank);
   if (multiple < 1) detail::raise<P>(errc::domain, fn, "multiple", multiple, "must be >= 1", 0);

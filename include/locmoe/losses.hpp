@@ -339,7 +339,7 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
   const topology* topo = terms.locality ? o.locality.topo : nullptr;
   const std::size_t ranks = topo ? topo->ranks() : 1;
   rank_map rank_of{nullptr, 1, tokens};  // checked by the caller
-  if (topo) resolve_token_ranks<throw_on_error>("locmoe::router_losses", "token_rank", o.locality.token_rank, tokens, ranks, rank_of);
+  if (topo) resolve_token_ranks<construction_policy>("locmoe::router_losses", "token_rank", o.locality.token_rank, tokens, ranks, rank_of);
   const auto R = static_cast<Eigen::Index>(ranks), N = static_cast<Eigen::Index>(n);
   auto& sum_p = ws.sum_p;
   auto& choices = ws.choices;

@@ -24,7 +24,7 @@
 // kept ones' weights.
 // Preconditions (checked; errors name the argument): logits [T x n], 1 <= n <= max_experts; indices and
 // grad_weights [T x k] with k = options.k <= n; indices in [-1, n), a token's experts distinct; grad_logits
-// [T x n]; scale finite. Returns the tokens that got no gradient (errno_on_error: -1, as size_t, on bad
+// [T x n]; scale finite. Returns the tokens that got no gradient (errno_on_error: a checked_count, not ok() on bad
 // arguments). Arithmetic in double per row, rounded once into S. Cost: O(n + k) per token, n exp for the
 // softmax-before path, k otherwise; allocates one row of n doubles per call. Thread safety: no state; disjoint
 // token ranges may run concurrently. Example: docs/api.md#a-training-step.
@@ -146,7 +146,7 @@ struct route_backward_workspace {
 /// `indices` [T x k], for the forward described by `options` (see the header comment). `workspace` (optional):
 /// kept by the caller, a call allocates nothing once it has seen n; without it each call allocates O(n).
 template <class In, class Policy = default_policy>
-std::size_t route_backward(const matrix_view<In>& logits, const router_options<detail::plain_t<In>>& options,
+count_result<Policy> route_backward(const matrix_view<In>& logits, const router_options<detail::plain_t<In>>& options,
                            const matrix_view<const expert_index>& indices,
                            const matrix_view<const detail::plain_t<In>>& grad_weights,
                            const matrix_view<detail::plain_t<In>>& grad_logits, token_range range = {},

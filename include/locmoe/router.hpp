@@ -159,7 +159,7 @@ class moe_router {
   template <class T>
   const routing<Real>& forward(const matrix_view<const T>& x, const gate_parameters<Real>& gate) {
     if (o_.global_capacity) {
-      detail::raise<throw_on_error>(errc::domain, "locmoe::moe_router::forward", "global_capacity", "true",
+      detail::raise<construction_policy>(errc::domain, "locmoe::moe_router::forward", "global_capacity", "true",
                                     "with a global capacity call route(), exchange the counts, then assign(counts)", 0);
     }
     route(x, gate);
@@ -172,7 +172,7 @@ class moe_router {
   const routing<Real>& route(const matrix_view<const T>& x, const gate_parameters<Real>& gate) {
     constexpr const char* fn = "locmoe::moe_router::route";
     const std::size_t tokens = x.rows, n = o_.experts, k = o_.top_k, d = o_.hidden;
-    detail::check_view<throw_on_error>(fn, "x", x, tokens, d, "must have options.hidden columns (d)");
+    detail::check_view<construction_policy>(fn, "x", x, tokens, d, "must have options.hidden columns (d)");
     check_gate(fn, gate);
     resize(tokens);
     const matrix_view<Real> logits(logits_.data(), tokens, n), probs(probs_.data(), tokens, n);
@@ -186,17 +186,17 @@ class moe_router {
       if (fused) {
         invalid_ = backend_.route_grap(g, x, so, out);
       } else {
-        grap_logits(g, x, logits);
+        grap_logits(g, x, logits, token_range{}, construction_policy{});
       }
     } else {
       const dense_gate<Real> g = dense(gate);
       if (fused) {
         invalid_ = backend_.route_dense(g, x, so, out, workspace_.data(), workspace_.size() * sizeof(Real));
       } else {
-        dense_logits(g, x, logits, token_range{}, workspace_.data(), workspace_.size());
+        dense_logits(g, x, logits, token_range{}, workspace_.data(), workspace_.size(), construction_policy{});
       }
     }
-    if (!fused) invalid_ = score_route(matrix_view<const Real>(logits), selection(), out, {}, throw_on_error{}, scratch_.get());
+    if (!fused) invalid_ = score_route(matrix_view<const Real>(logits), selection(), out, {}, construction_policy{}, scratch_.get());
     count_routed(tokens);
     losses(tokens);
     r_.routed_expert = indices;
@@ -223,7 +223,7 @@ class moe_router {
     context.token_rank = token_ranks::local(o_.rank);
     context.scores = matrix_view<const Real>(probs_.data(), tokens, n);
     if (o_.global_capacity) {
-      if (!all_counts) detail::raise<throw_on_error>(errc::domain, fn, "all_counts", "null", "required with global_capacity", 0);
+      if (!all_counts) detail::raise<construction_policy>(errc::domain, fn, "all_counts", "null", "required with global_capacity", 0);
       const std::size_t ranks = o_.topo ? o_.topo->ranks() : 1;
       std::int64_t routed_total = 0;
       for (std::size_t i = 0; i < ranks * n; ++i) routed_total += all_counts[i];
@@ -313,7 +313,7 @@ class moe_router {
     const std::size_t tokens = tokens_, n = o_.experts, k = o_.top_k;
     check_rows(fn, "x", x, tokens);
     check_gate(fn, gate);
-    detail::check_view<throw_on_error>(fn, "grad_weight", grad_weight, tokens, k, "must be [T x k]");
+    detail::check_view<construction_policy>(fn, "grad_weight", grad_weight, tokens, k, "must be [T x k]");
     if (grad_x.present()) check_rows(fn, "grad_x", grad_x, tokens);
     // The chosen set of each weight: the routed experts, or where local overflow moved a choice, its new expert.
     for (std::size_t p = 0; p < tokens * k; ++p) choice_[p] = rerouted(p) ? expert_[p] : routed_[p];
@@ -321,7 +321,7 @@ class moe_router {
     const matrix_view<Real> g(grad_logits_.data(), tokens, n);
     route_backward(matrix_view<const Real>(logits_.data(), tokens, n), selection(),
                    matrix_view<const expert_index>(choice_.data(), tokens, k), grad_weight, g, token_range{},
-                   default_policy{}, &backward_scratch_);
+                   construction_policy{}, &backward_scratch_);
     gate_backward(x, gate, matrix_view<const Real>(g), grad_x, grad_gate);
   }
 
@@ -342,7 +342,7 @@ class moe_router {
 
   void check_options() {
     constexpr const char* fn = "locmoe::moe_router";
-    using P = throw_on_error;
+    using P = construction_policy;
     const std::size_t n = o_.experts, d = o_.hidden;
     detail::check_selection<P>(fn, n, o_.top_k, true);
     if (d < 1) detail::raise<P>(errc::domain, fn, "hidden", d, "must be >= 1", 0);
@@ -401,22 +401,23 @@ class moe_router {
 
   void check_gate(const char* fn, const gate_parameters<Real>& gate) const {
     if (o_.gate == gate_type::dense) {
-      detail::check_view<throw_on_error>(fn, "gate.weight", gate.weight, o_.experts, o_.hidden, "must be [n x d]");
+      detail::check_view<construction_policy>(fn, "gate.weight", gate.weight, o_.experts, o_.hidden, "must be [n x d]");
     }
   }
   template <class T>
   static void check_rows(const char* fn, const char* argument, const matrix_view<T>& v, std::size_t rows) {
-    detail::check_view<throw_on_error>(fn, argument, v, rows, v.cols, "");
+    detail::check_view<construction_policy>(fn, argument, v, rows, v.cols, "");
   }
   void check_assigned(const char* fn) const {
-    if (!assigned_) detail::raise<throw_on_error>(errc::domain, fn, "step", "routed only", "call assign() (or forward()) first", 0);
+    if (!assigned_) detail::raise<construction_policy>(errc::domain, fn, "step", "routed only", "call assign() (or forward()) first", 0);
   }
   matrix_view<const Real> weights_view() const { return matrix_view<const Real>(weight_.data(), tokens_, o_.top_k); }
   bool rerouted(std::size_t p) const noexcept { return expert_[p] != no_expert && expert_[p] != routed_[p]; }
 
   std::int64_t global_capacity(std::int64_t routed_total) const {
     if (o_.capacity == capacity_rule::factor) {
-      return classic_capacity(routed_total, o_.capacity_factor, 1, static_cast<std::int64_t>(o_.experts), o_.min_capacity);
+      return classic_capacity(routed_total, o_.capacity_factor, 1, static_cast<std::int64_t>(o_.experts), o_.min_capacity,
+                              construction_policy{});
     }
     return assignment_options(o_).capacity;
   }
@@ -470,7 +471,7 @@ class moe_router {
     matrix_view<const Real> softmax_probs(probs_.data(), tokens, n);
     if (o_.score == score_function::sigmoid) {
       grow_softmax(tokens);
-      softmax(logits, matrix_view<Real>(softmax_.data(), tokens, n));
+      softmax(logits, matrix_view<Real>(softmax_.data(), tokens, n), token_range{}, construction_policy{});
       softmax_probs = matrix_view<const Real>(softmax_.data(), tokens, n);
     }
     router_loss_options<Real> lo;
@@ -486,7 +487,7 @@ class moe_router {
     }
     const router_loss_values<Real> v =
         router_losses(loss_inputs<Real>{logits, matrix_view<const expert_index>(routed_.data(), tokens, k), softmax_probs}, lo,
-                      matrix_view<Real>(grad_loss_.data(), tokens, n), default_policy{}, &loss_scratch_);
+                      matrix_view<Real>(grad_loss_.data(), tokens, n), construction_policy{}, &loss_scratch_);
     r_.aux_loss = static_cast<double>(v.aux.value);
     r_.z_loss = static_cast<double>(v.z.value);
     r_.locality_loss = static_cast<double>(v.locality.value);
@@ -522,7 +523,7 @@ class moe_router {
     const dense_gate<Real> dg = dense(gate);
     if (grad_gate.weight.present() || grad_gate.bias) {
       dense_backward(dg, x, matrix_view<const Real>(logits_.data(), tokens, n), g, matrix_view<Real>{}, grad_gate.weight,
-                     grad_gate.bias, workspace_.data(), workspace_.size());
+                     grad_gate.bias, workspace_.data(), workspace_.size(), token_range{}, construction_policy{});
     }
     if (!grad_x.present()) return;
     // grad_x += (masked g) W, in chunks of dense_chunk_rows rows through Eigen's GEMM.

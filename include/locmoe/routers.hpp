@@ -32,7 +32,7 @@
 // Preconditions (checked; errors name the argument): 1 <= k <= n <= max_experts; 1 <= M <= G <= max_experts;
 // floor(k / M) <= 64; the M smallest non-empty groups hold at least k experts together; a finite bias and scale;
 // token ids >= 0 (and < table size); domains in [0, G).
-// Returns the number of invalid tokens (errno_on_error: -1, as size_t, on bad arguments).
+// Returns the number of invalid tokens (errno_on_error: a checked_count, not ok() on bad arguments; error.hpp).
 // Cost: score_route O(n k) per token, one exp per score (SIMD for the softmax-before-Top-k path without bias
 // or groups, which is select.hpp's softmax_top_k; softmax after Top-k without bias, groups or scores asked for
 // runs select.hpp's SIMD Top-k on the logits and k exps); hash/rre O(1) per token. The generic path allocates one
@@ -311,7 +311,7 @@ using route_scratch = detail::route_workspace<S>;
 /// receives the scores (softmax probabilities or sigmoids) [T x n]. `scratch`, if passed, must have been built
 /// from the same options and n; without it the generic path allocates one per call.
 template <class In, class Policy = default_policy>
-std::size_t score_route(const matrix_view<In>& logits, const router_options<detail::plain_t<In>>& options,
+count_result<Policy> score_route(const matrix_view<In>& logits, const router_options<detail::plain_t<In>>& options,
                         const route_outputs<detail::plain_t<In>>& out, token_range range = {},
                         const Policy& policy = Policy{}, route_scratch<detail::plain_t<In>>* scratch = nullptr) {
   using S = detail::plain_t<In>;
@@ -362,7 +362,7 @@ struct hash_options {
 
 /// Hash router: one expert per token from its id; indices and weights [T x 1] (weight 1), T = ids count.
 template <class Id, class S, class Policy = default_policy>
-std::size_t hash_route(const Id* token_ids, std::size_t tokens, std::size_t n, const hash_options<Id>& options,
+count_result<Policy> hash_route(const Id* token_ids, std::size_t tokens, std::size_t n, const hash_options<Id>& options,
                        const matrix_view<expert_index>& indices, const matrix_view<S>& weights,
                        const Policy& = Policy{}) {
   constexpr const char* fn = "locmoe::hash_route";
@@ -416,7 +416,7 @@ std::vector<expert_index> balanced_hash_table(const std::vector<Count>& frequenc
 /// PanGu-Sigma RRE: domain -> expert group (of `groups` contiguous groups), then a fixed hash of the token id
 /// inside the group. indices and weights [T x 1] (weight 1).
 template <class Id, class Domain, class S, class Policy = default_policy>
-std::size_t rre_route(const Id* token_ids, const Domain* domains, std::size_t tokens, std::size_t n,
+count_result<Policy> rre_route(const Id* token_ids, const Domain* domains, std::size_t tokens, std::size_t n,
                       std::size_t groups, std::uint64_t seed, const matrix_view<expert_index>& indices,
                       const matrix_view<S>& weights, const Policy& = Policy{}) {
   constexpr const char* fn = "locmoe::rre_route";

@@ -14,14 +14,16 @@
 //     are no_expert (-1), its weights and probabilities 0; it is counted in the return value;
 //   - -inf marks an expert that may not be chosen (a mask): probability 0, never selected. If fewer than k
 //     experts remain, the remaining slots are no_expert with weight 0; a row that is all -inf is invalid.
-// Every function returns the number of invalid tokens in the range (errno_on_error: -1 on bad arguments).
+// Every function returns the number of invalid tokens in the range: a std::size_t under throw_on_error, a checked_count
+// under errno_on_error (not ok() on bad arguments; error.hpp).
 //
 // Sizes: 1 <= n <= max_experts (4096; the kernels keep one row on the stack), 1 <= k <= n.
 // Types: scores float or double; the fused paths take activations of float, double, bf16 or fp16.
 // Cost: softmax one exp per score; top-1 one pass; top-k O(n k) comparisons; grap_route one read of x.
 // SIMD: xsimd, dispatched at run time (detail/kernels.hpp). Results are identical on every instruction set
-// for indices and logits, and may differ in the last bit of weights and probabilities (exp uses FMA where
-// the set has it); reference.hpp holds the plain scalar versions the tests compare against.
+// for indices and logits; weights and probabilities may differ by up to 4 ulps (exp uses FMA where the set has
+// it, so each exponential may differ in the last bit; detail/simd.hpp); reference.hpp holds the plain scalar
+// versions the tests compare against.
 // Thread safety: no state; concurrent calls on disjoint token ranges are safe.
 // Examples: docs/api.md#selection.
 #pragma once
@@ -81,8 +83,6 @@ bool check_route_outputs(const char* function, const route_outputs<S>& out, std:
          (!out.logits.present() || check_view<Policy>(function, "logits", out.logits, rows, n, "must have n columns"));
 }
 
-inline constexpr std::size_t failed = static_cast<std::size_t>(-1);
-
 /// The selection kernel's arguments for scores [T x n], rows in range.
 template <class S, class In>
 auto select_args(const matrix_view<In>& scores, token_range range, const simd::select_settings& settings,
@@ -124,7 +124,7 @@ std::size_t run_select(const matrix_view<In>& scores, token_range range, const s
 
 /// Row-wise softmax of logits [T x n] into probabilities [T x n].
 template <class In, class Policy = default_policy>
-std::size_t softmax(const matrix_view<In>& logits, const matrix_view<detail::plain_t<In>>& probabilities,
+count_result<Policy> softmax(const matrix_view<In>& logits, const matrix_view<detail::plain_t<In>>& probabilities,
                     token_range range = {}, const Policy& = Policy{}) {
   using S = detail::plain_t<In>;
   static_assert(std::is_floating_point_v<S>, "softmax: scores are float or double");
@@ -140,7 +140,7 @@ std::size_t softmax(const matrix_view<In>& logits, const matrix_view<detail::pla
 
 /// The k highest scores of each row: indices [T x k] and their scores `values` [T x k].
 template <class In, class Policy = default_policy>
-std::size_t top_k(const matrix_view<In>& scores, std::size_t k, const matrix_view<expert_index>& indices,
+count_result<Policy> top_k(const matrix_view<In>& scores, std::size_t k, const matrix_view<expert_index>& indices,
                   const matrix_view<detail::plain_t<In>>& values, token_range range = {}, const Policy& = Policy{}) {
   using S = detail::plain_t<In>;
   static_assert(std::is_floating_point_v<S>, "top_k: scores are float or double");
@@ -156,7 +156,7 @@ std::size_t top_k(const matrix_view<In>& scores, std::size_t k, const matrix_vie
 
 /// Softmax, then top-k: indices and weights [T x k], and the probabilities [T x n] if passed.
 template <class In, class Policy = default_policy>
-std::size_t softmax_top_k(const matrix_view<In>& logits, const select_options& options,
+count_result<Policy> softmax_top_k(const matrix_view<In>& logits, const select_options& options,
                           const matrix_view<expert_index>& indices, const matrix_view<detail::plain_t<In>>& weights,
                           const matrix_view<detail::plain_t<In>>& probabilities = {}, token_range range = {},
                           const Policy& = Policy{}) {
@@ -175,7 +175,7 @@ std::size_t softmax_top_k(const matrix_view<In>& logits, const select_options& o
 
 /// Fused GrAP gate -> softmax -> top-k (eq. 4, then eq. 2): one read of each token of x [T x d].
 template <class T, class Real, class Policy = default_policy>
-std::size_t grap_route(const grap_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
+count_result<Policy> grap_route(const grap_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
                        const route_outputs<accumulate_t<detail::plain_t<T>>>& out, token_range range = {},
                        const Policy& = Policy{}) {
   using E = detail::plain_t<T>;
@@ -192,7 +192,7 @@ std::size_t grap_route(const grap_gate<Real>& gate, const matrix_view<T>& x, con
 
 /// Dense gate (Eigen GEMM into out.logits, required) -> softmax -> top-k. Workspace as dense_logits.
 template <class T, class Real, class Policy = default_policy>
-std::size_t dense_route(const dense_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
+count_result<Policy> dense_route(const dense_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
                         const route_outputs<Real>& out, token_range range = {}, Real* workspace = nullptr,
                         std::size_t workspace_size = 0, const Policy& policy = Policy{}) {
   constexpr const char* fn = "locmoe::dense_route";

@@ -35,7 +35,7 @@ class topology {
     check_count(fn, "ranks_per_node", ranks_per_node);
     check_count(fn, "experts", experts);
     if (ranks % ranks_per_node != 0) {
-      detail::raise<throw_on_error>(errc::domain, fn, "ranks_per_node", ranks_per_node,
+      detail::raise<construction_policy>(errc::domain, fn, "ranks_per_node", ranks_per_node,
                                     "must divide ranks (every node holds the same number of ranks)", 0);
     }
     std::vector<std::int32_t> node_of_rank(static_cast<std::size_t>(ranks));
@@ -53,7 +53,7 @@ class topology {
     check_count(fn, "rank_of_expert.size()", static_cast<std::int64_t>(rank_of_expert_.size()));
     for (std::size_t r = 0; r < node_of_rank_.size(); ++r) {
       if (node_of_rank_[r] < 0 || static_cast<std::size_t>(node_of_rank_[r]) >= node_of_rank_.size()) {
-        detail::raise<throw_on_error>(errc::domain, fn, "node_of_rank",
+        detail::raise<construction_policy>(errc::domain, fn, "node_of_rank",
                                       "[" + std::to_string(r) + "] = " + std::to_string(node_of_rank_[r]),
                                       "node ids must be in [0, ranks): every node holds a rank", 0);
       }
@@ -62,7 +62,7 @@ class topology {
     for (std::size_t e = 0; e < rank_of_expert_.size(); ++e) {
       const std::int32_t r = rank_of_expert_[e];
       if (r < 0 || static_cast<std::size_t>(r) >= node_of_rank_.size()) {
-        detail::raise<throw_on_error>(errc::domain, fn, "rank_of_expert",
+        detail::raise<construction_policy>(errc::domain, fn, "rank_of_expert",
                                       "[" + std::to_string(e) + "] = " + std::to_string(r),
                                       "every expert must live on a rank in [0, ranks)", 0);
       }
@@ -106,7 +106,7 @@ class topology {
  private:
   static void check_count(const char* fn, const char* argument, std::int64_t value) {
     if (value < 1 || value > INT32_MAX) {
-      detail::raise<throw_on_error>(errc::domain, fn, argument, value, "must satisfy 1 <= value <= 2^31 - 1", 0);
+      detail::raise<construction_policy>(errc::domain, fn, argument, value, "must satisfy 1 <= value <= 2^31 - 1", 0);
     }
   }
 

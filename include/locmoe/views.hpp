@@ -143,7 +143,7 @@ bool check_view(const char* function, const char* argument, const matrix_view<T>
 /// One row operand of a row move (dispatch, combine, the exchange's moves): `rows` rows of d columns; throws.
 template <class T>
 void check_rows(const char* fn, const char* argument, const matrix_view<T>& v, std::size_t rows, std::size_t d) {
-  check_view<throw_on_error>(fn, argument, v, rows, d, "must have d columns, as the other operand");
+  check_view<construction_policy>(fn, argument, v, rows, d, "must have d columns, as the other operand");
 }
 
 /// Every entry of indices [T x k] an expert in [0, n) or no_expert; reports the first that is not.

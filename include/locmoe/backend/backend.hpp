@@ -148,7 +148,7 @@ class grap_pipeline {
   grap_pipeline(const Backend&&, const router_shape&) = delete;  // it keeps a reference to the backend
   grap_pipeline(const Backend& backend, const router_shape& shape) : backend_(backend), shape_(shape) {
     constexpr const char* fn = "locmoe::grap_pipeline";
-    using P = throw_on_error;
+    using P = construction_policy;
     if (shape.experts < 1 || shape.experts > shape.hidden) {
       detail::raise<P>(errc::domain, fn, "shape.experts", shape.experts, "must satisfy 1 <= n <= d (GrAP blocks)", 0);
     }
@@ -176,11 +176,11 @@ class grap_pipeline {
     constexpr const char* fn = "locmoe::grap_pipeline::run";
     const std::size_t T_ = shape_.tokens, k = shape_.top_k;
     if (gate.hidden != shape_.hidden || gate.experts != shape_.experts) {
-      detail::raise<throw_on_error>(errc::domain, fn, "gate", detail::shape_text(gate.hidden, gate.experts),
+      detail::raise<construction_policy>(errc::domain, fn, "gate", detail::shape_text(gate.hidden, gate.experts),
                                     "must have the planned d and n", 0);
     }
-    detail::check_view<throw_on_error>(fn, "x", x, T_, shape_.hidden, "must be [T x d] as planned");
-    detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer_rows(), shape_.hidden, "must be [n C x d] as planned");
+    detail::check_view<construction_policy>(fn, "x", x, T_, shape_.hidden, "must be [T x d] as planned");
+    detail::check_view<construction_policy>(fn, "buffer", buffer, buffer_rows(), shape_.hidden, "must be [n C x d] as planned");
     pairs(out);  // checks the outputs' layout before anything is written
     const std::size_t invalid = backend_.route_grap(gate, x, select_options{k, false},
                                                     route_outputs<float>{out.indices, out.weights, out.probabilities, {}},
@@ -198,8 +198,8 @@ class grap_pipeline {
   void combine(const pipeline_outputs<float>& out, const matrix_view<const T>& buffer, const matrix_view<T>& y,
                stream_type stream = {}) const {
     constexpr const char* fn = "locmoe::grap_pipeline::combine";
-    detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer_rows(), shape_.hidden, "must be [n C x d] as planned");
-    detail::check_view<throw_on_error>(fn, "y", y, shape_.tokens, shape_.hidden, "must be [T x d] as planned");
+    detail::check_view<construction_policy>(fn, "buffer", buffer, buffer_rows(), shape_.hidden, "must be [n C x d] as planned");
+    detail::check_view<construction_policy>(fn, "y", y, shape_.tokens, shape_.hidden, "must be [T x d] as planned");
     backend_.combine(pairs(out),  buffer,
                      matrix_view<const float>(out.weights.data, shape_.tokens, shape_.top_k, out.weights.stride), y, stream);
   }
@@ -207,7 +207,7 @@ class grap_pipeline {
  private:
   pair_layout pairs(const pipeline_outputs<float>& out) const {
     if (out.expert.stride != shape_.top_k || out.slot.stride != shape_.top_k) {
-      detail::raise<throw_on_error>(errc::domain, "locmoe::grap_pipeline", "out.expert/out.slot", out.expert.stride,
+      detail::raise<construction_policy>(errc::domain, "locmoe::grap_pipeline", "out.expert/out.slot", out.expert.stride,
                                     "must be dense [T x k] (stride k)", 0);
     }
     pair_layout pairs{out.expert.data, out.slot.data, shape_.tokens, shape_.top_k, static_cast<std::size_t>(shape_.capacity)};

@@ -58,9 +58,9 @@ class cpu_backend {
   template <class T, class Real>
   std::size_t route_grap(const grap_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
                          const route_outputs<Real>& out, cpu_stream = {}) const {
-    // Check once on the calling thread (a throw on a worker would terminate).
-    if (grap_route(gate, x, options, out, token_range{0, 0}) == detail::failed) return detail::failed;
-    return sum_over_ranges(x.rows, [&](token_range r) { return grap_route(gate, x, options, out, r); });
+    // Check once on the calling thread (an empty range: the arguments only), so no worker meets a bad argument.
+    grap_route(gate, x, options, out, token_range{0, 0}, construction_policy{});
+    return sum_over_ranges(x.rows, [&](token_range r) { return grap_route(gate, x, options, out, r, construction_policy{}); });
   }
 
   /// Dense gate + softmax + Top-k (out.logits required); workspace: route_workspace_size<T>(d, n) bytes.
@@ -71,11 +71,11 @@ class cpu_backend {
     using E = detail::plain_t<T>;
     const std::size_t d = x.cols, n = gate.weight.rows, per_task = dense_workspace_size<E>(d, n);
     if (workspace_bytes < route_workspace_size<T>(d, n)) {
-      detail::raise<throw_on_error>(errc::domain, "locmoe::cpu_backend::route_dense", "workspace_bytes", workspace_bytes,
+      detail::raise<construction_policy>(errc::domain, "locmoe::cpu_backend::route_dense", "workspace_bytes", workspace_bytes,
                                     "must be >= route_workspace_size<T>(d, n)", 0);
     }
     Real* ws = static_cast<Real*>(workspace);
-    if (dense_route(gate, x, options, out, token_range{0, 0}, ws, per_task) == detail::failed) return detail::failed;
+    dense_route(gate, x, options, out, token_range{0, 0}, ws, per_task, construction_policy{});
     // One range per thread, so each task owns one slice of the workspace; ranges start on multiples of
     // dense_chunk_rows, so every token lands in the GEMM chunk it has in a single call (same bits).
     const std::size_t tasks = std::min(threads(), std::max<std::size_t>(1, x.rows / grain_));
@@ -85,7 +85,7 @@ class cpu_backend {
     std::atomic<std::size_t> invalid{0};
     pool_.run(tasks, [&](std::size_t task) {
       const token_range r{boundary(task), boundary(task + 1)};
-      invalid += dense_route(gate, x, options, out, r, ws ? ws + task * per_task : nullptr, per_task);
+      invalid += dense_route(gate, x, options, out, r, ws ? ws + task * per_task : nullptr, per_task, construction_policy{});
     });
     return invalid.load();
   }
@@ -136,8 +136,8 @@ class cpu_backend {
   void dispatch(const pair_layout& pairs, const matrix_view<const T>& x, const matrix_view<T>& buffer,
                 cpu_stream = {}) const {
     constexpr const char* fn = "locmoe::cpu_backend::dispatch";
-    detail::check_view<throw_on_error>(fn, "x", x, pairs.tokens, x.cols, "must be [T x d]");
-    detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer.rows, x.cols, "must have d columns, as x");
+    detail::check_view<construction_policy>(fn, "x", x, pairs.tokens, x.cols, "must be [T x d]");
+    detail::check_view<construction_policy>(fn, "buffer", buffer, buffer.rows, x.cols, "must have d columns, as x");
     check_buffer_rows(fn, "buffer", buffer.rows, pairs);
     const std::size_t all = pairs.tokens * pairs.top_k;
     const bool streaming = detail::use_streaming_stores(all * x.cols * sizeof(T));
@@ -156,9 +156,9 @@ class cpu_backend {
   void combine(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                const matrix_view<T>& y, cpu_stream = {}) const {
     constexpr const char* fn = "locmoe::cpu_backend::combine";
-    detail::check_view<throw_on_error>(fn, "y", y, pairs.tokens, y.cols, "must be [T x d]");
-    detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer.rows, y.cols, "must have d columns, as y");
-    detail::check_view<throw_on_error>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
+    detail::check_view<construction_policy>(fn, "y", y, pairs.tokens, y.cols, "must be [T x d]");
+    detail::check_view<construction_policy>(fn, "buffer", buffer, buffer.rows, y.cols, "must have d columns, as y");
+    detail::check_view<construction_policy>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
     check_buffer_rows(fn, "buffer", buffer.rows, pairs);
     const bool streaming = detail::use_streaming_stores(pairs.tokens * y.cols * sizeof(T));
     const range_split split = ranges(pairs.tokens);
@@ -176,15 +176,15 @@ class cpu_backend {
                         const matrix_view<W>& grad_weight, cpu_stream = {}) const {
     constexpr const char* fn = "locmoe::cpu_backend::combine_backward";
     const std::size_t d = grad_y.cols;
-    detail::check_view<throw_on_error>(fn, "grad_y", grad_y, pairs.tokens, d, "must be [T x d]");
-    detail::check_view<throw_on_error>(fn, "buffer", buffer, buffer.rows, d, "must have d columns, as grad_y");
-    detail::check_view<throw_on_error>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
+    detail::check_view<construction_policy>(fn, "grad_y", grad_y, pairs.tokens, d, "must be [T x d]");
+    detail::check_view<construction_policy>(fn, "buffer", buffer, buffer.rows, d, "must have d columns, as grad_y");
+    detail::check_view<construction_policy>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
     check_buffer_rows(fn, "buffer", buffer.rows, pairs);
     if (grad_buffer.present()) {
-      detail::check_view<throw_on_error>(fn, "grad_buffer", grad_buffer, buffer.rows, d, "must have buffer's shape");
+      detail::check_view<construction_policy>(fn, "grad_buffer", grad_buffer, buffer.rows, d, "must have buffer's shape");
     }
     if (grad_weight.present()) {
-      detail::check_view<throw_on_error>(fn, "grad_weight", grad_weight, pairs.tokens, pairs.top_k, "must be [T x k]");
+      detail::check_view<construction_policy>(fn, "grad_weight", grad_weight, pairs.tokens, pairs.top_k, "must be [T x k]");
     }
     const range_split split = ranges(pairs.tokens), experts = expert_ranges(pairs);
     const std::size_t zero_tasks = grad_buffer.present() ? experts.count : 0;
@@ -206,8 +206,8 @@ class cpu_backend {
   void dispatch_backward(const pair_layout& pairs, const matrix_view<const T>& grad_buffer, const matrix_view<T>& grad_x,
                          cpu_stream = {}) const {
     constexpr const char* fn = "locmoe::cpu_backend::dispatch_backward";
-    detail::check_view<throw_on_error>(fn, "grad_x", grad_x, pairs.tokens, grad_x.cols, "must be [T x d]");
-    detail::check_view<throw_on_error>(fn, "grad_buffer", grad_buffer, grad_buffer.rows, grad_x.cols,
+    detail::check_view<construction_policy>(fn, "grad_x", grad_x, pairs.tokens, grad_x.cols, "must be [T x d]");
+    detail::check_view<construction_policy>(fn, "grad_buffer", grad_buffer, grad_buffer.rows, grad_x.cols,
                                        "must have d columns, as grad_x");
     check_buffer_rows(fn, "grad_buffer", grad_buffer.rows, pairs);
     const bool streaming = detail::use_streaming_stores(pairs.tokens * grad_x.cols * sizeof(T));
@@ -244,7 +244,7 @@ class cpu_backend {
       if (pairs.kept(p)) needed = std::max(needed, pairs.end_of(static_cast<std::size_t>(pairs.expert[p])));
     }
     if (rows < needed) {
-      detail::raise<throw_on_error>(errc::domain, fn, argument, rows,
+      detail::raise<construction_policy>(errc::domain, fn, argument, rows,
                                     "must hold every expert's rows (n C, or the grouped layout's total)", 0);
     }
   }
@@ -258,15 +258,14 @@ class cpu_backend {
   }
 
   void check_slot_problem(const char* fn, const slot_problem& p, std::size_t workspace_bytes) const {
-    using P = throw_on_error;
+    using P = construction_policy;
     const std::size_t tokens = p.indices.rows, k = p.indices.cols, n = p.experts;
     detail::check_selection<P>(fn, n, k, true);
     detail::check_view<P>(fn, "indices", p.indices, tokens, k, "");
     detail::check_view<P>(fn, "expert", p.expert, tokens, k, "must be [T x k], as indices");
     detail::check_view<P>(fn, "slot", p.slot, tokens, k, "must be [T x k], as indices");
-    if (!p.tokens_per_expert || !p.kept_per_expert) {
-      detail::raise<P>(errc::domain, fn, "tokens_per_expert/kept_per_expert", "null", "both are required ([n])", 0);
-    }
+    if (!p.tokens_per_expert) detail::raise<P>(errc::domain, fn, "tokens_per_expert", "null", "is required ([n])", 0);
+    if (!p.kept_per_expert) detail::raise<P>(errc::domain, fn, "kept_per_expert", "null", "is required ([n])", 0);
     if (p.capacity < 0 || p.capacity > std::numeric_limits<slot_index>::max()) {
       detail::raise<P>(errc::domain, fn, "capacity", p.capacity, "must satisfy 0 <= C < 2^31", 0);
     }

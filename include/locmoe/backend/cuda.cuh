@@ -362,7 +362,7 @@ class cuda_backend {
   }
   static void check_experts(const char* fn, const char* argument, std::size_t n) {
     if (n > static_cast<std::size_t>(cuda_detail::max_route_experts)) {
-      detail::raise<throw_on_error>(errc::domain, fn, argument, n, "must be <= 1024 on the CUDA backend", 0);
+      detail::raise<construction_policy>(errc::domain, fn, argument, n, "must be <= 1024 on the CUDA backend", 0);
     }
   }
 
@@ -382,10 +382,10 @@ class cuda_backend {
     static_assert(std::is_same_v<Real, float>, "cuda_backend::route_grap: float scores");
     constexpr const char* fn = "locmoe::cuda_backend::route_grap";
     const std::size_t tokens = x.rows, d = gate.hidden, n = gate.experts, k = options.k;
-    detail::check_grap_gate<throw_on_error>(fn, gate);
-    detail::check_selection<throw_on_error>(fn, n, k, true);
-    detail::check_view<throw_on_error>(fn, "x", x, tokens, d, "must have gate.hidden columns (d)");
-    detail::check_route_outputs<throw_on_error>(fn, out, tokens, n, k);
+    detail::check_grap_gate<construction_policy>(fn, gate);
+    detail::check_selection<construction_policy>(fn, n, k, true);
+    detail::check_view<construction_policy>(fn, "x", x, tokens, d, "must have gate.hidden columns (d)");
+    detail::check_route_outputs<construction_policy>(fn, out, tokens, n, k);
     check_experts(fn, "gate.experts", n);
     if (tokens == 0) return 0;
     cuda_detail::grap_route_kernel<detail::plain_t<T>><<<blocks(tokens), threads_per_block, shared_bytes(n), stream>>>(
@@ -406,9 +406,9 @@ class cuda_backend {
     static_assert(std::is_same_v<Real, float>, "cuda_backend::route_dense: float scores and weights");
     constexpr const char* fn = "locmoe::cuda_backend::route_dense";
     const std::size_t tokens = x.rows, d = x.cols, n = gate.weight.rows, k = options.k;
-    detail::check_dense_gate<throw_on_error>(fn, gate, d);
-    detail::check_selection<throw_on_error>(fn, n, k, true);
-    detail::check_route_outputs<throw_on_error>(fn, out, tokens, n, k);
+    detail::check_dense_gate<construction_policy>(fn, gate, d);
+    detail::check_selection<construction_policy>(fn, n, k, true);
+    detail::check_route_outputs<construction_policy>(fn, out, tokens, n, k);
     check_experts(fn, "gate.weight.rows", n);
     if (tokens == 0) return 0;
     cuda_detail::dense_route_kernel<detail::plain_t<T>><<<blocks(tokens), threads_per_block, shared_bytes(n), stream>>>(
@@ -421,12 +421,12 @@ class cuda_backend {
   void assign_slots(const slot_problem& p, void* workspace, std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
     constexpr const char* fn = "locmoe::cuda_backend::assign_slots";
     const std::size_t tokens = p.indices.rows, k = p.indices.cols, n = p.experts, ranges = cuda_detail::slot_ranges;
-    detail::check_selection<throw_on_error>(fn, n, k, true);
+    detail::check_selection<construction_policy>(fn, n, k, true);
     if (p.capacity < 0 || p.capacity > std::numeric_limits<slot_index>::max()) {
-      detail::raise<throw_on_error>(errc::domain, fn, "capacity", p.capacity, "must satisfy 0 <= C < 2^31", 0);
+      detail::raise<construction_policy>(errc::domain, fn, "capacity", p.capacity, "must satisfy 0 <= C < 2^31", 0);
     }
     if (workspace_bytes < slot_workspace_size(tokens, n)) {
-      detail::raise<throw_on_error>(errc::domain, fn, "workspace_bytes", workspace_bytes, "must be >= slot_workspace_size(T, n)", 0);
+      detail::raise<construction_policy>(errc::domain, fn, "workspace_bytes", workspace_bytes, "must be >= slot_workspace_size(T, n)", 0);
     }
     auto* counts = static_cast<std::int64_t*>(workspace);
     const unsigned threads = n < 256 ? static_cast<unsigned>(n) : 256u;

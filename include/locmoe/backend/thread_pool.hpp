@@ -33,16 +33,20 @@ class thread_pool {
  public:
   explicit thread_pool(std::size_t threads = default_threads()) {
     if (threads < 1 || threads > 4096) {
-      detail::raise<throw_on_error>(errc::domain, "locmoe::thread_pool", "threads", threads,
+      detail::raise<construction_policy>(errc::domain, "locmoe::thread_pool", "threads", threads,
                                     "must satisfy 1 <= threads <= 4096", 0);
     }
     workers_.reserve(threads - 1);
+#if LOCMOE_HAS_EXCEPTIONS
     try {
       for (std::size_t i = 0; i + 1 < threads; ++i) workers_.emplace_back([this] { work(); });
     } catch (...) {  // a thread could not start: stop the ones that did, then report
       stop();
       throw;
     }
+#else
+    for (std::size_t i = 0; i + 1 < threads; ++i) workers_.emplace_back([this] { work(); });  // failure aborts
+#endif
   }
   ~thread_pool() { stop(); }
   thread_pool(const thread_pool&) = delete;
