@@ -60,16 +60,24 @@ void check_megatron_drop(tally& tl, const std::string& what, const routing<float
   CHECK_MESSAGE(C == d.capacity, what << ": capacity ours " << C << ", theirs " << d.capacity);
   if (!d.pad) {
     if (routing_defined) same_counts(what + ": tokens_per_expert_after", a.kept, d.after);
-  } else if (C <= static_cast<std::int64_t>(T)) {
-    // Megatron fills every buffer to C with unrouted tokens at prob 0; we leave those rows empty and count them in
-    // padded_slots (assign.hpp): C rows per expert either way, kept + padded_slots = n C.
-    std::int64_t total = 0;
-    for (const auto v : d.after) total += v;
-    CHECK_MESSAGE(d.after == std::vector<std::int64_t>(n, C), what << ": after " << text(d.after) << ", C " << C);
-    CHECK_MESSAGE(a.stats.kept + a.stats.padded_slots == total,
-                  what << ": kept " << a.stats.kept << " + padded_slots " << a.stats.padded_slots << " vs " << total);
-  } else {  // README: with cap > T Megatron skips the drop and pads every token onto every expert (T rows, not C)
-    MESSAGE(std::string(what + ": capacity > T with pad_to_capacity (Megatron: every token everywhere); not compared"));
+  } else {
+    // Megatron fills every buffer with unrouted tokens at prob 0 up to min(C, T) rows (with C > T it skips the drop
+    // and puts every token on every expert: T rows). locmoe's padded buffer is C rows per expert whatever the data
+    // (a planned shape: assign.hpp), the rows past the kept ones empty and counted in padded_slots. Compared: the
+    // peer's rows per expert are min(C, T); ours are C, so padded_slots = n C - kept; and what is defined below
+    // (the kept routed choices, per expert and per token).
+    const std::int64_t rows = std::min<std::int64_t>(C, static_cast<std::int64_t>(T));
+    CHECK_MESSAGE(d.after == std::vector<std::int64_t>(n, rows), what << ": after " << text(d.after) << ", min(C, T) " << rows);
+    CHECK(a.stats.padded_slots == static_cast<std::int64_t>(n) * C - a.stats.kept);
+    if (routing_defined && d.kept_defined) {  // kept per expert: the routed choices among the peer's final ones
+      std::vector<std::int64_t> theirs_kept(n, 0);
+      for (std::size_t t = 0; t < T; ++t) {
+        const auto routed = ids(ours_routed(r, t));
+        for (const auto& f : theirs((*d.final_experts)[t], json()))
+          if (std::find(routed.begin(), routed.end(), f.expert) != routed.end()) ++theirs_kept[static_cast<std::size_t>(f.expert)];
+      }
+      same_counts(what + ": kept routed choices per expert", a.kept, theirs_kept);
+    }
   }
   if (!routing_defined || !d.kept_defined) return;  // capacity_tie_experts, or the position policy's topk order
   for (std::size_t t = 0; t < T; ++t) {

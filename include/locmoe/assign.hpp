@@ -17,7 +17,9 @@
 //   with score 0 (masked) or NaN is never a destination.
 // renormalize_kept (DeepSpeed topkgating): a token's kept weights divided by max(their sum, epsilon).
 // pad_to_capacity: every expert's buffer is C rows; the unused rows are reported as padded_slots (Megatron-Core
-//   fills them with unrouted tokens at weight 0, which computes the same output).
+//   fills them with unrouted tokens at weight 0, which computes the same output). Our choice where C > T: still C
+//   rows (a planned shape that does not depend on the batch), where Megatron-Core pads to min(C, T) rows (with
+//   C > T it skips the drop and puts every token on every expert); tests/test_golden_megatron.cpp checks both.
 //
 // Topology: each token's source rank comes from context.token_rank (topology.hpp's token_ranks: this rank's
 // tokens, each token's rank, or contiguous blocks; required with more than one rank). Without a topology
