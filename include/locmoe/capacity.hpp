@@ -37,6 +37,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -301,7 +302,7 @@ std::int64_t classic_capacity(std::int64_t tokens, double capacity_factor, std::
 /// The largest delta for which `capacity` still meets the bound, i.e. ec_min(d, n, delta) <= capacity
 /// (ec_min grows with delta). Solves p_delta = 1 / (n capacity) with Boost.Math's ibetac_inv; where
 /// 1 / (n capacity) underflows a double, solves log_p_delta = -log(n capacity) with Boost's TOMS 748 root finder;
-/// then steps by ulps to the largest double at which ec_min (as computed here) is <= capacity.
+/// then searches the doubles around that root for the largest one at which ec_min (as computed here) is <= capacity.
 /// Returns 0 where no delta in (0, 1) qualifies (n * capacity <= 1), and the largest double below 1 where the
 /// answer rounds to 1 (small d with a huge capacity).
 /// Preconditions: 2 <= d <= 2^53, n >= 1, capacity finite and > 0. Fallback (errno policy): NaN.
@@ -331,14 +332,49 @@ double max_delta_for_capacity(std::int64_t d, std::int64_t n, double capacity, c
     delta = boost::math::tools::toms748_solve(gap, 1e-300, below_one, boost::math::tools::eps_tolerance<double>(52),
                                               iterations, pol).first;
   }
-  // The root is within a few ulps of the true one, and where p_delta is steep in delta (d = 3, n C = 1e9: one ulp of
-  // delta moves ec_min by 1e-7) the nearest double can land on the wrong side. Step to the largest double at which
-  // ec_min(d, n, delta), as this header evaluates it, is <= capacity (found by tests/fuzz/fuzz_capacity.cpp).
-  const auto meets = [&](double x) { return detail::capacity_bound_unchecked<Policy>(d, n, x).ec_min <= capacity; };
-  for (int step = 0; step < 64 && delta > 0.0 && !meets(delta); ++step) delta = std::nextafter(delta, 0.0);
-  for (int step = 0; step < 64 && delta < below_one && meets(std::nextafter(delta, 1.0)); ++step)
-    delta = std::nextafter(delta, 1.0);
-  return delta;
+  // The root is close to the true one but not exactly the largest double that meets the bound: where p_delta is
+  // steep in delta (d = 3, n C = 1e9: one ulp of delta moves ec_min by 1e-7) the nearest double can land on the wrong
+  // side, and where it is flat (delta near 0) many doubles give the same ec_min. Search the doubles themselves
+  // (positive doubles order as their bit patterns): gallop from the root to a double on the other side, then bisect,
+  // to the largest delta at which ec_min(d, n, delta), as this header evaluates it, is <= capacity (found by
+  // tests/fuzz/fuzz_capacity.cpp). At most about 130 evaluations of the bound.
+  const auto meets = [&](std::uint64_t bits) {
+    double x = 0;
+    std::memcpy(&x, &bits, sizeof x);
+    return detail::capacity_bound_unchecked<Policy>(d, n, x).ec_min <= capacity;
+  };
+  std::uint64_t limit = 0, root = 0;
+  std::memcpy(&limit, &below_one, sizeof limit);
+  std::memcpy(&root, &delta, sizeof root);
+  std::uint64_t good = 0, bad = limit + 1;  // good: 0 (delta = 0, always meets); bad: past below_one
+  if (meets(root)) {
+    good = root;
+    for (std::uint64_t step = 1; good < limit; step *= 2) {
+      const std::uint64_t next = step <= limit - good ? good + step : limit;
+      if (!meets(next)) {
+        bad = next;
+        break;
+      }
+      good = next;
+    }
+  } else {
+    bad = root;
+    for (std::uint64_t step = 1; bad > 1; step *= 2) {
+      const std::uint64_t next = step < bad ? bad - step : 1;  // 1: the smallest positive double
+      if (meets(next)) {
+        good = next;
+        break;
+      }
+      bad = next;
+    }
+  }
+  while (bad - good > 1) {
+    const std::uint64_t mid = good + (bad - good) / 2;
+    (meets(mid) ? good : bad) = mid;
+  }
+  double result = 0;
+  std::memcpy(&result, &good, sizeof result);
+  return result;
 }
 
 /// The smallest capacity factor whose classic capacity reaches ec_min: the smallest double cf > 0 with
