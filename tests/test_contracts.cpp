@@ -180,3 +180,63 @@ TEST_CASE("contracts: the routers' guards (non-finite scale, hash-table entries 
                      matrix_view<float>(w.data(), 2, 1));
         }) == "token_ids");
 }
+
+TEST_CASE("contracts: padding tokens (first choice no_expert) leave every loss as if they were not in the batch") {
+  // losses.hpp: a token whose first choice is no_expert is skipped. Independent check: the same losses on the batch
+  // with those tokens removed, which no golden case exercises (none has a padding mask).
+  const std::size_t tokens = 30, n = 6, k = 2;
+  std::mt19937 rng(21);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<double> logits(tokens * n), w(tokens * k);
+  for (double& l : logits) l = normal(rng);
+  std::vector<expert_index> idx(tokens * k);
+  softmax_top_k(matrix_view<const double>(logits.data(), tokens, n), {k, false}, {idx.data(), tokens, k}, {w.data(), tokens, k});
+  std::vector<bool> pad(tokens, false);
+  for (const std::size_t t : {0, 7, 8, 19, 29}) pad[t] = true;
+  std::vector<double> kept_logits;
+  std::vector<expert_index> kept_idx;
+  for (std::size_t t = 0; t < tokens; ++t) {
+    if (pad[t]) {
+      for (std::size_t j = 0; j < k; ++j) idx[t * k + j] = no_expert;
+      continue;
+    }
+    kept_logits.insert(kept_logits.end(), logits.begin() + static_cast<std::ptrdiff_t>(t * n), logits.begin() + static_cast<std::ptrdiff_t>((t + 1) * n));
+    kept_idx.insert(kept_idx.end(), idx.begin() + static_cast<std::ptrdiff_t>(t * k), idx.begin() + static_cast<std::ptrdiff_t>((t + 1) * k));
+  }
+  const std::size_t valid = kept_logits.size() / n;
+  const topology topo = topology::uniform(2, 1, static_cast<std::int64_t>(n));
+  std::vector<std::int32_t> rank_all(tokens), rank_kept;
+  for (std::size_t t = 0; t < tokens; ++t) {
+    rank_all[t] = static_cast<std::int32_t>(t % 2);
+    if (!pad[t]) rank_kept.push_back(rank_all[t]);
+  }
+  for (const auto score : {score_function::softmax, score_function::sigmoid}) {
+    CAPTURE(static_cast<int>(score));
+    router_loss_options<double> o;
+    o.aux.score = score;
+    o.z_coeff = 1e-3;
+    if (score == score_function::softmax) {  // the locality loss reads softmax probabilities
+      o.locality.topo = &topo;
+      o.locality.token_rank = rank_all.data();
+    }
+    std::vector<double> g_all(tokens * n, 0.0), g_kept(valid * n, 0.0);
+    const auto all = router_losses<double>({{logits.data(), tokens, n}, {idx.data(), tokens, k}, {}}, o, {g_all.data(), tokens, n});
+    o.locality.token_rank = rank_kept.data();
+    const auto kept = router_losses<double>({{kept_logits.data(), valid, n}, {kept_idx.data(), valid, k}, {}}, o, {g_kept.data(), valid, n});
+    CHECK(all.aux.tokens == valid);
+    CHECK(all.aux.skipped == tokens - valid);
+    CHECK(locmoe_test::relative_error(all.aux.value, kept.aux.value) < 1e-15);
+    CHECK(locmoe_test::relative_error(all.z.value, kept.z.value) < 1e-15);
+    CHECK(locmoe_test::relative_error(all.locality.value, kept.locality.value) < 1e-15);
+    for (std::size_t t = 0, v = 0; t < tokens; ++t) {
+      for (std::size_t e = 0; e < n; ++e) {
+        if (pad[t]) {
+          CHECK(g_all[t * n + e] == 0.0);
+        } else {
+          CHECK(locmoe_test::relative_error(g_all[t * n + e], g_kept[v * n + e]) < 1e-14);
+        }
+      }
+      v += !pad[t];
+    }
+  }
+}

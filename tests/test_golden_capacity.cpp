@@ -83,6 +83,9 @@ TEST_CASE("capacity.json: 390 rows of mpmath values") {
 
 TEST_CASE("peers/capacity.json: sphere_cap rows") {
   const auto golden = load(golden_dir() / "peers" / "capacity.json");
+  // peers/README: d in {2, 4, 128, 1024, 4096, 65536} x delta in {0.01, 0.1, 0.5, 0.9} x n in {8, 64} = 48 rows;
+  // a file cut short would otherwise pass on what is left.
+  CHECK(golden.at("sphere_cap").size() == 48);
   for (const auto& row : golden.at("sphere_cap")) {
     const auto d = row.at("d").get<std::int64_t>();
     const auto n = row.at("n").get<std::int64_t>();
@@ -96,6 +99,7 @@ TEST_CASE("peers/capacity.json: sphere_cap rows") {
 
 TEST_CASE("peers/capacity.json: classic capacity agrees with exact arithmetic and both peers") {
   const auto golden = load(golden_dir() / "peers" / "capacity.json");
+  CHECK(golden.at("classic").at("rows").size() == 6);  // peers/README: 6 rows
   for (const auto& row : golden.at("classic").at("rows")) {
     const auto tokens = row.at("tokens").get<std::int64_t>();
     const auto cf = row.at("capacity_factor").get<double>();
