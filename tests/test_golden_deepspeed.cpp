@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -29,6 +30,60 @@ struct ds_run {
 };
 
 using peer_choices = std::function<std::vector<choice>(std::size_t)>;  // a token's kept choices; empty: not compared
+
+/// DeepSpeed's l_aux and its gradient in float64, written here from peers/README's formulas (not from losses.hpp):
+/// l = (E / k) sum_e me_e ce_e, me_e = mean_t softmax(l_t)_e, ce_e = (choices of e) / T over all k choices or the
+/// first only; dl/dl_ti = (E / (k T)) p_ti (ce_i - sum_e p_te ce_e). With ce_in_float32, ce is rounded to float as
+/// DeepSpeed computes it (mean(mask.float())): that is what its *_f64 runs hold.
+struct emulated_aux {
+  double value = 0;
+  std::vector<double> grad;
+};
+emulated_aux deepspeed_aux(const logits_file& l, const std::vector<expert_index>& idx, std::size_t k, bool first_only,
+                           bool ce_in_float32) {
+  const std::size_t T = l.tokens, E = l.experts, used = first_only ? 1 : k;
+  std::vector<double> p(T * E), me(E, 0.0), ce(E, 0.0);
+  for (std::size_t t = 0; t < T; ++t) {
+    const double* row = l.d.data() + t * E;
+    const double m = *std::max_element(row, row + E);
+    double sum = 0;
+    for (std::size_t e = 0; e < E; ++e) sum += p[t * E + e] = std::exp(row[e] - m);
+    for (std::size_t e = 0; e < E; ++e) me[e] += (p[t * E + e] /= sum) / static_cast<double>(T);
+    for (std::size_t j = 0; j < used; ++j) ce[static_cast<std::size_t>(idx[t * k + j])] += 1.0;
+  }
+  for (double& c : ce) c = ce_in_float32 ? static_cast<double>(static_cast<float>(c / static_cast<double>(T))) : c / static_cast<double>(T);
+  emulated_aux out;
+  const double scale = static_cast<double>(E) / static_cast<double>(used);
+  for (std::size_t e = 0; e < E; ++e) out.value += scale * me[e] * ce[e];
+  out.grad.resize(T * E);
+  for (std::size_t t = 0; t < T; ++t) {
+    double pce = 0;
+    for (std::size_t e = 0; e < E; ++e) pce += p[t * E + e] * ce[e];
+    for (std::size_t e = 0; e < E; ++e)
+      out.grad[t * E + e] = scale / static_cast<double>(T) * p[t * E + e] * (ce[e] - pce);
+  }
+  return out;
+}
+
+/// The *_f64 comparisons at ~1e-15: the peer against the emulation with DeepSpeed's float32 ce, and ours against the
+/// emulation with ce in double (what locmoe computes). Together they tighten the direct comparison, which ce's
+/// rounding holds at 2^-24 for the loss and 1e-6 for the gradient.
+void check_f64_aux(tally& tl, const std::string& what, const logits_file& l, const std::vector<expert_index>& idx,
+                   std::size_t k, bool first_only, double ours, const double* theirs, const std::vector<double>* ours_grad,
+                   const json* theirs_grad) {
+  // 2e-15 for the peer, whose float64 autograd the formula follows; 4e-15 for ours, whose different order of
+  // operations on a cancelling sum measures 2.0e-15 (ds_topk t100_e16) against max |grad|.
+  constexpr double tol = 2e-15, ours_tol = 4e-15;
+  const emulated_aux as_deepspeed = deepspeed_aux(l, idx, k, first_only, true), exact = deepspeed_aux(l, idx, k, first_only, false);
+  if (theirs) {  // the values
+    close(tl, what + " l_aux_f64 (peer vs the formula with float32 ce)", as_deepspeed.value, *theirs, tol);
+    close(tl, what + " l_aux_f64 (ours vs the formula)", ours, exact.value, ours_tol);
+  }
+  if (ours_grad) {
+    close_matrix(tl, what + " grad_l_aux_f64 (peer vs the formula with float32 ce)", as_deepspeed.grad, flat(*theirs_grad), tol);
+    close_matrix(tl, what + " grad_l_aux_f64 (ours vs the formula)", *ours_grad, exact.grad, ours_tol);
+  }
+}
 
 /// One DeepSpeed run through capacity_assigner: capacity and counts (if counts_defined), kept sets where given.
 /// DS topkgating/top2gating renormalize the kept gates (renormalize_kept); top1gating does not.
@@ -102,7 +157,8 @@ TEST_CASE("DeepSpeed top1gating: route/ds_top1_*, peers/ds_top1") {
     if (!defined) MESSAGE(std::string(name + ": a gate tie without a logit tie; counts and losses not compared"));
     const bool f64 = c.at("f64_routing_identical").get<bool>();
     const auto ours = losses<float>(l, r.idx, 1, 1, first_choice);
-    const auto ours_d = losses<double>(l, route_k<double>(l, 1).idx, 1, 1, first_choice);
+    const auto idx_d = route_k<double>(l, 1).idx;
+    const auto ours_d = losses<double>(l, idx_d, 1, 1, first_choice);
     for (const auto& run : c.at("runs")) {
       const auto& p = run.at("params");
       std::vector<std::int64_t> kept_per_expert(l.experts, 0);
@@ -122,10 +178,13 @@ TEST_CASE("DeepSpeed top1gating: route/ds_top1_*, peers/ds_top1") {
       if (!defined) continue;
       close(tl, what + " l_aux", ours.aux, run.at("l_aux").get<double>(), loss_tol_f32);
       if (f64) close(tl, what + " l_aux_f64", ours_d.aux, run.at("l_aux_f64").get<double>(), ds_tol_f64);
+      const double theirs_f64 = f64 ? run.at("l_aux_f64").get<double>() : 0.0;
+      if (f64) check_f64_aux(tl, what, l, idx_d, 1, true, ours_d.aux, &theirs_f64, nullptr, nullptr);
     }
     if (!defined) continue;
     close_matrix(tl, name + " grad_l_aux", ours.grad, flat(c.at("grad_l_aux")), grad_tol_f32);
     if (f64) close_matrix(tl, name + " grad_l_aux_f64", ours_d.grad, flat(c.at("grad_l_aux_f64")), ds_grad_tol_f64);
+    if (f64) check_f64_aux(tl, name, l, idx_d, 1, true, ours_d.aux, nullptr, &ours_d.grad, &c.at("grad_l_aux_f64"));
   }
   tl.print();
 }
@@ -163,10 +222,15 @@ TEST_CASE("DeepSpeed topkgating: route/ds_top*_pos_*, peers/ds_topk") {
         continue;
       }
       const auto ours = losses<float>(l, rk.idx, run_k, 1, all_choices);
-      const auto ours_d = losses<double>(l, route_k<double>(l, run_k).idx, run_k, 1, all_choices);
+      const auto idx_d = route_k<double>(l, run_k).idx;
+      const auto ours_d = losses<double>(l, idx_d, run_k, 1, all_choices);
       close(tl, what + " l_aux", ours.aux, run.at("l_aux").get<double>(), loss_tol_f32);
       if (f64) close(tl, what + " l_aux_f64", ours_d.aux, run.at("l_aux_f64").get<double>(), ds_tol_f64);
-      if (run_k != k) continue;  // grad_l_aux is the case's k
+      const bool with_grad = run_k == k;  // grad_l_aux is the case's k
+      const double theirs_f64 = f64 ? run.at("l_aux_f64").get<double>() : 0.0;
+      if (f64) check_f64_aux(tl, what, l, idx_d, run_k, false, ours_d.aux, &theirs_f64, with_grad ? &ours_d.grad : nullptr,
+                             with_grad ? &c.at("grad_l_aux_f64") : nullptr);
+      if (!with_grad) continue;
       close_matrix(tl, what + " grad_l_aux", ours.grad, flat(c.at("grad_l_aux")), grad_tol_f32);
       if (f64) close_matrix(tl, what + " grad_l_aux_f64", ours_d.grad, flat(c.at("grad_l_aux_f64")), ds_grad_tol_f64);
     }

@@ -1,10 +1,21 @@
 // What the headers say allocates nothing, counted: every operator new of the process (a separate program for that
 // reason). moe_router after its first step at a shape (every [T x ...] buffer and the selection's and losses'
 // scratch are owned and reused), and each function documented as allocation-free on its second call with the same
-// shapes and its documented workspace: selection, GrAP and dense routes, score_route with its route_scratch,
+// shapes and its documented workspace: selection, GrAP and small dense routes, score_route with its route_scratch,
 // route_backward with its workspace, router_losses with its loss_workspace, capacity_assigner::run, the CPU
 // backend's pipeline, thread_pool::run and the capacity bound. Calls documented to allocate (score_route's
-// general path without scratch, build_dispatch_plan, classic_capacity) are listed with what they allocate.
+// general path without scratch, a large dense GEMM) are printed with what they allocate.
+// Eigen allocates with malloc, not operator new: its own hook sees those. With EIGEN_RUNTIME_NO_MALLOC every Eigen
+// heap allocation checks is_malloc_allowed() through eigen_assert, defined here to count instead of abort; a
+// measured call runs with Eigen's allocations forbidden (any other failed Eigen assertion would count too).
+#include <atomic>
+#include <cstddef>
+namespace locmoe_allocations {
+inline std::atomic<std::size_t> eigen_heap_allocations{0};
+}
+#define EIGEN_RUNTIME_NO_MALLOC
+#define eigen_assert(x) ((x) ? static_cast<void>(0) : static_cast<void>(++::locmoe_allocations::eigen_heap_allocations))
+
 #include <locmoe/capacity.hpp>
 #include <locmoe/losses.hpp>
 #include <locmoe/route_backward.hpp>
@@ -59,7 +70,8 @@ std::size_t step_bytes(std::size_t tokens, locmoe::score_function score) {
   const matrix_view<const float> xv(x.data(), tokens, d);
   std::size_t bytes = 0;
   for (int step = 0; step < 3; ++step) {
-    const std::size_t before = allocated_bytes.load();
+    const std::size_t before = allocated_bytes.load(), eigen_before = locmoe_allocations::eigen_heap_allocations.load();
+    Eigen::internal::set_is_malloc_allowed(step < 2);  // the third step: Eigen's heap counted too (as one byte each)
     const routing<float>& r = router.forward(xv, {});
     const matrix_view<float> b(buffer.data(), r.buffer_rows, d), g(grad.data(), r.buffer_rows, d);
     router.dispatch(xv, b);
@@ -67,18 +79,21 @@ std::size_t step_bytes(std::size_t tokens, locmoe::score_function score) {
     router.combine_backward(matrix_view<const float>(b), matrix_view<const float>(y.data(), tokens, d), g);
     router.dispatch_backward(matrix_view<const float>(g), matrix_view<float>(dx.data(), tokens, d));
     router.backward(xv, {}, matrix_view<float>(dx.data(), tokens, d), gate_gradients<float>{});
-    bytes = allocated_bytes.load() - before;
+    Eigen::internal::set_is_malloc_allowed(true);
+    bytes = allocated_bytes.load() - before + (locmoe_allocations::eigen_heap_allocations.load() - eigen_before);
   }
   return bytes;
 }
 
-// Calls f twice and returns the operator new calls of the second.
+// Calls f twice and returns the allocations of the second: operator new calls and Eigen heap allocations.
 template <class F>
 std::size_t second_call_allocations(F&& f) {
   f();
-  const std::size_t before = allocations.load();
+  const std::size_t before = allocations.load(), eigen_before = locmoe_allocations::eigen_heap_allocations.load();
+  Eigen::internal::set_is_malloc_allowed(false);
   f();
-  return allocations.load() - before;
+  Eigen::internal::set_is_malloc_allowed(true);
+  return allocations.load() - before + (locmoe_allocations::eigen_heap_allocations.load() - eigen_before);
 }
 
 int check_functions() {
@@ -128,7 +143,11 @@ int check_functions() {
   const check zero_expected[] = {
       {"softmax_top_k", second_call_allocations([&] { softmax_top_k(lv, {k, true}, out.indices, out.weights, out.probabilities); })},
       {"grap_route", second_call_allocations([&] { grap_route(gate, xv, {k, false}, out); })},
-      {"dense_route (float, no workspace needed)", second_call_allocations([&] { dense_route(dense, xv, {k, false}, dense_out); })},
+      {"dense_route at d = 64, n = 8 (Eigen's GEMM on the stack)",
+       second_call_allocations([&] {
+         dense_route(dense_gate<float>{{weight.data(), 8, 64}, bias.data(), false}, matrix_view<const float>(x.data(), 64, 64),
+                     {2, false}, {{idx.data(), 64, 2}, {w.data(), 64, 2}, {}, {logits.data(), 64, 8}});
+       })},
       {"score_route, general path, with route_scratch",
        second_call_allocations([&] { score_route(lv, grouped, {out.indices, out.weights, {}, {}}, {}, default_policy{}, &scratch); })},
       {"route_backward with its workspace",
@@ -165,6 +184,8 @@ int check_functions() {
   // Documented to allocate: shown for the record, not a failure.
   std::printf("%-48s %zu allocations (documented: one workspace per call)\n", "score_route, general path, no scratch",
               second_call_allocations([&] { score_route(lv, grouped, {out.indices, out.weights, {}, {}}); }));
+  std::printf("%-48s %zu allocations (documented: Eigen's GEMM blocking beyond its stack limit)\n",
+              "dense_route at T = 1000, d = 512, n = 32", second_call_allocations([&] { dense_route(dense, xv, {k, false}, dense_out); }));
   return failures;
 }
 

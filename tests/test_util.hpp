@@ -38,8 +38,8 @@ std::uint64_t ulp_distance(S a, S b) {
     return i < 0 ? static_cast<std::int64_t>(std::numeric_limits<bits_t>::min()) - static_cast<std::int64_t>(i)
                  : static_cast<std::int64_t>(i);
   };
-  const std::int64_t x = ordered(a), y = ordered(b);
-  return x > y ? static_cast<std::uint64_t>(x - y) : static_cast<std::uint64_t>(y - x);
+  const auto x = static_cast<std::uint64_t>(ordered(a)), y = static_cast<std::uint64_t>(ordered(b));  // no signed overflow
+  return ordered(a) > ordered(b) ? x - y : y - x;
 }
 
 /// |got - want| / |want|, with an absolute check where want is 0; NaN and Inf only match themselves.

@@ -327,11 +327,15 @@ double max_delta_for_capacity(std::int64_t d, std::int64_t n, double capacity, c
     delta = std::min(std::sqrt(delta2), below_one);
   } else {
     auto gap = [&](double x) { return detail::log_ibetac_half(a, x, detail::ibetac_half(a, x, pol), pol) - log_target; };
-    if (gap(below_one) >= 0.0) return below_one;
-    std::uintmax_t iterations = 200;
-    delta = boost::math::tools::toms748_solve(gap, 1e-300, below_one, boost::math::tools::eps_tolerance<double>(52),
-                                              iterations, pol).first;
+    if (gap(below_one) >= 0.0) {
+      delta = below_one;  // checked by the search below too: the logs and ec_min may round differently
+    } else {
+      std::uintmax_t iterations = 200;
+      delta = boost::math::tools::toms748_solve(gap, 1e-300, below_one, boost::math::tools::eps_tolerance<double>(52),
+                                                iterations, pol).first;
+    }
   }
+  if (!(delta > 0.0)) delta = 0.0;  // -0 from sqrt(-0), or NaN from a solver under a returning policy
   // The root is close to the true one but not exactly the largest double that meets the bound: where p_delta is
   // steep in delta (d = 3, n C = 1e9: one ulp of delta moves ec_min by 1e-7) the nearest double can land on the wrong
   // side, and where it is flat (delta near 0) many doubles give the same ec_min. Search the doubles themselves
@@ -346,6 +350,7 @@ double max_delta_for_capacity(std::int64_t d, std::int64_t n, double capacity, c
   std::uint64_t limit = 0, root = 0;
   std::memcpy(&limit, &below_one, sizeof limit);
   std::memcpy(&root, &delta, sizeof root);
+  root = std::min(root, limit);
   std::uint64_t good = 0, bad = limit + 1;  // good: 0 (delta = 0, always meets); bad: past below_one
   if (meets(root)) {
     good = root;

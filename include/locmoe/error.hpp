@@ -16,9 +16,15 @@
 // report through construction_policy: throw_on_error where exceptions are enabled, abort_on_error (the same message on
 // stderr, then std::abort) where they are not.
 //
-// A user policy is any type with the same static `report` member (and `never_returns = true` if it never returns).
+// A user policy is any type with the same static `report` member template (Result is the function's result type,
+// fallback included), a `boost_policy` type (Boost.Math's policy for the special functions), and
+// `static constexpr bool never_returns = true` only if report never returns (a policy derived from throw_on_error
+// inherits it: redefine it as false if its report returns, or a failure reads as a count of SIZE_MAX).
 // The default is LOCMOE_DEFAULT_POLICY: throw_on_error where exceptions are enabled, errno_on_error where not, so every
-// public header compiles with -fno-exceptions (tests/consumer/no_exceptions.cpp).
+// host header compiles with -fno-exceptions (tests/consumer/no_exceptions.cpp; backend/cuda.cuh needs exceptions).
+// Every translation unit of a program must agree on LOCMOE_HAS_EXCEPTIONS and LOCMOE_DEFAULT_POLICY: inline
+// functions differ with them (mixing would break the one-definition rule).
+// Other fallbacks under errno_on_error: an empty vector (balanced_hash_table, routed_cosines) and NaN loss values.
 // Thread safety: the policies keep no state (errno is per thread).
 //
 // Example (docs/api.md#errors):
@@ -178,9 +184,6 @@ struct failed_t {
   constexpr operator checked_count() const noexcept { return checked_count::failure(); }
 };
 inline constexpr failed_t failed{};
-/// Whether a count_result is a failure (a plain count never is: its policy does not return from an error).
-constexpr bool is_failure(std::size_t) noexcept { return false; }
-constexpr bool is_failure(checked_count c) noexcept { return !c.ok(); }
 }  // namespace detail
 
 #ifndef LOCMOE_DEFAULT_POLICY

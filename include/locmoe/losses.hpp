@@ -390,7 +390,7 @@ router_loss_values<S> fused_losses(const loss_inputs<S>& in_caller, const router
     for (Eigen::Index e = 0; e < N; ++e) dot += (count[static_cast<std::size_t>(e)] / tv) * (sum_p.col(e).sum() / tv);
     out.aux.value = static_cast<S>(scale * dot);
     const Eigen::Map<const Eigen::RowVectorXd> f(count.data(), N);
-    g.rowwise() += (scale / (tv * tv)) * f;
+    for (Eigen::Index r = 0; r < R; ++r) g.row(r) += (scale / (tv * tv)) * f;  // rowwise() would evaluate a temporary
   }
   if (terms.z) out.z.value = static_cast<S>(static_cast<double>(o.z_coeff) * z_sum / tv);
   if (topo) {

@@ -163,7 +163,7 @@ count_result<Policy> route_backward(const matrix_view<In>& logits, const router_
       !detail::resolve_range<Policy>(fn, range, tokens))
     return detail::failed;
   if (!std::isfinite(options.scale)) {
-    return detail::raise<Policy>(errc::domain, fn, "scale", options.scale, "must be finite", detail::failed);
+    return detail::raise<Policy>(errc::domain, fn, "scale", options.scale, "must be finite", count_result<Policy>(detail::failed));
   }
   route_backward_workspace own;
   route_backward_workspace& ws = workspace ? *workspace : own;

@@ -29,7 +29,8 @@
 // experts; local_overflow only with softmax before Top-k without renormalization (a rerouted choice's weight is its
 // probability). Per call: shapes as planned (errors name the argument).
 // Memory: every [T x ...] buffer, the selection's and the losses' scratch are owned and reused: a step at a shape
-// seen before allocates nothing (tests/test_router_allocations.cpp counts every operator new).
+// seen before allocates nothing, but for the dense gate's Eigen GEMM blocking buffers at large d (gating.hpp)
+// (tests/test_router_allocations.cpp counts every operator new and Eigen's heap allocations).
 // Backend: the route, dispatch, combine and their backwards run on `Backend` (cpu_backend's threads); the
 // selection's backward, the losses and the gate's backward run on the host, so the backend must say its memory is
 // the host's (Backend::host_memory, checked at compile time: cuda_backend is refused; a device router is not

@@ -423,7 +423,7 @@ count_result<Policy> rre_route(const Id* token_ids, const Domain* domains, std::
   if (!detail::check_selection<Policy>(fn, n, 1, true)) return detail::failed;
   if (groups < 1 || groups > n) {
     return detail::raise<Policy>(errc::domain, fn, "groups", groups, "must satisfy 1 <= groups <= n",
-                                 detail::failed);
+                                 count_result<Policy>(detail::failed));
   }
   if (!detail::check_ids<Policy>(fn, "token_ids", token_ids, tokens, std::numeric_limits<std::uint64_t>::max(),
                                  "must be >= 0") ||

@@ -7,9 +7,10 @@
 // run() allocates nothing and creates no thread. One run at a time: concurrent calls to run() on one pool are
 // serialized; a task must not call run() on its own pool (it would wait for itself). The destructor stops and
 // joins the workers.
-// Exceptions: a task that throws does not terminate the process. The first exception thrown (in time) is kept,
-// no task is started after it (tasks already running finish), and run() rethrows it to its caller once every
-// thread is idle; the outputs of the tasks that did not run are left as they were. The pool stays usable.
+// Exceptions: a task that throws does not terminate the process. The first exception recorded is kept, no further
+// task index is handed out (a task another thread had already claimed may still start, and tasks running finish),
+// and run() rethrows it to its caller once every thread is idle; the outputs of the tasks that did not run are left
+// as they were. The pool stays usable.
 // Preconditions: threads >= 1 (checked, locmoe::error).
 // Cost: one wake-up of the workers per run (a mutex and a condition variable), then one atomic increment per
 // task. Example: docs/api.md#the-cpu-backend.
