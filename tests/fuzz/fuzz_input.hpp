@@ -79,7 +79,8 @@ class input {
     return S(static_cast<std::int16_t>(raw<std::uint16_t>())) / S(4096);
   }
   std::string text(std::size_t max_length) {
-    const std::size_t length = std::min(size_between(0, max_length), remaining());
+    const std::size_t wanted = size_between(0, max_length);  // reads bytes: before remaining(), not in one expression
+    const std::size_t length = std::min(wanted, remaining());  // (argument order is unspecified; g++ took remaining first)
     std::string s(reinterpret_cast<const char*>(data_ + pos_), length);
     pos_ += length;
     return s;
