@@ -125,30 +125,22 @@ TEST_CASE("values that leave the range of a double: +inf or 0, with finite logs"
 }
 
 TEST_CASE("bad arguments are rejected with the argument named") {
-  auto argument_of = [](auto&& call) -> std::string {
-    try {
-      call();
-    } catch (const locmoe::error& e) {
-      return e.argument();
-    }
-    return "(no error)";
-  };
-  CHECK(argument_of([] { return locmoe::p_delta(1, 0.5); }) == "d");
-  CHECK(argument_of([] { return locmoe::p_delta(-7, 0.5); }) == "d");
-  CHECK(argument_of([] { return locmoe::p_delta((std::int64_t{1} << 53) + 1, 0.5); }) == "d");
+  CHECK(locmoe_test::error_argument([] { return locmoe::p_delta(1, 0.5); }) == "d");
+  CHECK(locmoe_test::error_argument([] { return locmoe::p_delta(-7, 0.5); }) == "d");
+  CHECK(locmoe_test::error_argument([] { return locmoe::p_delta((std::int64_t{1} << 53) + 1, 0.5); }) == "d");
   for (const double bad : {0.0, 1.0, -0.5, 1.5, not_a_number, inf}) {
-    CHECK(argument_of([&] { return locmoe::p_delta(16, bad); }) == "delta");
-    CHECK(argument_of([&] { return locmoe::log_p_delta(16, bad); }) == "delta");
+    CHECK(locmoe_test::error_argument([&] { return locmoe::p_delta(16, bad); }) == "delta");
+    CHECK(locmoe_test::error_argument([&] { return locmoe::log_p_delta(16, bad); }) == "delta");
   }
-  CHECK(argument_of([] { return locmoe::ec_min(16, 0, 0.5); }) == "n");
-  CHECK(argument_of([] { return locmoe::log_ec_min_erfc(16, -1, 0.5); }) == "n");
-  CHECK(argument_of([] { return locmoe::max_delta_for_capacity(16, 4, 0.0); }) == "capacity");
-  CHECK(argument_of([] { return locmoe::max_delta_for_capacity(16, 4, not_a_number); }) == "capacity");
-  CHECK(argument_of([] { return locmoe::max_delta_for_capacity(1, 4, 2.0); }) == "d");
-  CHECK(argument_of([] { return locmoe::min_capacity_factor(0, 1, 16, 2.0); }) == "tokens");
-  CHECK(argument_of([] { return locmoe::min_capacity_factor(10, 0, 16, 2.0); }) == "expert_parallel");
-  CHECK(argument_of([] { return locmoe::min_capacity_factor(10, 1, 0, 2.0); }) == "n");
-  CHECK(argument_of([] { return locmoe::min_capacity_factor(10, 1, 16, inf); }) == "ec_min");
+  CHECK(locmoe_test::error_argument([] { return locmoe::ec_min(16, 0, 0.5); }) == "n");
+  CHECK(locmoe_test::error_argument([] { return locmoe::log_ec_min_erfc(16, -1, 0.5); }) == "n");
+  CHECK(locmoe_test::error_argument([] { return locmoe::max_delta_for_capacity(16, 4, 0.0); }) == "capacity");
+  CHECK(locmoe_test::error_argument([] { return locmoe::max_delta_for_capacity(16, 4, not_a_number); }) == "capacity");
+  CHECK(locmoe_test::error_argument([] { return locmoe::max_delta_for_capacity(1, 4, 2.0); }) == "d");
+  CHECK(locmoe_test::error_argument([] { return locmoe::min_capacity_factor(0, 1, 16, 2.0); }) == "tokens");
+  CHECK(locmoe_test::error_argument([] { return locmoe::min_capacity_factor(10, 0, 16, 2.0); }) == "expert_parallel");
+  CHECK(locmoe_test::error_argument([] { return locmoe::min_capacity_factor(10, 1, 0, 2.0); }) == "n");
+  CHECK(locmoe_test::error_argument([] { return locmoe::min_capacity_factor(10, 1, 16, inf); }) == "ec_min");
 }
 
 TEST_CASE("classic capacity: exact ceiling of the written capacity factor") {
