@@ -38,6 +38,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -56,6 +57,32 @@ struct slot_problem {
 };
 
 namespace detail {
+
+/// slot_problem's rules that host values decide, in the CPU backend's words (every rule but the indices' values,
+/// which only a device backend's memory holds); `needed`: the backend's slot_workspace_size. Throws locmoe::error.
+inline void check_slot_shapes(const char* fn, const slot_problem& p, std::size_t workspace_bytes, std::size_t needed) {
+  using P = construction_policy;
+  const std::size_t tokens = p.indices.rows, k = p.indices.cols, n = p.experts;
+  check_selection<P>(fn, n, k, true);
+  check_view<P>(fn, "indices", p.indices, tokens, k, "");
+  check_view<P>(fn, "expert", p.expert, tokens, k, "must be [T x k], as indices");
+  check_view<P>(fn, "slot", p.slot, tokens, k, "must be [T x k], as indices");
+  if (!p.tokens_per_expert) raise<P>(errc::domain, fn, "tokens_per_expert", "null", "is required ([n])", 0);
+  if (!p.kept_per_expert) raise<P>(errc::domain, fn, "kept_per_expert", "null", "is required ([n])", 0);
+  if (p.capacity < 0 || p.capacity > std::numeric_limits<slot_index>::max()) {
+    raise<P>(errc::domain, fn, "capacity", p.capacity, "must satisfy 0 <= C < 2^31", 0);
+  }
+  if (workspace_bytes < needed) {
+    raise<P>(errc::domain, fn, "workspace_bytes", workspace_bytes, "must be >= slot_workspace_size(T, n)", 0);
+  }
+}
+
+/// The rule of an index check: the message both backends give for the first choice outside [-1, n).
+inline void raise_bad_index(const char* fn, std::size_t t, std::size_t j, expert_index e) {
+  raise<construction_policy>(errc::domain, fn, "indices",
+                             "(" + std::to_string(t) + ", " + std::to_string(j) + ") = " + std::to_string(e),
+                             "every choice must be in [-1, n)", 0);
+}
 
 template <class B, class = void>
 struct has_backend_members : std::false_type {};

@@ -258,28 +258,11 @@ class cpu_backend {
   }
 
   void check_slot_problem(const char* fn, const slot_problem& p, std::size_t workspace_bytes) const {
-    using P = construction_policy;
-    const std::size_t tokens = p.indices.rows, k = p.indices.cols, n = p.experts;
-    detail::check_selection<P>(fn, n, k, true);
-    detail::check_view<P>(fn, "indices", p.indices, tokens, k, "");
-    detail::check_view<P>(fn, "expert", p.expert, tokens, k, "must be [T x k], as indices");
-    detail::check_view<P>(fn, "slot", p.slot, tokens, k, "must be [T x k], as indices");
-    if (!p.tokens_per_expert) detail::raise<P>(errc::domain, fn, "tokens_per_expert", "null", "is required ([n])", 0);
-    if (!p.kept_per_expert) detail::raise<P>(errc::domain, fn, "kept_per_expert", "null", "is required ([n])", 0);
-    if (p.capacity < 0 || p.capacity > std::numeric_limits<slot_index>::max()) {
-      detail::raise<P>(errc::domain, fn, "capacity", p.capacity, "must satisfy 0 <= C < 2^31", 0);
-    }
-    if (workspace_bytes < slot_workspace_size(tokens, n)) {
-      detail::raise<P>(errc::domain, fn, "workspace_bytes", workspace_bytes, "must be >= slot_workspace_size(T, n)", 0);
-    }
-    for (std::size_t t = 0; t < tokens; ++t) {
-      for (std::size_t j = 0; j < k; ++j) {
+    detail::check_slot_shapes(fn, p, workspace_bytes, slot_workspace_size(p.indices.rows, p.experts));
+    for (std::size_t t = 0; t < p.indices.rows; ++t) {
+      for (std::size_t j = 0; j < p.indices.cols; ++j) {
         const expert_index e = p.indices(t, j);
-        if (e < no_expert || (e >= 0 && static_cast<std::size_t>(e) >= n)) {
-          detail::raise<P>(errc::domain, fn, "indices",
-                           "(" + std::to_string(t) + ", " + std::to_string(j) + ") = " + std::to_string(e),
-                           "every choice must be in [-1, n)", 0);
-        }
+        if (e < no_expert || (e >= 0 && static_cast<std::size_t>(e) >= p.experts)) detail::raise_bad_index(fn, t, j, e);
       }
     }
   }

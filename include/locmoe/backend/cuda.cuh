@@ -1,30 +1,43 @@
 // locmoe/backend/cuda.cuh - the CUDA backend: the router's device steps as CUDA kernels on a caller's stream.
 // Compiled by nvcc only. A model of the backend concept (backend/backend.hpp); every pointer in a view is a
-// device pointer. The steps:
-//   route_grap    one warp per token: the GrAP block sums (eq. 4) reduced across the warp, bias, ReLU, then on
-//                 lane 0 Top-k on the logits and softmax, with the CPU's rules (ties to the lower index; -inf
-//                 masks an expert; a NaN or +inf logit makes the token invalid: indices -1, weights and
-//                 probabilities 0; renormalize as select_options). The block sums are added in another order
-//                 than on the CPU, so logits may differ in the last bits; choices agree except at near ties.
-//                 Returns 0: invalid tokens are the rows whose first index is -1 (no host round trip).
-//   assign_slots  position policy in three kernels: per-range counts per expert, an exclusive scan over the
-//                 ranges (one thread per expert), then one thread per (range, expert) numbering that expert's
-//                 choices in token order. Exactly the CPU's (and capacity_assigner's) slots.
-//   dispatch      one block per (token, choice), copying the row in 16-byte words where aligned.
-//   combine       one block per token; each element sums ((0 + w0 r0) + w1 r1) + ... with round-to-nearest
-//                 multiplies and adds that are never fused: the CPU's arithmetic, bit for bit.
+// device pointer. The steps (kernels in backend/cuda/):
+//   route_grap    one warp per token: each GrAP block (eq. 4) summed by a group of lanes with 16-byte loads, a
+//                 few blocks at a time when they are small; bias, ReLU; then the warp's softmax + Top-k with the
+//                 CPU's rules (ties to the lower index; -inf masks an expert; a NaN or +inf logit makes the token
+//                 invalid: indices -1, weights and probabilities 0; renormalize as select_options). Block sums and
+//                 the softmax's sum are added in another order than on the CPU, so logits, weights and
+//                 probabilities may differ in the last bits; choices agree except at near ties. Returns 0:
+//                 invalid tokens are the rows whose first index is -1 (no host round trip).
+//   route_dense   a tiled GEMM (64 tokens x 64 experts per block; x read once for n <= 64) writes the logits
+//                 (out.logits, required as on the CPU), then one warp per token selects. Not cuBLAS: x may be
+//                 bf16/fp16 against a float W, which cuBLAS's GEMMs do not mix, and the GEMM is fused with its
+//                 bias and ReLU.
+//   assign_slots  position policy in three kernels that scale with T (backend/cuda/slot_kernels.cuh): exactly the
+//                 CPU's (and capacity_assigner's) slots and counts.
+//   dispatch      one block per token: its row read once, written to each kept slot.
+//   combine       one block per token, its k choices loaded once; each element sums ((0 + w0 r0) + w1 r1) + ...
+//                 with round-to-nearest multiplies and adds that are never fused: the CPU's arithmetic, bit for
+//                 bit, for every result that is not NaN. A NaN result is NaN on both; its bits are the device's
+//                 (float arithmetic gives the canonical 0x7fffffff whatever NaN went in, where the CPU keeps the
+//                 input's sign and payload); bf16 and fp16 results are rounded with the host's rules, so a
+//                 NaN sum of either sign becomes the same 0x7fc0 / 0x7e00 on both where the CPU's NaN is positive.
 //   combine_backward / dispatch_backward   one block per token: the weighted rows and a fixed-tree dot product per
 //                 kept pair (deterministic; the dots may differ from the CPU's in the last bits); dispatch's backward
 //                 is combine with unit weights (bit for bit the CPU's). dispatch and combine_backward write padding
 //                 rows as zeros when pair_layout carries the kept counts.
-//   route_dense   the same with the dense gate: one warp per token, n dot products with W reduced across the warp.
-// Limits (checked, locmoe::error): n <= 1024 for the routes. bf16/fp16 rows are combined in float and rounded
-// once, as on the CPU. Bit-equal combine assumes the CPU build does not
-// contract multiply-adds into FMA (no -mfma/-march=native, or -ffp-contract=off).
-// Workspace: slot_workspace_size(T, n) bytes of device memory. No call allocates or synchronizes.
-// Thread safety: a cuda_backend holds its stream only; threads may share one, and their launches queue on that
-// stream in the order the calls are made (give each thread its own backend and stream to overlap them).
+// Arguments are checked on the host with the CPU backend's rules and messages (locmoe::error), except what only
+// device memory holds: assign_slots checks its indices on the device (see device_checks); dispatch, combine and
+// the backwards skip a kept pair whose row falls outside the buffer (the CPU throws there; a layout made by
+// assign_slots for that buffer has none). Limits (checked): n <= 1024 for the routes, T k < 2^31 for the slots.
+// Bit-equal combine assumes the CPU build does not contract multiply-adds into FMA (no -mfma/-march=native, or
+// -ffp-contract=off).
+// Workspace: slot_workspace_size(T, n) bytes of device memory. No call allocates; only assign_slots with
+// device_checks::synchronous waits for the device (one 8-byte copy).
+// Thread safety: a cuda_backend holds its check mode only; threads may share one, and their launches queue on the
+// stream each passes, in the order the calls are made (give each thread its own stream to overlap them).
 // Errors of the launches are thrown as locmoe::cuda_error at the next call that checks (cudaGetLastError).
+// The header (and backend/cuda/) holds templates and inline functions only: any number of .cu files of one
+// program may include it.
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -32,347 +45,45 @@
 #endif
 
 #include <locmoe/backend/backend.hpp>
+#include <locmoe/backend/cuda/device.cuh>
+#include <locmoe/backend/cuda/route_kernels.cuh>
+#include <locmoe/backend/cuda/row_kernels.cuh>
+#include <locmoe/backend/cuda/slot_kernels.cuh>
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <stdexcept>
-#include <string>
+#include <limits>
+
+/// Defined where cuda_backend has device_checks and check_slot_indices.
+#define LOCMOE_CUDA_DEVICE_CHECKS 1
 
 namespace locmoe {
 
-/// A CUDA runtime error, with the call that failed.
-struct cuda_error : std::runtime_error {
-  using std::runtime_error::runtime_error;
+/// How the CUDA backend reports what only device memory shows: an index outside [-1, n) given to assign_slots.
+enum class device_checks {
+  /// assign_slots waits for its count kernel (one 8-byte copy and a stream synchronize) and throws the CPU's error
+  /// before writing any output: the CPU backend's behaviour.
+  synchronous,
+  /// assign_slots does not wait: a bad choice is dropped (expert and slot -1, not counted), the first one (in (t, j)
+  /// order) is recorded in the workspace, and check_slot_indices() throws the CPU's error for it.
+  deferred,
 };
-
-namespace cuda_detail {
-
-inline void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) throw cuda_error(std::string("locmoe::cuda_backend: ") + what + ": " + cudaGetErrorString(status));
-}
-
-constexpr int warp = 32;
-constexpr int route_warps = 4;        // tokens per block in route_grap
-constexpr int max_route_experts = 1024;
-constexpr std::size_t slot_ranges = 64;  // token ranges of assign_slots
-
-template <class T>
-__device__ float to_float(T v) { return static_cast<float>(v); }  // bf16/fp16: Eigen's device conversions
-
-/// Where one token's route goes: the output rows of token t.
-struct route_rows {
-  expert_index* indices;
-  std::size_t i_stride;
-  float* weights;
-  std::size_t w_stride;
-  float* probabilities;  // optional
-  std::size_t p_stride;
-  float* logits;  // optional
-  std::size_t l_stride;
-};
-
-/// Lane 0: softmax and Top-k of one token's logits (in shared memory, overwritten), select.hpp's rules: a NaN
-/// or +inf logit makes the token invalid (indices -1, weights and probabilities 0), -inf masks an expert,
-/// Top-k on the logits with ties to the lower index, then weights = probabilities (renormalized if asked).
-__device__ inline void select_token(float* logits, std::size_t n, std::size_t k, bool renormalize, const route_rows& out,
-                                    std::size_t t) {
-  bool valid = true;
-  float top = -INFINITY;
-  for (std::size_t i = 0; i < n; ++i) {
-    const float l = logits[i];
-    if (l != l || l == INFINITY) valid = false;
-    top = l > top ? l : top;
-  }
-  if (!valid || top == -INFINITY) {
-    for (std::size_t j = 0; j < k; ++j) {
-      out.indices[t * out.i_stride + j] = no_expert;
-      out.weights[t * out.w_stride + j] = 0.0f;
-    }
-    if (out.probabilities) {
-      for (std::size_t i = 0; i < n; ++i) out.probabilities[t * out.p_stride + i] = 0.0f;
-    }
-    return;
-  }
-  float total = 0.0f;
-  for (std::size_t i = 0; i < n; ++i) total += expf(logits[i] - top);
-  if (out.probabilities) {
-    for (std::size_t i = 0; i < n; ++i) out.probabilities[t * out.p_stride + i] = expf(logits[i] - top) / total;
-  }
-  float chosen = 0.0f;
-  for (std::size_t j = 0; j < k; ++j) {
-    std::size_t best = n;
-    for (std::size_t i = 0; i < n; ++i) {
-      if (logits[i] != -INFINITY && (best == n || logits[i] > logits[best])) best = i;
-    }
-    if (best == n) {  // fewer than k experts left unmasked
-      out.indices[t * out.i_stride + j] = no_expert;
-      out.weights[t * out.w_stride + j] = 0.0f;
-      continue;
-    }
-    const float weight = expf(logits[best] - top) / total;
-    out.indices[t * out.i_stride + j] = static_cast<expert_index>(best);
-    out.weights[t * out.w_stride + j] = weight;
-    chosen += weight;
-    logits[best] = -INFINITY;  // taken
-  }
-  if (renormalize && chosen > 0.0f) {
-    for (std::size_t j = 0; j < k; ++j) out.weights[t * out.w_stride + j] /= chosen;
-  }
-}
-
-/// Lane 0 finishes a logit: bias, ReLU (NaN stays NaN), into shared memory and the optional logits output.
-__device__ inline void store_logit(float value, std::size_t i, const float* bias, bool relu, float* logits,
-                                   const route_rows& out, std::size_t t) {
-  value += bias ? bias[i] : 0.0f;
-  if (relu && value < 0.0f) value = 0.0f;
-  logits[i] = value;
-  if (out.logits) out.logits[t * out.l_stride + i] = value;
-}
-
-__device__ inline float warp_sum(float v) {
-  for (int offset = warp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-/// One warp per token: GrAP block means (eq. 4).
-template <class T>
-__global__ void grap_route_kernel(const T* x, std::size_t stride, std::size_t tokens, std::size_t d, std::size_t n,
-                                  std::size_t k, const float* bias, bool relu, bool renormalize, route_rows out) {
-  extern __shared__ float shared[];  // [route_warps][n]
-  const int lane = threadIdx.x % warp, w = threadIdx.x / warp;
-  const std::size_t t = static_cast<std::size_t>(blockIdx.x) * route_warps + static_cast<std::size_t>(w);
-  if (t >= tokens) return;  // the whole warp returns: every shuffle below has all 32 lanes
-  float* logits = shared + static_cast<std::size_t>(w) * n;
-  const T* row = x + t * stride;
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::size_t begin = i * (d / n) + (i * (d % n)) / n, end = (i + 1) * (d / n) + ((i + 1) * (d % n)) / n;
-    float sum = 0.0f;
-    for (std::size_t c = begin + static_cast<std::size_t>(lane); c < end; c += warp) sum += to_float(row[c]);
-    sum = warp_sum(sum);
-    if (lane == 0) store_logit(sum / static_cast<float>(end - begin), i, bias, relu, logits, out, t);
-  }
-  if (lane == 0) select_token(logits, n, k, renormalize, out, t);
-}
-
-/// One warp per token: the dense gate's n dot products with W [n x d].
-template <class T>
-__global__ void dense_route_kernel(const T* x, std::size_t stride, std::size_t tokens, std::size_t d, std::size_t n,
-                                   std::size_t k, const float* weight, std::size_t weight_stride, const float* bias,
-                                   bool relu, bool renormalize, route_rows out) {
-  extern __shared__ float shared[];  // [route_warps][n]
-  const int lane = threadIdx.x % warp, w = threadIdx.x / warp;
-  const std::size_t t = static_cast<std::size_t>(blockIdx.x) * route_warps + static_cast<std::size_t>(w);
-  if (t >= tokens) return;
-  float* logits = shared + static_cast<std::size_t>(w) * n;
-  const T* row = x + t * stride;
-  for (std::size_t i = 0; i < n; ++i) {
-    const float* wi = weight + i * weight_stride;
-    float sum = 0.0f;
-    for (std::size_t c = static_cast<std::size_t>(lane); c < d; c += warp) sum += to_float(row[c]) * wi[c];
-    sum = warp_sum(sum);
-    if (lane == 0) store_logit(sum, i, bias, relu, logits, out, t);
-  }
-  if (lane == 0) select_token(logits, n, k, renormalize, out, t);
-}
-
-__global__ void count_kernel(const expert_index* indices, std::size_t stride, std::size_t tokens, std::size_t k,
-                             std::size_t n, std::size_t ranges, std::int64_t* counts) {
-  const std::size_t r = blockIdx.x, begin = tokens * r / ranges, end = tokens * (r + 1) / ranges;
-  for (std::size_t e = threadIdx.x; e < n; e += blockDim.x) {  // one thread per expert: no atomics, exact
-    std::int64_t c = 0;
-    for (std::size_t t = begin; t < end; ++t) {
-      for (std::size_t j = 0; j < k; ++j) c += indices[t * stride + j] == static_cast<expert_index>(e);
-    }
-    counts[r * n + e] = c;
-  }
-}
-
-__global__ void scan_kernel(std::int64_t* counts, std::size_t ranges, std::size_t n, std::int64_t capacity,
-                            std::int64_t* tokens_per_expert, std::int64_t* kept_per_expert) {
-  for (std::size_t e = threadIdx.x + static_cast<std::size_t>(blockIdx.x) * blockDim.x; e < n;
-       e += static_cast<std::size_t>(blockDim.x) * gridDim.x) {
-    std::int64_t before = 0;
-    for (std::size_t r = 0; r < ranges; ++r) {
-      const std::int64_t here = counts[r * n + e];
-      counts[r * n + e] = before;
-      before += here;
-    }
-    tokens_per_expert[e] = before;
-    kept_per_expert[e] = before < capacity ? before : capacity;
-  }
-}
-
-__global__ void slot_kernel(const expert_index* indices, std::size_t i_stride, std::size_t tokens, std::size_t k,
-                            std::size_t n, std::size_t ranges, const std::int64_t* offsets, std::int64_t capacity,
-                            expert_index* expert, std::size_t e_stride, slot_index* slot, std::size_t s_stride) {
-  const std::size_t r = blockIdx.x, begin = tokens * r / ranges, end = tokens * (r + 1) / ranges;
-  for (std::size_t e = threadIdx.x; e < n; e += blockDim.x) {
-    std::int64_t next = offsets[r * n + e];
-    for (std::size_t t = begin; t < end; ++t) {
-      for (std::size_t j = 0; j < k; ++j) {
-        if (indices[t * i_stride + j] != static_cast<expert_index>(e)) continue;
-        const bool kept = next < capacity;
-        expert[t * e_stride + j] = kept ? static_cast<expert_index>(e) : no_expert;
-        slot[t * s_stride + j] = kept ? static_cast<slot_index>(next) : -1;
-        ++next;
-      }
-    }
-  }
-  // Masked choices (-1), and any index outside [0, n), are dropped: one thread per range writes them.
-  if (threadIdx.x == 0) {
-    for (std::size_t t = begin; t < end; ++t) {
-      for (std::size_t j = 0; j < k; ++j) {
-        const expert_index e = indices[t * i_stride + j];
-        if (e < 0 || static_cast<std::size_t>(e) >= n) {
-          expert[t * e_stride + j] = no_expert;
-          slot[t * s_stride + j] = -1;
-        }
-      }
-    }
-  }
-}
-
-template <int = 0>
-__global__ void dispatch_kernel(const unsigned char* x, std::size_t x_stride, unsigned char* buffer, std::size_t b_stride,
-                                std::size_t row_bytes, pair_layout pairs) {
-  const std::size_t p = blockIdx.x, k = pairs.top_k;
-  if (p >= pairs.tokens * k || pairs.expert[p] == no_expert) return;
-  const auto e = static_cast<std::size_t>(pairs.expert[p]);
-  const std::size_t first = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e]) : e * pairs.capacity;
-  const unsigned char* from = x + (p / k) * x_stride;
-  unsigned char* to = buffer + (first + static_cast<std::size_t>(pairs.slot[p])) * b_stride;
-  const bool aligned = reinterpret_cast<std::uintptr_t>(from) % 16 == 0 && reinterpret_cast<std::uintptr_t>(to) % 16 == 0;
-  std::size_t c = 0;
-  if (aligned) {
-    for (c = threadIdx.x * 16; c + 16 <= row_bytes; c += blockDim.x * 16) {
-      *reinterpret_cast<uint4*>(to + c) = *reinterpret_cast<const uint4*>(from + c);
-    }
-    c = row_bytes / 16 * 16;
-  }
-  for (std::size_t b = c + threadIdx.x; b < row_bytes; b += blockDim.x) to[b] = from[b];
-}
-
-template <class T>
-__device__ T mul_rn(T a, T b);
-template <>
-__device__ inline float mul_rn<float>(float a, float b) { return __fmul_rn(a, b); }
-template <>
-__device__ inline double mul_rn<double>(double a, double b) { return __dmul_rn(a, b); }
-template <class T>
-__device__ T add_rn(T a, T b);
-template <>
-__device__ inline float add_rn<float>(float a, float b) { return __fadd_rn(a, b); }
-template <>
-__device__ inline double add_rn<double>(double a, double b) { return __dadd_rn(a, b); }
-
-/// The expert-buffer row of a kept pair p (pair_layout::row, on the device).
-__device__ inline std::size_t pair_row(const pair_layout& pairs, std::size_t p) {
-  const auto e = static_cast<std::size_t>(pairs.expert[p]);
-  const std::size_t begin = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e]) : e * pairs.capacity;
-  return begin + static_cast<std::size_t>(pairs.slot[p]);
-}
-
-/// combine (weight given) and dispatch's backward (weight null: every weight 1, so the same sums): one block per
-/// token, each element ((0 + w0 r0) + w1 r1) + ... with unfused round-to-nearest arithmetic, the CPU's order.
-template <class T, class W>
-__global__ void combine_kernel(const T* buffer, std::size_t b_stride, const W* weight, std::size_t w_stride, T* y,
-                               std::size_t y_stride, std::size_t d, pair_layout pairs) {
-  const std::size_t t = blockIdx.x, k = pairs.top_k;
-  if (t >= pairs.tokens) return;
-  using A = std::conditional_t<std::is_floating_point_v<T>, T, float>;  // bf16/fp16 rows are summed in float
-  for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) {
-    A sum = A(0);
-    for (std::size_t j = 0; j < k; ++j) {
-      const std::size_t p = t * k + j;
-      if (pairs.expert[p] == no_expert) continue;
-      const T* row = buffer + pair_row(pairs, p) * b_stride;
-      const A w = weight ? static_cast<A>(weight[t * w_stride + j]) : A(1);
-      sum = add_rn(sum, mul_rn(w, static_cast<A>(row[c])));
-    }
-    y[t * y_stride + c] = T(sum);
-  }
-}
-
-constexpr int backward_threads = 256;
-
-/// combine's backward: one block per token; for each kept pair, grad_buffer's row = w grad_y[t] (rounded once)
-/// and grad_weight = grad_y[t] . row, each thread summing its strided elements, then a fixed shared-memory tree:
-/// deterministic (not the CPU's order: the dot products may differ from the CPU's in the last bits).
-template <class T, class W>
-__global__ void combine_backward_kernel(const T* buffer, std::size_t b_stride, const W* weight, std::size_t w_stride,
-                                        const T* grad_y, std::size_t gy_stride, T* grad_buffer, std::size_t gb_stride,
-                                        W* grad_weight, std::size_t gw_stride, std::size_t d, pair_layout pairs) {
-  using A = std::conditional_t<std::is_floating_point_v<T>, T, float>;
-  __shared__ A partial[backward_threads];
-  const std::size_t t = blockIdx.x, k = pairs.top_k;
-  if (t >= pairs.tokens) return;
-  const T* dy = grad_y + t * gy_stride;
-  for (std::size_t j = 0; j < k; ++j) {
-    const std::size_t p = t * k + j;
-    if (pairs.expert[p] == no_expert) {
-      if (grad_weight && threadIdx.x == 0) grad_weight[t * gw_stride + j] = W(0);
-      continue;
-    }
-    const std::size_t r = pair_row(pairs, p);
-    const T* row = buffer + r * b_stride;
-    const A w = static_cast<A>(weight[t * w_stride + j]);
-    A sum = A(0);
-    for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) {
-      const A g = static_cast<A>(dy[c]);
-      if (grad_buffer) grad_buffer[r * gb_stride + c] = T(mul_rn(w, g));
-      sum = add_rn(sum, mul_rn(g, static_cast<A>(row[c])));
-    }
-    if (!grad_weight) continue;
-    partial[threadIdx.x] = sum;
-    __syncthreads();
-    for (unsigned width = blockDim.x / 2; width > 0; width /= 2) {
-      if (threadIdx.x < width) partial[threadIdx.x] = add_rn(partial[threadIdx.x], partial[threadIdx.x + width]);
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) grad_weight[t * gw_stride + j] = static_cast<W>(partial[0]);
-    __syncthreads();
-  }
-}
-
-/// The padding rows of each expert (after its kept rows, to the end of its rows) set to zero: one block per expert.
-template <class T>
-__global__ void zero_padding_kernel(T* buffer, std::size_t stride, std::size_t d, pair_layout pairs) {
-  const std::size_t e = blockIdx.x;
-  if (e >= pairs.experts) return;
-  const std::size_t begin = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e]) : e * pairs.capacity;
-  const std::size_t end = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e + 1]) : begin + pairs.capacity;
-  for (std::size_t r = begin + static_cast<std::size_t>(pairs.kept_per_expert[e]); r < end; ++r) {
-    for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) buffer[r * stride + c] = T(0.0f);
-  }
-}
-
-}  // namespace cuda_detail
 
 class cuda_backend {
-  static constexpr unsigned threads_per_block = cuda_detail::route_warps * cuda_detail::warp;
-  static unsigned blocks(std::size_t tokens) {
-    return static_cast<unsigned>((tokens + cuda_detail::route_warps - 1) / cuda_detail::route_warps);
-  }
-  static std::size_t shared_bytes(std::size_t n) { return cuda_detail::route_warps * n * sizeof(float); }
-  static cuda_detail::route_rows rows(const route_outputs<float>& out) {
-    return {out.indices.data, out.indices.stride, out.weights.data,      out.weights.stride,
-            out.probabilities.data, out.probabilities.stride, out.logits.data, out.logits.stride};
-  }
-  static void check_experts(const char* fn, const char* argument, std::size_t n) {
-    if (n > static_cast<std::size_t>(cuda_detail::max_route_experts)) {
-      detail::raise<construction_policy>(errc::domain, fn, argument, n, "must be <= 1024 on the CUDA backend", 0);
-    }
-  }
-
  public:
   using stream_type = cudaStream_t;
   static constexpr const char* name = "cuda";
   static constexpr bool host_memory = false;  // views are device memory: moe_router does not take this backend
 
-  std::size_t slot_workspace_size(std::size_t /*tokens*/, std::size_t n) const noexcept {
-    return cuda_detail::slot_ranges * n * sizeof(std::int64_t);
+  explicit cuda_backend(device_checks checks = device_checks::synchronous) noexcept : checks_(checks) {}
+  device_checks checks() const noexcept { return checks_; }
+
+  /// Bytes of device workspace assign_slots needs: 256 + ceil(T / 128) n 4.
+  std::size_t slot_workspace_size(std::size_t tokens, std::size_t n) const noexcept {
+    return cuda_detail::slot_status_bytes + tiles(tokens) * n * sizeof(int);
   }
 
   /// Fused GrAP route on the device (see the header comment); returns 0 (invalid rows have index -1).
@@ -381,25 +92,28 @@ class cuda_backend {
                          const route_outputs<Real>& out, cudaStream_t stream = nullptr) const {
     static_assert(std::is_same_v<Real, float>, "cuda_backend::route_grap: float scores");
     constexpr const char* fn = "locmoe::cuda_backend::route_grap";
+    using E = detail::plain_t<T>;
     const std::size_t tokens = x.rows, d = gate.hidden, n = gate.experts, k = options.k;
     detail::check_grap_gate<construction_policy>(fn, gate);
     detail::check_selection<construction_policy>(fn, n, k, true);
     detail::check_view<construction_policy>(fn, "x", x, tokens, d, "must have gate.hidden columns (d)");
     detail::check_route_outputs<construction_policy>(fn, out, tokens, n, k);
-    check_experts(fn, "gate.experts", n);
+    check_route_experts(fn, "gate.experts", n);
     if (tokens == 0) return 0;
-    cuda_detail::grap_route_kernel<detail::plain_t<T>><<<blocks(tokens), threads_per_block, shared_bytes(n), stream>>>(
-        x.data, x.stride, tokens, d, n, k, gate.bias, gate.relu, options.renormalize, rows(out));
+    cuda_detail::grap_route_kernel<E><<<route_blocks(tokens), route_threads, route_shared(n), stream>>>(
+        x.data, x.stride, tokens, d, n, k, gate.bias, gate.relu, options.renormalize,
+        cuda_detail::grap_group_width(d, n, sizeof(E)), rows_of(out));
     cuda_detail::check(cudaGetLastError(), "route_grap launch");
     return 0;
   }
 
-  /// No workspace: the dense route keeps its logits in shared memory.
+  /// No workspace: the dense route writes its logits to out.logits.
   template <class T>
   std::size_t route_workspace_size(std::size_t, std::size_t) const noexcept { return 0; }
 
-  /// Dense gate + softmax + Top-k on the device (W [n x d] and the bias are device pointers; out.logits, if
-  /// given, receives the logits); returns 0, as route_grap.
+  /// Dense gate + softmax + Top-k on the device: out.logits [T x n] (required, as on the CPU) receives
+  /// act(x W^T + b), then each token selects from it. W [n x d] and the bias are device pointers; returns 0, as
+  /// route_grap.
   template <class T, class Real>
   std::size_t route_dense(const dense_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
                           const route_outputs<Real>& out, void* = nullptr, std::size_t = 0, cudaStream_t stream = nullptr) const {
@@ -407,57 +121,93 @@ class cuda_backend {
     constexpr const char* fn = "locmoe::cuda_backend::route_dense";
     const std::size_t tokens = x.rows, d = x.cols, n = gate.weight.rows, k = options.k;
     detail::check_dense_gate<construction_policy>(fn, gate, d);
+    detail::check_view<construction_policy>(fn, "x", x, tokens, d, "");
     detail::check_selection<construction_policy>(fn, n, k, true);
+    detail::check_view<construction_policy>(fn, "logits", out.logits, tokens, n, "must be passed, [T x n]");
     detail::check_route_outputs<construction_policy>(fn, out, tokens, n, k);
-    check_experts(fn, "gate.weight.rows", n);
+    check_route_experts(fn, "gate.weight.rows", n);
     if (tokens == 0) return 0;
-    cuda_detail::dense_route_kernel<detail::plain_t<T>><<<blocks(tokens), threads_per_block, shared_bytes(n), stream>>>(
-        x.data, x.stride, tokens, d, n, k, gate.weight.data, gate.weight.stride, gate.bias, gate.relu, options.renormalize,
-        rows(out));
+    using cuda_detail::dense_tile_experts;
+    using cuda_detail::dense_tile_tokens;
+    const dim3 grid(static_cast<unsigned>((tokens + dense_tile_tokens - 1) / dense_tile_tokens),
+                    static_cast<unsigned>((n + dense_tile_experts - 1) / dense_tile_experts));
+    cuda_detail::dense_logits_kernel<detail::plain_t<T>><<<grid, cuda_detail::dense_threads, 0, stream>>>(
+        x.data, x.stride, tokens, d, n, gate.weight.data, gate.weight.stride, gate.bias, gate.relu, out.logits.data,
+        out.logits.stride);
+    cuda_detail::select_kernel<<<route_blocks(tokens), route_threads, route_shared(n), stream>>>(
+        out.logits.data, out.logits.stride, tokens, n, k, options.renormalize, rows_of(out));
     cuda_detail::check(cudaGetLastError(), "route_dense launch");
     return 0;
   }
 
+  /// Capacity slots under the position policy (see the header comment and device_checks).
   void assign_slots(const slot_problem& p, void* workspace, std::size_t workspace_bytes, cudaStream_t stream = nullptr) const {
     constexpr const char* fn = "locmoe::cuda_backend::assign_slots";
-    const std::size_t tokens = p.indices.rows, k = p.indices.cols, n = p.experts, ranges = cuda_detail::slot_ranges;
-    detail::check_selection<construction_policy>(fn, n, k, true);
-    if (p.capacity < 0 || p.capacity > std::numeric_limits<slot_index>::max()) {
-      detail::raise<construction_policy>(errc::domain, fn, "capacity", p.capacity, "must satisfy 0 <= C < 2^31", 0);
+    const std::size_t tokens = p.indices.rows, k = p.indices.cols, n = p.experts;
+    detail::check_slot_shapes(fn, p, workspace_bytes, slot_workspace_size(tokens, n));
+    if (tokens > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()) / k) {
+      detail::raise<construction_policy>(errc::overflow, fn, "indices", detail::shape_text(tokens, k),
+                                         "T k must be < 2^31 on the CUDA backend", 0);
     }
-    if (workspace_bytes < slot_workspace_size(tokens, n)) {
-      detail::raise<construction_policy>(errc::domain, fn, "workspace_bytes", workspace_bytes, "must be >= slot_workspace_size(T, n)", 0);
+    auto* status = static_cast<unsigned long long*>(workspace);
+    auto* counts = reinterpret_cast<int*>(static_cast<unsigned char*>(workspace) + cuda_detail::slot_status_bytes);
+    cuda_detail::check(cudaMemsetAsync(status, 0xff, sizeof(unsigned long long), stream), "assign_slots status");
+    if (tokens == 0) {
+      cuda_detail::check(cudaMemsetAsync(p.tokens_per_expert, 0, n * sizeof(std::int64_t), stream), "assign_slots counts");
+      cuda_detail::check(cudaMemsetAsync(p.kept_per_expert, 0, n * sizeof(std::int64_t), stream), "assign_slots counts");
+      return;
     }
-    auto* counts = static_cast<std::int64_t*>(workspace);
-    const unsigned threads = n < 256 ? static_cast<unsigned>(n) : 256u;
-    cuda_detail::count_kernel<<<static_cast<unsigned>(ranges), threads, 0, stream>>>(p.indices.data, p.indices.stride, tokens, k, n,
-                                                                                     ranges, counts);
-    cuda_detail::scan_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(counts, ranges, n, p.capacity,
-                                                                                         p.tokens_per_expert, p.kept_per_expert);
-    cuda_detail::slot_kernel<<<static_cast<unsigned>(ranges), threads, 0, stream>>>(
-        p.indices.data, p.indices.stride, tokens, k, n, ranges, counts, p.capacity, p.expert.data, p.expert.stride,
-        p.slot.data, p.slot.stride);
+    const auto tile_count = static_cast<unsigned>(tiles(tokens));
+    const std::size_t shared = n * sizeof(int);
+    cuda_detail::slot_count_kernel<<<tile_count, cuda_detail::warp, shared, stream>>>(p.indices.data, p.indices.stride,
+                                                                                      tokens, k, n, counts, status);
+    cuda_detail::check(cudaGetLastError(), "assign_slots launch");
+    if (checks_ == device_checks::synchronous) raise_bad_index(fn, p, workspace, stream);
+    cuda_detail::slot_scan_kernel<<<static_cast<unsigned>(n), cuda_detail::slot_scan_threads, 0, stream>>>(
+        counts, tiles(tokens), n, p.capacity, p.tokens_per_expert, p.kept_per_expert);
+    cuda_detail::slot_rank_kernel<<<tile_count, cuda_detail::warp, shared, stream>>>(
+        p.indices.data, p.indices.stride, tokens, k, n, counts, p.capacity, p.expert.data, p.expert.stride, p.slot.data,
+        p.slot.stride);
     cuda_detail::check(cudaGetLastError(), "assign_slots launch");
   }
 
+  /// After assign_slots(p, workspace, ...) with device_checks::deferred: waits for `stream` and throws the CPU
+  /// backend's error for the first index outside [-1, n) that call met; returns when there was none.
+  void check_slot_indices(const slot_problem& p, const void* workspace, cudaStream_t stream = nullptr) const {
+    raise_bad_index("locmoe::cuda_backend::assign_slots", p, workspace, stream);
+  }
+
+  /// buffer[row of (t, j)] = x[t] for every kept pair; padding rows zeroed when pairs carries the kept counts.
   template <class T>
   void dispatch(const pair_layout& pairs, const matrix_view<const T>& x, const matrix_view<T>& buffer,
                 cudaStream_t stream = nullptr) const {
-    const std::size_t all = pairs.tokens * pairs.top_k;
-    if (all == 0) return;
-    cuda_detail::dispatch_kernel<<<static_cast<unsigned>(all), 128, 0, stream>>>(
-        reinterpret_cast<const unsigned char*>(x.data), x.stride * sizeof(T), reinterpret_cast<unsigned char*>(buffer.data),
-        buffer.stride * sizeof(T), x.cols * sizeof(T), pairs);
-    cuda_detail::check(cudaGetLastError(), "dispatch launch");
+    constexpr const char* fn = "locmoe::cuda_backend::dispatch";
+    detail::check_view<construction_policy>(fn, "x", x, pairs.tokens, x.cols, "must be [T x d]");
+    detail::check_view<construction_policy>(fn, "buffer", buffer, buffer.rows, x.cols, "must have d columns, as x");
+    check_pairs(fn, pairs);
+    check_buffer_rows(fn, "buffer", buffer.rows, pairs);
+    if (pairs.tokens > 0 && x.cols > 0) {
+      const bool words = cuda_detail::rows_aligned16(x) && cuda_detail::rows_aligned16(buffer) &&
+                         (x.cols * sizeof(T)) % 16 == 0;
+      cuda_detail::dispatch_kernel<T><<<static_cast<unsigned>(pairs.tokens), cuda_detail::row_threads,
+                                        pairs.top_k * sizeof(std::size_t), stream>>>(
+          x.data, x.stride, buffer.data, buffer.stride, buffer.rows, x.cols, words, pairs);
+      cuda_detail::check(cudaGetLastError(), "dispatch launch");
+    }
     zero_padding(pairs, buffer, stream);
   }
 
+  /// y[t] = sum of t's kept rows times their weights, in choice order (see the header comment).
   template <class T, class W>
   void combine(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                const matrix_view<T>& y, cudaStream_t stream = nullptr) const {
-    if (pairs.tokens == 0) return;
-    cuda_detail::combine_kernel<T, W><<<static_cast<unsigned>(pairs.tokens), 256, 0, stream>>>(
-        buffer.data, buffer.stride, weight.data, weight.stride, y.data, y.stride, y.cols, pairs);
+    constexpr const char* fn = "locmoe::cuda_backend::combine";
+    detail::check_view<construction_policy>(fn, "y", y, pairs.tokens, y.cols, "must be [T x d]");
+    detail::check_view<construction_policy>(fn, "buffer", buffer, buffer.rows, y.cols, "must have d columns, as y");
+    detail::check_view<construction_policy>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
+    check_pairs(fn, pairs);
+    check_buffer_rows(fn, "buffer", buffer.rows, pairs);
+    launch_combine(pairs, buffer, weight.data, weight.stride, y, stream);
     cuda_detail::check(cudaGetLastError(), "combine launch");
   }
 
@@ -467,10 +217,23 @@ class cuda_backend {
   void combine_backward(const pair_layout& pairs, const matrix_view<const T>& buffer, const matrix_view<const W>& weight,
                         const matrix_view<const T>& grad_y, const matrix_view<T>& grad_buffer,
                         const matrix_view<W>& grad_weight, cudaStream_t stream = nullptr) const {
+    constexpr const char* fn = "locmoe::cuda_backend::combine_backward";
+    const std::size_t d = grad_y.cols;
+    detail::check_view<construction_policy>(fn, "grad_y", grad_y, pairs.tokens, d, "must be [T x d]");
+    detail::check_view<construction_policy>(fn, "buffer", buffer, buffer.rows, d, "must have d columns, as grad_y");
+    detail::check_view<construction_policy>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
+    check_pairs(fn, pairs);
+    check_buffer_rows(fn, "buffer", buffer.rows, pairs);
+    if (grad_buffer.present()) {
+      detail::check_view<construction_policy>(fn, "grad_buffer", grad_buffer, buffer.rows, d, "must have buffer's shape");
+    }
+    if (grad_weight.present()) {
+      detail::check_view<construction_policy>(fn, "grad_weight", grad_weight, pairs.tokens, pairs.top_k, "must be [T x k]");
+    }
     if (pairs.tokens > 0) {
-      cuda_detail::combine_backward_kernel<T, W><<<static_cast<unsigned>(pairs.tokens), cuda_detail::backward_threads, 0, stream>>>(
-          buffer.data, buffer.stride, weight.data, weight.stride, grad_y.data, grad_y.stride, grad_buffer.data,
-          grad_buffer.stride, grad_weight.data, grad_weight.stride, grad_y.cols, pairs);
+      cuda_detail::combine_backward_kernel<T, W><<<static_cast<unsigned>(pairs.tokens), cuda_detail::row_threads, 0, stream>>>(
+          buffer.data, buffer.stride, buffer.rows, weight.data, weight.stride, grad_y.data, grad_y.stride, grad_buffer.data,
+          grad_buffer.stride, grad_weight.data, grad_weight.stride, d, pairs);
       cuda_detail::check(cudaGetLastError(), "combine_backward launch");
     }
     if (grad_buffer.present()) zero_padding(pairs, grad_buffer, stream);
@@ -480,20 +243,86 @@ class cuda_backend {
   template <class T>
   void dispatch_backward(const pair_layout& pairs, const matrix_view<const T>& grad_buffer, const matrix_view<T>& grad_x,
                          cudaStream_t stream = nullptr) const {
-    if (pairs.tokens == 0) return;
-    cuda_detail::combine_kernel<T, float><<<static_cast<unsigned>(pairs.tokens), 256, 0, stream>>>(
-        grad_buffer.data, grad_buffer.stride, nullptr, 0, grad_x.data, grad_x.stride, grad_x.cols, pairs);
+    constexpr const char* fn = "locmoe::cuda_backend::dispatch_backward";
+    detail::check_view<construction_policy>(fn, "grad_x", grad_x, pairs.tokens, grad_x.cols, "must be [T x d]");
+    detail::check_view<construction_policy>(fn, "grad_buffer", grad_buffer, grad_buffer.rows, grad_x.cols,
+                                            "must have d columns, as grad_x");
+    check_pairs(fn, pairs);
+    check_buffer_rows(fn, "grad_buffer", grad_buffer.rows, pairs);
+    launch_combine(pairs, grad_buffer, static_cast<const float*>(nullptr), 0, grad_x, stream);
     cuda_detail::check(cudaGetLastError(), "dispatch_backward launch");
   }
 
  private:
+  static constexpr unsigned route_threads = cuda_detail::route_warps * cuda_detail::warp;
+  static unsigned route_blocks(std::size_t tokens) {
+    return static_cast<unsigned>((tokens + cuda_detail::route_warps - 1) / cuda_detail::route_warps);
+  }
+  static std::size_t route_shared(std::size_t n) { return cuda_detail::route_warps * n * sizeof(float); }
+  static std::size_t tiles(std::size_t tokens) {
+    return (tokens + cuda_detail::slot_tile_tokens - 1) / cuda_detail::slot_tile_tokens;
+  }
+  static cuda_detail::route_rows rows_of(const route_outputs<float>& out) {
+    return {out.indices.data, out.indices.stride, out.weights.data,      out.weights.stride,
+            out.probabilities.data, out.probabilities.stride, out.logits.data, out.logits.stride};
+  }
+  static void check_route_experts(const char* fn, const char* argument, std::size_t n) {
+    if (n > static_cast<std::size_t>(cuda_detail::max_route_experts)) {
+      detail::raise<construction_policy>(errc::domain, fn, argument, n, "must be <= 1024 on the CUDA backend", 0);
+    }
+  }
+
+  /// The pair arrays are required wherever there are pairs (the CPU reads them unchecked).
+  static void check_pairs(const char* fn, const pair_layout& pairs) {
+    if (pairs.tokens * pairs.top_k > 0 && (!pairs.expert || !pairs.slot)) {
+      detail::raise<construction_policy>(errc::domain, fn, "pairs", "null expert or slot", "must point to [T x k] arrays", 0);
+    }
+  }
+
+  /// The CPU backend's buffer-rows rule as far as host values decide it: with kept counts in the capacity layout,
+  /// the buffer holds n C rows. (A kept pair's expert and the grouped layout's offsets are device memory: the
+  /// kernels skip a pair outside the buffer.)
+  static void check_buffer_rows(const char* fn, const char* argument, std::size_t rows, const pair_layout& pairs) {
+    if (pairs.kept_per_expert && !pairs.expert_offset && rows < pairs.experts * pairs.capacity) {
+      detail::raise<construction_policy>(errc::domain, fn, argument, rows,
+                                         "must hold every expert's rows (n C, or the grouped layout's total)", 0);
+    }
+  }
+
+  /// Reads the index-check record of assign_slots' workspace (waits for `stream`); throws for a bad index.
+  static void raise_bad_index(const char* fn, const slot_problem& p, const void* workspace, cudaStream_t stream) {
+    unsigned long long first = cuda_detail::no_bad_pair;
+    cuda_detail::check(cudaMemcpyAsync(&first, workspace, sizeof first, cudaMemcpyDeviceToHost, stream), "index check");
+    cuda_detail::check(cudaStreamSynchronize(stream), "index check");
+    if (first == cuda_detail::no_bad_pair) return;
+    const std::size_t k = p.indices.cols, t = static_cast<std::size_t>(first) / k, j = static_cast<std::size_t>(first) % k;
+    expert_index value = 0;
+    cuda_detail::check(cudaMemcpy(&value, p.indices.data + t * p.indices.stride + j, sizeof value, cudaMemcpyDeviceToHost),
+                       "index check");
+    detail::raise_bad_index(fn, t, j, value);
+  }
+
+  template <class T, class W>
+  static void launch_combine(const pair_layout& pairs, const matrix_view<const T>& buffer, const W* weight,
+                             std::size_t w_stride, const matrix_view<T>& y, cudaStream_t stream) {
+    if (pairs.tokens == 0 || y.cols == 0) return;
+    using A = cuda_detail::accumulate_of<T>;
+    const bool words = cuda_detail::rows_aligned16(buffer) && cuda_detail::rows_aligned16(y) && (y.cols * sizeof(T)) % 16 == 0;
+    const std::size_t shared = pairs.top_k * (sizeof(std::size_t) + sizeof(A));
+    cuda_detail::combine_kernel<T, W><<<static_cast<unsigned>(pairs.tokens), cuda_detail::row_threads, shared, stream>>>(
+        buffer.data, buffer.stride, buffer.rows, weight, w_stride, y.data, y.stride, y.cols, words, pairs);
+  }
+
   template <class T>
   static void zero_padding(const pair_layout& pairs, const matrix_view<T>& buffer, cudaStream_t stream) {
     if (!pairs.kept_per_expert || pairs.experts == 0 || buffer.cols == 0) return;
-    cuda_detail::zero_padding_kernel<T><<<static_cast<unsigned>(pairs.experts), 256, 0, stream>>>(buffer.data, buffer.stride,
-                                                                                                  buffer.cols, pairs);
+    const dim3 grid(static_cast<unsigned>(pairs.experts), 32);
+    cuda_detail::zero_padding_kernel<T><<<grid, cuda_detail::row_threads, 0, stream>>>(buffer.data, buffer.stride, buffer.rows,
+                                                                                     buffer.cols, pairs);
     cuda_detail::check(cudaGetLastError(), "padding launch");
   }
+
+  device_checks checks_ = device_checks::synchronous;
 };
 
 }  // namespace locmoe

@@ -1,0 +1,189 @@
+// locmoe/backend/cuda/row_kernels.cuh - the CUDA backend's row moves: dispatch (one block per token: its row read
+// once, written to each kept slot), combine and dispatch's backward (one block per token: its k choices loaded
+// once, the k row loads issued before the in-order adds), combine's backward, and the padding rows.
+// Rows move in 16-byte words where every row of both operands starts on a 16-byte boundary, else element by element.
+// A pair whose buffer row lies outside the buffer (a layout that does not fit it: only the device knows its
+// experts and offsets) is skipped, never written or read. Nobody includes this directly: backend/cuda.cuh does.
+#pragma once
+
+#include <locmoe/backend/cuda/device.cuh>
+#include <locmoe/detail/rows.hpp>
+
+namespace locmoe::cuda_detail {
+
+constexpr int row_threads = 256;
+constexpr std::size_t no_row = ~std::size_t{0};
+
+/// The buffer row of pair p, or no_row when it is dropped or outside [0, buffer_rows).
+__device__ __forceinline__ std::size_t pair_row(const pair_layout& pairs, std::size_t p, std::size_t buffer_rows) {
+  const expert_index e = pairs.expert[p];
+  const slot_index s = pairs.slot[p];
+  if (e < 0 || s < 0 || (pairs.experts != 0 && static_cast<std::size_t>(e) >= pairs.experts)) return no_row;
+  const std::size_t begin = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e])
+                                                : static_cast<std::size_t>(e) * pairs.capacity;
+  const std::size_t row = begin + static_cast<std::size_t>(s);
+  return row < buffer_rows ? row : no_row;
+}
+
+/// Threads of the block load token t's pair rows, and their weights as A (1 without weight, none without
+/// weights), into shared memory; returns after a barrier.
+template <class A, class W>
+__device__ void load_token_pairs(const pair_layout& pairs, std::size_t t, std::size_t buffer_rows, const W* weight,
+                                 std::size_t w_stride, std::size_t* rows, A* weights) {
+  const std::size_t k = pairs.top_k;
+  for (std::size_t j = threadIdx.x; j < k; j += blockDim.x) {
+    rows[j] = pair_row(pairs, t * k + j, buffer_rows);
+    if (weights) weights[j] = weight ? static_cast<A>(weight[t * w_stride + j]) : A(1);
+  }
+  __syncthreads();
+}
+
+/// dispatch: buffer[row of (t, j)] = x[t] for each kept pair of token t (one block per token, rows in shared memory).
+template <class T>
+__global__ void dispatch_kernel(const T* x, std::size_t x_stride, T* buffer, std::size_t b_stride, std::size_t buffer_rows,
+                                std::size_t d, bool words, pair_layout pairs) {
+  extern __shared__ std::size_t dispatch_rows[];  // [k]
+  const std::size_t t = blockIdx.x, k = pairs.top_k;
+  load_token_pairs<float, float>(pairs, t, buffer_rows, nullptr, 0, dispatch_rows, nullptr);
+  const T* from = x + t * x_stride;
+  if (words) {
+    const std::size_t count = d / word_elements<T>;
+    const word* src = reinterpret_cast<const word*>(from);
+    for (std::size_t i = threadIdx.x; i < count; i += 2 * blockDim.x) {  // two words in flight per thread
+      const bool second = i + blockDim.x < count;
+      const word a = __ldg(src + i), b = second ? __ldg(src + i + blockDim.x) : word{};
+      for (std::size_t j = 0; j < k; ++j) {
+        if (dispatch_rows[j] == no_row) continue;
+        word* to = reinterpret_cast<word*>(buffer + dispatch_rows[j] * b_stride);
+        to[i] = a;
+        if (second) to[i + blockDim.x] = b;
+      }
+    }
+    return;  // d is a whole number of words: rows_aligned16 and d * sizeof(T) % 16 == 0 were required
+  }
+  for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) {
+    const T v = from[c];
+    for (std::size_t j = 0; j < k; ++j) {
+      if (dispatch_rows[j] != no_row) buffer[dispatch_rows[j] * b_stride + c] = v;
+    }
+  }
+}
+
+/// Adds w * row[c .. c + per) to sum[.] in order, unfused (the host's arithmetic).
+template <class T, class A, std::size_t Per>
+__device__ __forceinline__ void add_weighted(A (&sum)[Per], const T (&row)[Per], A w) {
+#pragma unroll
+  for (std::size_t e = 0; e < Per; ++e) sum[e] = add_rn(sum[e], mul_rn(w, static_cast<A>(to_accumulate(row[e]))));
+}
+
+/// combine (weight given) and dispatch's backward (weight null: every weight 1, so the same sums): one block per
+/// token, each element ((0 + w0 r0) + w1 r1) + ... in choice order, unfused round-to-nearest: the CPU's
+/// arithmetic. Choices are taken 4 at a time: their 4 row loads are issued before the adds.
+template <class T, class W>
+__global__ void combine_kernel(const T* buffer, std::size_t b_stride, std::size_t buffer_rows, const W* weight,
+                               std::size_t w_stride, T* y, std::size_t y_stride, std::size_t d, bool words,
+                               pair_layout pairs) {
+  using A = accumulate_of<T>;
+  extern __shared__ std::size_t combine_shared[];  // rows [k], then weights [k] (A: 8 bytes at most)
+  const std::size_t t = blockIdx.x, k = pairs.top_k;
+  std::size_t* rows = combine_shared;
+  A* weights = reinterpret_cast<A*>(combine_shared + k);
+  load_token_pairs(pairs, t, buffer_rows, weight, w_stride, rows, weights);
+  const auto w_of = [&](std::size_t j) { return weights[j]; };
+  T* out = y + t * y_stride;
+  if (words) {
+    constexpr std::size_t per = word_elements<T>;
+    const std::size_t count = d / per;
+    for (std::size_t i = threadIdx.x; i < count; i += blockDim.x) {
+      A sum[per];
+#pragma unroll
+      for (std::size_t e = 0; e < per; ++e) sum[e] = A(0);
+      for (std::size_t j0 = 0; j0 < k; j0 += 4) {
+        word loaded[4] = {};
+#pragma unroll
+        for (std::size_t j = 0; j < 4; ++j) {
+          const std::size_t r = j0 + j < k ? rows[j0 + j] : no_row;
+          if (r != no_row) loaded[j] = __ldg(reinterpret_cast<const word*>(buffer + r * b_stride) + i);
+        }
+#pragma unroll
+        for (std::size_t j = 0; j < 4; ++j) {
+          if (j0 + j >= k || rows[j0 + j] == no_row) continue;
+          T v[per];
+          unpack(loaded[j], v);
+          add_weighted(sum, v, w_of(j0 + j));
+        }
+      }
+      T result[per];
+#pragma unroll
+      for (std::size_t e = 0; e < per; ++e) result[e] = from_accumulate<T>(sum[e]);
+      word packed;
+      memcpy(&packed, result, sizeof(word));
+      reinterpret_cast<word*>(out)[i] = packed;
+    }
+    return;
+  }
+  for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) {
+    A sum[1] = {A(0)};
+    for (std::size_t j = 0; j < k; ++j) {
+      if (rows[j] == no_row) continue;
+      const T v[1] = {buffer[rows[j] * b_stride + c]};
+      add_weighted(sum, v, w_of(j));
+    }
+    out[c] = from_accumulate<T>(sum[0]);
+  }
+}
+
+/// combine's backward: one block per token; for each kept pair, grad_buffer's row = w grad_y[t] (rounded once)
+/// and grad_weight = grad_y[t] . row, each thread summing its strided elements, then a fixed shared-memory tree:
+/// deterministic (not the CPU's order: the dot products may differ from the CPU's in the last bits).
+template <class T, class W>
+__global__ void combine_backward_kernel(const T* buffer, std::size_t b_stride, std::size_t buffer_rows, const W* weight,
+                                        std::size_t w_stride, const T* grad_y, std::size_t gy_stride, T* grad_buffer,
+                                        std::size_t gb_stride, W* grad_weight, std::size_t gw_stride, std::size_t d,
+                                        pair_layout pairs) {
+  using A = accumulate_of<T>;
+  __shared__ A partial[row_threads];
+  const std::size_t t = blockIdx.x, k = pairs.top_k;
+  const T* dy = grad_y + t * gy_stride;
+  for (std::size_t j = 0; j < k; ++j) {
+    const std::size_t r = pair_row(pairs, t * k + j, buffer_rows);
+    if (r == no_row) {
+      if (grad_weight && threadIdx.x == 0) grad_weight[t * gw_stride + j] = W(0);
+      continue;
+    }
+    const T* row = buffer + r * b_stride;
+    const A w = static_cast<A>(weight[t * w_stride + j]);
+    A sum = A(0);
+    for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) {
+      const A g = static_cast<A>(to_accumulate(dy[c]));
+      if (grad_buffer) grad_buffer[r * gb_stride + c] = from_accumulate<T>(mul_rn(w, g));
+      sum = add_rn(sum, mul_rn(g, static_cast<A>(to_accumulate(row[c]))));
+    }
+    if (!grad_weight) continue;
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (unsigned width = blockDim.x / 2; width > 0; width /= 2) {
+      if (threadIdx.x < width) partial[threadIdx.x] = add_rn(partial[threadIdx.x], partial[threadIdx.x + width]);
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) grad_weight[t * gw_stride + j] = static_cast<W>(partial[0]);
+    __syncthreads();
+  }
+}
+
+/// The padding rows of each expert (after its kept rows, to the end of its rows) set to zero: blockIdx.x the
+/// expert, blockIdx.y a stripe of its rows.
+template <class T>
+__global__ void zero_padding_kernel(T* buffer, std::size_t stride, std::size_t buffer_rows, std::size_t d,
+                                    pair_layout pairs) {
+  const std::size_t e = blockIdx.x;
+  const std::size_t begin = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e]) : e * pairs.capacity;
+  std::size_t end = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e + 1]) : begin + pairs.capacity;
+  if (end > buffer_rows) end = buffer_rows;
+  const std::int64_t kept = pairs.kept_per_expert[e];
+  for (std::size_t r = begin + static_cast<std::size_t>(kept > 0 ? kept : 0) + blockIdx.y; r < end; r += gridDim.y) {
+    for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) buffer[r * stride + c] = from_accumulate<T>(0.0f);
+  }
+}
+
+}  // namespace locmoe::cuda_detail
