@@ -6,8 +6,10 @@
 //                 CPU's rules (ties to the lower index; -inf masks an expert; a NaN or +inf logit makes the token
 //                 invalid: indices -1, weights and probabilities 0; renormalize as select_options). Block sums and
 //                 the softmax's sum are added in another order than on the CPU, so logits, weights and
-//                 probabilities may differ in the last bits; choices agree except at near ties. Returns 0:
-//                 invalid tokens are the rows whose first index is -1 (no host round trip).
+//                 probabilities may differ in the last bits; choices agree except at near ties. The order depends
+//                 on the shape and on each row's address modulo 16 (where its 16-byte words start): the same
+//                 buffer gives the same bits every call. Returns 0: invalid tokens are the rows whose first index
+//                 is -1 (no host round trip).
 //   route_dense   a tiled GEMM (64 tokens x 64 experts per block; x read once for n <= 64) writes the logits
 //                 (out.logits, required as on the CPU), then one warp per token selects. Not cuBLAS: x may be
 //                 bf16/fp16 against a float W, which cuBLAS's GEMMs do not mix, and the GEMM is fused with its
@@ -17,10 +19,11 @@
 //   dispatch      one block per token: its row read once, written to each kept slot.
 //   combine       one block per token, its k choices loaded once; each element sums ((0 + w0 r0) + w1 r1) + ...
 //                 with round-to-nearest multiplies and adds that are never fused: the CPU's arithmetic, bit for
-//                 bit, for every result that is not NaN. A NaN result is NaN on both; its bits are the device's
-//                 (float arithmetic gives the canonical 0x7fffffff whatever NaN went in, where the CPU keeps the
-//                 input's sign and payload); bf16 and fp16 results are rounded with the host's rules, so a
-//                 NaN sum of either sign becomes the same 0x7fc0 / 0x7e00 on both where the CPU's NaN is positive.
+//                 bit, for every result that is not NaN. A NaN result is NaN on both, but its bits may differ: the
+//                 device's float arithmetic gives 0x7fffffff whatever NaN went in, while the CPU keeps the input
+//                 NaN's sign and payload (and x86 makes 0 x Inf a negative NaN). bf16/fp16 results are rounded with
+//                 the host's rules (a NaN of sign s becomes s|0x7fc0 / s|0x7e00, not CUDA's 0x7fff), so they
+//                 agree when the CPU's NaN is positive.
 //   combine_backward / dispatch_backward   one block per token: the weighted rows and a fixed-tree dot product per
 //                 kept pair (deterministic; the dots may differ from the CPU's in the last bits); dispatch's backward
 //                 is combine with unit weights (bit for bit the CPU's). dispatch and combine_backward write padding
@@ -28,9 +31,13 @@
 // Arguments are checked on the host with the CPU backend's rules and messages (locmoe::error), except what only
 // device memory holds: assign_slots checks its indices on the device (see device_checks); dispatch, combine and
 // the backwards skip a kept pair whose row falls outside the buffer (the CPU throws there; a layout made by
-// assign_slots for that buffer has none). Limits (checked): n <= 1024 for the routes, T k < 2^31 for the slots.
+// assign_slots for that buffer has none). Limits (checked, locmoe::error): n <= 1024 for the routes, k <= 1024 and
+// T < 2^31 for the row steps, T k < 2^31 for the slots; x float, bf16 or fp16 (double x: the CPU backend).
 // Bit-equal combine assumes the CPU build does not contract multiply-adds into FMA (no -mfma/-march=native, or
-// -ffp-contract=off).
+// -ffp-contract=off), and a device build without -ftz=true / --use_fast_math (which flush subnormals in the
+// multiplies and adds and approximate expf and division).
+// CUDA graphs: device_checks::synchronous waits on the stream, which stream capture forbids; capture with
+// device_checks::deferred (or slot_problem::indices_in_range, as grap_pipeline passes).
 // Workspace: slot_workspace_size(T, n) bytes of device memory. No call allocates; only assign_slots with
 // device_checks::synchronous waits for the device (one 8-byte copy).
 // Thread safety: a cuda_backend holds its check mode only; threads may share one, and their launches queue on the
@@ -65,7 +72,8 @@ namespace locmoe {
 /// How the CUDA backend reports what only device memory shows: an index outside [-1, n) given to assign_slots.
 enum class device_checks {
   /// assign_slots waits for its count kernel (one 8-byte copy and a stream synchronize) and throws the CPU's error
-  /// before writing any output: the CPU backend's behaviour.
+  /// before writing any output: the CPU backend's behaviour. No wait when slot_problem::indices_in_range (as
+  /// grap_pipeline::run passes its own route's choices).
   synchronous,
   /// assign_slots does not wait: a bad choice is dropped (expert and slot -1, not counted), the first one (in (t, j)
   /// order) is recorded in the workspace, and check_slot_indices() throws the CPU's error for it.
@@ -93,6 +101,7 @@ class cuda_backend {
     static_assert(std::is_same_v<Real, float>, "cuda_backend::route_grap: float scores");
     constexpr const char* fn = "locmoe::cuda_backend::route_grap";
     using E = detail::plain_t<T>;
+    check_activations<T>();
     const std::size_t tokens = x.rows, d = gate.hidden, n = gate.experts, k = options.k;
     detail::check_grap_gate<construction_policy>(fn, gate);
     detail::check_selection<construction_policy>(fn, n, k, true);
@@ -120,11 +129,12 @@ class cuda_backend {
     static_assert(std::is_same_v<Real, float>, "cuda_backend::route_dense: float scores and weights");
     constexpr const char* fn = "locmoe::cuda_backend::route_dense";
     const std::size_t tokens = x.rows, d = x.cols, n = gate.weight.rows, k = options.k;
-    detail::check_dense_gate<construction_policy>(fn, gate, d);
-    detail::check_view<construction_policy>(fn, "x", x, tokens, d, "");
-    detail::check_selection<construction_policy>(fn, n, k, true);
+    check_activations<T>();
+    detail::check_selection<construction_policy>(fn, n, k, true);  // the CPU's order: dense_route, then dense_logits
     detail::check_view<construction_policy>(fn, "logits", out.logits, tokens, n, "must be passed, [T x n]");
     detail::check_route_outputs<construction_policy>(fn, out, tokens, n, k);
+    detail::check_dense_gate<construction_policy>(fn, gate, d);
+    detail::check_view<construction_policy>(fn, "x", x, tokens, d, "");
     check_route_experts(fn, "gate.weight.rows", n);
     if (tokens == 0) return 0;
     using cuda_detail::dense_tile_experts;
@@ -134,10 +144,19 @@ class cuda_backend {
     cuda_detail::dense_logits_kernel<detail::plain_t<T>><<<grid, cuda_detail::dense_threads, 0, stream>>>(
         x.data, x.stride, tokens, d, n, gate.weight.data, gate.weight.stride, gate.bias, gate.relu, out.logits.data,
         out.logits.stride);
+    cuda_detail::check(cudaGetLastError(), "route_dense launch");
     cuda_detail::select_kernel<<<route_blocks(tokens), route_threads, route_shared(n), stream>>>(
         out.logits.data, out.logits.stride, tokens, n, k, options.renormalize, rows_of(out));
     cuda_detail::check(cudaGetLastError(), "route_dense launch");
     return 0;
+  }
+
+  /// route_dense on `stream` without the (unused) workspace arguments: a stream passed fifth would otherwise convert
+  /// to the workspace's void* and the route would run on the default stream.
+  template <class T, class Real>
+  std::size_t route_dense(const dense_gate<Real>& gate, const matrix_view<T>& x, const select_options& options,
+                          const route_outputs<Real>& out, cudaStream_t stream) const {
+    return route_dense(gate, x, options, out, static_cast<void*>(nullptr), 0, stream);
   }
 
   /// Capacity slots under the position policy (see the header comment and device_checks).
@@ -145,6 +164,10 @@ class cuda_backend {
     constexpr const char* fn = "locmoe::cuda_backend::assign_slots";
     const std::size_t tokens = p.indices.rows, k = p.indices.cols, n = p.experts;
     detail::check_slot_shapes(fn, p, workspace_bytes, slot_workspace_size(tokens, n));
+    if (!workspace || reinterpret_cast<std::uintptr_t>(workspace) % 8 != 0) {
+      detail::raise<construction_policy>(errc::domain, fn, "workspace", workspace ? "misaligned" : "null",
+                                         "must be device memory aligned to 8 bytes", 0);
+    }
     if (tokens > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()) / k) {
       detail::raise<construction_policy>(errc::overflow, fn, "indices", detail::shape_text(tokens, k),
                                          "T k must be < 2^31 on the CUDA backend", 0);
@@ -162,7 +185,7 @@ class cuda_backend {
     cuda_detail::slot_count_kernel<<<tile_count, cuda_detail::warp, shared, stream>>>(p.indices.data, p.indices.stride,
                                                                                       tokens, k, n, counts, status);
     cuda_detail::check(cudaGetLastError(), "assign_slots launch");
-    if (checks_ == device_checks::synchronous) raise_bad_index(fn, p, workspace, stream);
+    if (checks_ == device_checks::synchronous && !p.indices_in_range) raise_bad_index(fn, p, workspace, stream);
     cuda_detail::slot_scan_kernel<<<static_cast<unsigned>(n), cuda_detail::slot_scan_threads, 0, stream>>>(
         counts, tiles(tokens), n, p.capacity, p.tokens_per_expert, p.kept_per_expert);
     cuda_detail::slot_rank_kernel<<<tile_count, cuda_detail::warp, shared, stream>>>(
@@ -205,7 +228,7 @@ class cuda_backend {
     detail::check_view<construction_policy>(fn, "y", y, pairs.tokens, y.cols, "must be [T x d]");
     detail::check_view<construction_policy>(fn, "buffer", buffer, buffer.rows, y.cols, "must have d columns, as y");
     detail::check_view<construction_policy>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
-    check_pairs(fn, pairs);
+    check_pairs<W>(fn, pairs);
     check_buffer_rows(fn, "buffer", buffer.rows, pairs);
     launch_combine(pairs, buffer, weight.data, weight.stride, y, stream);
     cuda_detail::check(cudaGetLastError(), "combine launch");
@@ -222,7 +245,7 @@ class cuda_backend {
     detail::check_view<construction_policy>(fn, "grad_y", grad_y, pairs.tokens, d, "must be [T x d]");
     detail::check_view<construction_policy>(fn, "buffer", buffer, buffer.rows, d, "must have d columns, as grad_y");
     detail::check_view<construction_policy>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
-    check_pairs(fn, pairs);
+    check_pairs<W>(fn, pairs);
     check_buffer_rows(fn, "buffer", buffer.rows, pairs);
     if (grad_buffer.present()) {
       detail::check_view<construction_policy>(fn, "grad_buffer", grad_buffer, buffer.rows, d, "must have buffer's shape");
@@ -272,11 +295,36 @@ class cuda_backend {
     }
   }
 
-  /// The pair arrays are required wherever there are pairs (the CPU reads them unchecked).
+  /// The layout's rules the kernels rely on: pair arrays wherever there are pairs, `experts` with the grouped
+  /// layout (it bounds the offsets read), and the launch limits: T < 2^31 blocks, k <= 1024 (their rows sit in
+  /// shared memory), n < 2^31.
+  template <class W = float>
   static void check_pairs(const char* fn, const pair_layout& pairs) {
+    static_assert(std::is_same_v<W, float> || std::is_same_v<W, double>, "cuda_backend: weights are float or double");
+    using P = construction_policy;
+    constexpr std::size_t grid_limit = static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max());
     if (pairs.tokens * pairs.top_k > 0 && (!pairs.expert || !pairs.slot)) {
-      detail::raise<construction_policy>(errc::domain, fn, "pairs", "null expert or slot", "must point to [T x k] arrays", 0);
+      detail::raise<P>(errc::domain, fn, "pairs", "null expert or slot", "must point to [T x k] arrays", 0);
     }
+    if (pairs.top_k < 1 || pairs.top_k > static_cast<std::size_t>(cuda_detail::max_route_experts)) {
+      detail::raise<P>(errc::domain, fn, "pairs.top_k", pairs.top_k, "must satisfy 1 <= k <= 1024 on the CUDA backend", 0);
+    }
+    if (pairs.tokens > grid_limit) {
+      detail::raise<P>(errc::overflow, fn, "pairs.tokens", pairs.tokens, "must be < 2^31 on the CUDA backend", 0);
+    }
+    if (pairs.experts > grid_limit) {
+      detail::raise<P>(errc::overflow, fn, "pairs.experts", pairs.experts, "must be < 2^31 on the CUDA backend", 0);
+    }
+    if (pairs.expert_offset && pairs.experts == 0) {
+      detail::raise<P>(errc::domain, fn, "pairs.experts", 0, "must be given with expert_offset (the grouped layout)", 0);
+    }
+  }
+
+  /// The routes take float, bf16 or fp16 activations (float scores; double activations need double scores,
+  /// which the CPU backend has).
+  template <class T>
+  static constexpr void check_activations() {
+    static_assert(!std::is_same_v<detail::plain_t<T>, double>, "cuda_backend: routes take float, bf16 or fp16 x");
   }
 
   /// The CPU backend's buffer-rows rule as far as host values decide it: with kept counts in the capacity layout,
