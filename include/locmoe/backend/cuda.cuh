@@ -47,7 +47,7 @@
 // program may include it.
 #pragma once
 
-#if !defined(__CUDACC__)
+#if !defined(__CUDACC__) && !defined(LOCMOE_CUDA_EMULATION)
 #  error "locmoe/backend/cuda.cuh is compiled by nvcc only (use locmoe/backend/cpu.hpp elsewhere)"
 #endif
 
@@ -56,8 +56,6 @@
 #include <locmoe/backend/cuda/route_kernels.cuh>
 #include <locmoe/backend/cuda/row_kernels.cuh>
 #include <locmoe/backend/cuda/slot_kernels.cuh>
-
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstddef>
@@ -109,10 +107,9 @@ class cuda_backend {
     detail::check_route_outputs<construction_policy>(fn, out, tokens, n, k);
     check_route_experts(fn, "gate.experts", n);
     if (tokens == 0) return 0;
-    cuda_detail::grap_route_kernel<E><<<route_blocks(tokens), route_threads, route_shared(n), stream>>>(
-        x.data, x.stride, tokens, d, n, k, gate.bias, gate.relu, options.renormalize,
-        cuda_detail::grap_group_width(d, n, sizeof(E)), rows_of(out));
-    cuda_detail::check(cudaGetLastError(), "route_grap launch");
+    cuda_detail::launch("route_grap launch", cuda_detail::grap_route_kernel<E>, route_blocks(tokens), route_threads,
+                        route_shared(n), stream, x.data, x.stride, tokens, d, n, k, gate.bias, gate.relu,
+                        options.renormalize, cuda_detail::grap_group_width(d, n, sizeof(E)), rows_of(out));
     return 0;
   }
 
@@ -141,13 +138,12 @@ class cuda_backend {
     using cuda_detail::dense_tile_tokens;
     const dim3 grid(static_cast<unsigned>((tokens + dense_tile_tokens - 1) / dense_tile_tokens),
                     static_cast<unsigned>((n + dense_tile_experts - 1) / dense_tile_experts));
-    cuda_detail::dense_logits_kernel<detail::plain_t<T>><<<grid, cuda_detail::dense_threads, 0, stream>>>(
-        x.data, x.stride, tokens, d, n, gate.weight.data, gate.weight.stride, gate.bias, gate.relu, out.logits.data,
-        out.logits.stride);
-    cuda_detail::check(cudaGetLastError(), "route_dense launch");
-    cuda_detail::select_kernel<<<route_blocks(tokens), route_threads, route_shared(n), stream>>>(
-        out.logits.data, out.logits.stride, tokens, n, k, options.renormalize, rows_of(out));
-    cuda_detail::check(cudaGetLastError(), "route_dense launch");
+    cuda_detail::launch("route_dense launch", cuda_detail::dense_logits_kernel<detail::plain_t<T>>, grid,
+                        cuda_detail::dense_threads, 0, stream, x.data, x.stride, tokens, d, n, gate.weight.data,
+                        gate.weight.stride, gate.bias, gate.relu, out.logits.data, out.logits.stride);
+    cuda_detail::launch("route_dense launch", cuda_detail::select_kernel<0>, route_blocks(tokens), route_threads,
+                        route_shared(n), stream, out.logits.data, out.logits.stride, tokens, n, k, options.renormalize,
+                        rows_of(out));
     return 0;
   }
 
@@ -182,16 +178,15 @@ class cuda_backend {
     }
     const auto tile_count = static_cast<unsigned>(tiles(tokens));
     const std::size_t shared = n * sizeof(int);
-    cuda_detail::slot_count_kernel<<<tile_count, cuda_detail::warp, shared, stream>>>(p.indices.data, p.indices.stride,
-                                                                                      tokens, k, n, counts, status);
-    cuda_detail::check(cudaGetLastError(), "assign_slots launch");
+    cuda_detail::launch("assign_slots launch", cuda_detail::slot_count_kernel<0>, tile_count, cuda_detail::warp, shared,
+                        stream, p.indices.data, p.indices.stride, tokens, k, n, counts, status);
     if (checks_ == device_checks::synchronous && !p.indices_in_range) raise_bad_index(fn, p, workspace, stream);
-    cuda_detail::slot_scan_kernel<<<static_cast<unsigned>(n), cuda_detail::slot_scan_threads, 0, stream>>>(
-        counts, tiles(tokens), n, p.capacity, p.tokens_per_expert, p.kept_per_expert);
-    cuda_detail::slot_rank_kernel<<<tile_count, cuda_detail::warp, shared, stream>>>(
-        p.indices.data, p.indices.stride, tokens, k, n, counts, p.capacity, p.expert.data, p.expert.stride, p.slot.data,
-        p.slot.stride);
-    cuda_detail::check(cudaGetLastError(), "assign_slots launch");
+    cuda_detail::launch("assign_slots launch", cuda_detail::slot_scan_kernel<0>, static_cast<unsigned>(n),
+                        cuda_detail::slot_scan_threads, 0, stream, counts, tiles(tokens), n, p.capacity,
+                        p.tokens_per_expert, p.kept_per_expert);
+    cuda_detail::launch("assign_slots launch", cuda_detail::slot_rank_kernel<0>, tile_count, cuda_detail::warp, shared,
+                        stream, p.indices.data, p.indices.stride, tokens, k, n, counts, p.capacity, p.expert.data,
+                        p.expert.stride, p.slot.data, p.slot.stride);
   }
 
   /// After assign_slots(p, workspace, ...) with device_checks::deferred: waits for `stream` and throws the CPU
@@ -212,10 +207,9 @@ class cuda_backend {
     if (pairs.tokens > 0 && x.cols > 0) {
       const bool words = cuda_detail::rows_aligned16(x) && cuda_detail::rows_aligned16(buffer) &&
                          (x.cols * sizeof(T)) % 16 == 0;
-      cuda_detail::dispatch_kernel<T><<<static_cast<unsigned>(pairs.tokens), cuda_detail::row_threads,
-                                        pairs.top_k * sizeof(std::size_t), stream>>>(
-          x.data, x.stride, buffer.data, buffer.stride, buffer.rows, x.cols, words, pairs);
-      cuda_detail::check(cudaGetLastError(), "dispatch launch");
+      cuda_detail::launch("dispatch launch", cuda_detail::dispatch_kernel<T>, static_cast<unsigned>(pairs.tokens),
+                          cuda_detail::row_threads, pairs.top_k * sizeof(std::size_t), stream, x.data, x.stride,
+                          buffer.data, buffer.stride, buffer.rows, x.cols, words, pairs);
     }
     zero_padding(pairs, buffer, stream);
   }
@@ -230,8 +224,7 @@ class cuda_backend {
     detail::check_view<construction_policy>(fn, "weight", weight, pairs.tokens, pairs.top_k, "must be [T x k]");
     check_pairs<W>(fn, pairs);
     check_buffer_rows(fn, "buffer", buffer.rows, pairs);
-    launch_combine(pairs, buffer, weight.data, weight.stride, y, stream);
-    cuda_detail::check(cudaGetLastError(), "combine launch");
+    launch_combine("combine launch", pairs, buffer, weight.data, weight.stride, y, stream);
   }
 
   /// combine's backward (dispatch.hpp's combine_backward): grad_buffer (optional) = w grad_y[t] at kept rows and
@@ -254,10 +247,10 @@ class cuda_backend {
       detail::check_view<construction_policy>(fn, "grad_weight", grad_weight, pairs.tokens, pairs.top_k, "must be [T x k]");
     }
     if (pairs.tokens > 0) {
-      cuda_detail::combine_backward_kernel<T, W><<<static_cast<unsigned>(pairs.tokens), cuda_detail::row_threads, 0, stream>>>(
-          buffer.data, buffer.stride, buffer.rows, weight.data, weight.stride, grad_y.data, grad_y.stride, grad_buffer.data,
-          grad_buffer.stride, grad_weight.data, grad_weight.stride, d, pairs);
-      cuda_detail::check(cudaGetLastError(), "combine_backward launch");
+      cuda_detail::launch("combine_backward launch", cuda_detail::combine_backward_kernel<T, W>,
+                          static_cast<unsigned>(pairs.tokens), cuda_detail::row_threads, 0, stream, buffer.data,
+                          buffer.stride, buffer.rows, weight.data, weight.stride, grad_y.data, grad_y.stride,
+                          grad_buffer.data, grad_buffer.stride, grad_weight.data, grad_weight.stride, d, pairs);
     }
     if (grad_buffer.present()) zero_padding(pairs, grad_buffer, stream);
   }
@@ -272,8 +265,7 @@ class cuda_backend {
                                             "must have d columns, as grad_x");
     check_pairs(fn, pairs);
     check_buffer_rows(fn, "grad_buffer", grad_buffer.rows, pairs);
-    launch_combine(pairs, grad_buffer, static_cast<const float*>(nullptr), 0, grad_x, stream);
-    cuda_detail::check(cudaGetLastError(), "dispatch_backward launch");
+    launch_combine("dispatch_backward launch", pairs, grad_buffer, static_cast<const float*>(nullptr), 0, grad_x, stream);
   }
 
  private:
@@ -351,23 +343,23 @@ class cuda_backend {
   }
 
   template <class T, class W>
-  static void launch_combine(const pair_layout& pairs, const matrix_view<const T>& buffer, const W* weight,
+  static void launch_combine(const char* what, const pair_layout& pairs, const matrix_view<const T>& buffer, const W* weight,
                              std::size_t w_stride, const matrix_view<T>& y, cudaStream_t stream) {
     if (pairs.tokens == 0 || y.cols == 0) return;
     using A = cuda_detail::accumulate_of<T>;
     const bool words = cuda_detail::rows_aligned16(buffer) && cuda_detail::rows_aligned16(y) && (y.cols * sizeof(T)) % 16 == 0;
     const std::size_t shared = pairs.top_k * (sizeof(std::size_t) + sizeof(A));
-    cuda_detail::combine_kernel<T, W><<<static_cast<unsigned>(pairs.tokens), cuda_detail::row_threads, shared, stream>>>(
-        buffer.data, buffer.stride, buffer.rows, weight, w_stride, y.data, y.stride, y.cols, words, pairs);
+    cuda_detail::launch(what, cuda_detail::combine_kernel<T, W>, static_cast<unsigned>(pairs.tokens),
+                        cuda_detail::row_threads, shared, stream, buffer.data, buffer.stride, buffer.rows, weight,
+                        w_stride, y.data, y.stride, y.cols, words, pairs);
   }
 
   template <class T>
   static void zero_padding(const pair_layout& pairs, const matrix_view<T>& buffer, cudaStream_t stream) {
     if (!pairs.kept_per_expert || pairs.experts == 0 || buffer.cols == 0) return;
     const dim3 grid(static_cast<unsigned>(pairs.experts), 32);
-    cuda_detail::zero_padding_kernel<T><<<grid, cuda_detail::row_threads, 0, stream>>>(buffer.data, buffer.stride, buffer.rows,
-                                                                                     buffer.cols, pairs);
-    cuda_detail::check(cudaGetLastError(), "padding launch");
+    cuda_detail::launch("padding launch", cuda_detail::zero_padding_kernel<T>, grid, cuda_detail::row_threads, 0, stream,
+                        buffer.data, buffer.stride, buffer.rows, buffer.cols, pairs);
   }
 
   device_checks checks_ = device_checks::synchronous;

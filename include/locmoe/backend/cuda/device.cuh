@@ -4,14 +4,20 @@
 // may be included by any number of .cu files of one program.
 #pragma once
 
-#if !defined(__CUDACC__)
+#if !defined(__CUDACC__) && !defined(LOCMOE_CUDA_EMULATION)
 #  error "locmoe/backend/cuda/device.cuh is compiled by nvcc only"
 #endif
 
 #include <locmoe/views.hpp>
 
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#if defined(LOCMOE_CUDA_EMULATION)
+// The tests' host emulation of the kernels (tests/cuda_emulation/emulation.hpp): the macro holds its path.
+#  include LOCMOE_CUDA_EMULATION
+#else
+#  include <cuda_fp16.h>
+#  include <cuda_runtime.h>
+#  define LOCMOE_CUDA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 #include <cstddef>
 #include <cstdint>
@@ -33,6 +39,18 @@ inline void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw cuda_error(std::string("locmoe::cuda_backend: ") + what + ": " + cudaGetErrorString(status));
 }
 
+/// Launches kernel<<<grid, block, shared, stream>>>(args...) and checks the launch (cudaGetLastError).
+template <class... Params, class... Args>
+void launch(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared, cudaStream_t stream,
+            Args... args) {
+#if defined(LOCMOE_CUDA_EMULATION)
+  ::cuda_emulation::launch(stream, kernel, grid, block, shared, static_cast<Params>(args)...);
+#else
+  kernel<<<grid, block, shared, stream>>>(static_cast<Params>(args)...);
+#endif
+  check(cudaGetLastError(), what);
+}
+
 constexpr int warp = 32;
 constexpr unsigned full_mask = 0xffffffffu;
 
@@ -41,7 +59,7 @@ template <class To, class From>
 __device__ __forceinline__ To bits_as(const From& from) {
   static_assert(sizeof(To) == sizeof(From), "same size");
   To to;
-  memcpy(&to, &from, sizeof(To));
+  memcpy(static_cast<void*>(&to), &from, sizeof(To));
   return to;
 }
 
@@ -97,7 +115,7 @@ inline constexpr std::size_t word_elements = sizeof(word) / sizeof(T);
 
 template <class T>
 __device__ __forceinline__ void unpack(const word& w, T (&out)[word_elements<T>]) {
-  memcpy(out, &w, sizeof(word));
+  memcpy(static_cast<void*>(out), &w, sizeof(word));
 }
 
 inline bool aligned16(const void* p) noexcept { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }

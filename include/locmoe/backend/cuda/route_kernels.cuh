@@ -155,7 +155,7 @@ template <class T>
 __global__ void grap_route_kernel(const T* x, std::size_t stride, std::size_t tokens, std::size_t d, std::size_t n,
                                   std::size_t k, const float* bias, bool relu, bool renormalize, unsigned width,
                                   route_rows out) {
-  extern __shared__ float shared_logits[];  // [route_warps][n]
+  LOCMOE_CUDA_DYNAMIC_SHARED(float, shared_logits);  // [route_warps][n]
   const int lane = static_cast<int>(threadIdx.x) % warp, w = static_cast<int>(threadIdx.x) / warp;
   const std::size_t t = static_cast<std::size_t>(blockIdx.x) * route_warps + static_cast<std::size_t>(w);
   if (t >= tokens) return;  // the whole warp returns: every shuffle below has all 32 lanes
@@ -188,7 +188,7 @@ __global__ void grap_route_kernel(const T* x, std::size_t stride, std::size_t to
 template <int = 0>
 __global__ void select_kernel(const float* logits, std::size_t l_stride, std::size_t tokens, std::size_t n, std::size_t k,
                               bool renormalize, route_rows out) {
-  extern __shared__ float shared_logits[];  // [route_warps][n]
+  LOCMOE_CUDA_DYNAMIC_SHARED(float, shared_logits);  // [route_warps][n]
   const int lane = static_cast<int>(threadIdx.x) % warp, w = static_cast<int>(threadIdx.x) / warp;
   const std::size_t t = static_cast<std::size_t>(blockIdx.x) * route_warps + static_cast<std::size_t>(w);
   if (t >= tokens) return;

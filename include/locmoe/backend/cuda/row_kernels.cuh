@@ -42,7 +42,7 @@ __device__ void load_token_pairs(const pair_layout& pairs, std::size_t t, std::s
 template <class T>
 __global__ void dispatch_kernel(const T* x, std::size_t x_stride, T* buffer, std::size_t b_stride, std::size_t buffer_rows,
                                 std::size_t d, bool words, pair_layout pairs) {
-  extern __shared__ std::size_t dispatch_rows[];  // [k]
+  LOCMOE_CUDA_DYNAMIC_SHARED(std::size_t, dispatch_rows);  // [k]
   const std::size_t t = blockIdx.x, k = pairs.top_k;
   load_token_pairs<float, float>(pairs, t, buffer_rows, nullptr, 0, dispatch_rows, nullptr);
   const T* from = x + t * x_stride;
@@ -84,7 +84,7 @@ __global__ void combine_kernel(const T* buffer, std::size_t b_stride, std::size_
                                std::size_t w_stride, T* y, std::size_t y_stride, std::size_t d, bool words,
                                pair_layout pairs) {
   using A = accumulate_of<T>;
-  extern __shared__ std::size_t combine_shared[];  // rows [k], then weights [k] (A: 8 bytes at most)
+  LOCMOE_CUDA_DYNAMIC_SHARED(std::size_t, combine_shared);  // rows [k], then weights [k] (A: 8 bytes at most)
   const std::size_t t = blockIdx.x, k = pairs.top_k;
   std::size_t* rows = combine_shared;
   A* weights = reinterpret_cast<A*>(combine_shared + k);

@@ -33,7 +33,7 @@ __device__ __forceinline__ expert_index checked_choice(const expert_index* indic
 template <int = 0>
 __global__ void slot_count_kernel(const expert_index* indices, std::size_t stride, std::size_t tokens, std::size_t k,
                                   std::size_t n, int* counts, unsigned long long* status) {
-  extern __shared__ int tile_counts[];  // [n]
+  LOCMOE_CUDA_DYNAMIC_SHARED(int, tile_counts);  // [n]
   const unsigned lane = threadIdx.x;
   for (std::size_t e = lane; e < n; e += warp) tile_counts[e] = 0;
   __syncwarp();
@@ -88,7 +88,7 @@ template <int = 0>
 __global__ void slot_rank_kernel(const expert_index* indices, std::size_t i_stride, std::size_t tokens, std::size_t k,
                                  std::size_t n, const int* offsets, std::int64_t capacity, expert_index* expert,
                                  std::size_t e_stride, slot_index* slot, std::size_t s_stride) {
-  extern __shared__ int next_slot[];  // [n]
+  LOCMOE_CUDA_DYNAMIC_SHARED(int, next_slot);  // [n]
   const unsigned lane = threadIdx.x;
   const std::size_t tile = blockIdx.x, pairs = tokens * k;
   for (std::size_t e = lane; e < n; e += warp) next_slot[e] = offsets[tile * n + e];
