@@ -24,10 +24,10 @@
 //                 NaN's sign and payload (and x86 makes 0 x Inf a negative NaN). bf16/fp16 results are rounded with
 //                 the host's rules (a NaN of sign s becomes s|0x7fc0 / s|0x7e00, not CUDA's 0x7fff), so they
 //                 agree when the CPU's NaN is positive.
-//   combine_backward / dispatch_backward   one block per token: the weighted rows and a fixed-tree dot product per
-//                 kept pair (deterministic; the dots may differ from the CPU's in the last bits); dispatch's backward
-//                 is combine with unit weights (bit for bit the CPU's). dispatch and combine_backward write padding
-//                 rows as zeros when pair_layout carries the kept counts.
+//   combine_backward / dispatch_backward   one block per token, grad_y read once per 4 choices: the weighted rows
+//                 and a fixed-tree dot product per kept pair (deterministic; the dots may differ from the CPU's in
+//                 the last bits); dispatch's backward is combine with unit weights (bit for bit the CPU's).
+//                 dispatch and combine_backward write padding rows as zeros when pair_layout carries the kept counts.
 // Arguments are checked on the host with the CPU backend's rules and messages (locmoe::error), except what only
 // device memory holds: assign_slots checks its indices on the device (see device_checks); dispatch, combine and
 // the backwards skip a kept pair whose row falls outside the buffer (the CPU throws there; a layout made by
@@ -247,10 +247,15 @@ class cuda_backend {
       detail::check_view<construction_policy>(fn, "grad_weight", grad_weight, pairs.tokens, pairs.top_k, "must be [T x k]");
     }
     if (pairs.tokens > 0) {
+      using A = cuda_detail::accumulate_of<T>;
+      const bool words = (d * sizeof(T)) % 16 == 0 && cuda_detail::rows_aligned16(grad_y) &&
+                         (!grad_weight.present() || cuda_detail::rows_aligned16(buffer)) &&
+                         (!grad_buffer.present() || cuda_detail::rows_aligned16(grad_buffer));
       cuda_detail::launch("combine_backward launch", cuda_detail::combine_backward_kernel<T, W>,
-                          static_cast<unsigned>(pairs.tokens), cuda_detail::row_threads, 0, stream, buffer.data,
-                          buffer.stride, buffer.rows, weight.data, weight.stride, grad_y.data, grad_y.stride,
-                          grad_buffer.data, grad_buffer.stride, grad_weight.data, grad_weight.stride, d, pairs);
+                          static_cast<unsigned>(pairs.tokens), cuda_detail::row_threads,
+                          pairs.top_k * (sizeof(std::size_t) + sizeof(A)), stream, buffer.data, buffer.stride,
+                          buffer.rows, weight.data, weight.stride, grad_y.data, grad_y.stride, grad_buffer.data,
+                          grad_buffer.stride, grad_weight.data, grad_weight.stride, d, words, pairs);
     }
     if (grad_buffer.present()) zero_padding(pairs, grad_buffer, stream);
   }

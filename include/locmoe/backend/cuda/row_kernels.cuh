@@ -133,41 +133,95 @@ __global__ void combine_kernel(const T* buffer, std::size_t b_stride, std::size_
   }
 }
 
-/// combine's backward: one block per token; for each kept pair, grad_buffer's row = w grad_y[t] (rounded once)
-/// and grad_weight = grad_y[t] . row, each thread summing its strided elements, then a fixed shared-memory tree:
-/// deterministic (not the CPU's order: the dot products may differ from the CPU's in the last bits).
+/// combine's backward: one block per token, its choices loaded once, taken 4 at a time: grad_y[t] is read once per
+/// group (16-byte words where every row is aligned); for each kept pair, grad_buffer's row = w grad_y[t] (rounded
+/// once: the CPU's bits) and grad_weight = grad_y[t] . row, each thread summing its words in order, then a fixed
+/// shared-memory tree: deterministic, but not the CPU's order (the dots may differ from the CPU's in the last bits).
+constexpr std::size_t backward_group = 4;
 template <class T, class W>
 __global__ void combine_backward_kernel(const T* buffer, std::size_t b_stride, std::size_t buffer_rows, const W* weight,
                                         std::size_t w_stride, const T* grad_y, std::size_t gy_stride, T* grad_buffer,
                                         std::size_t gb_stride, W* grad_weight, std::size_t gw_stride, std::size_t d,
-                                        pair_layout pairs) {
+                                        bool words, pair_layout pairs) {
   using A = accumulate_of<T>;
-  __shared__ A partial[row_threads];
+  __shared__ A partial[backward_group][row_threads];
+  LOCMOE_CUDA_DYNAMIC_SHARED(std::size_t, backward_shared);  // rows [k], then weights [k]
   const std::size_t t = blockIdx.x, k = pairs.top_k;
+  std::size_t* rows = backward_shared;
+  A* weights = reinterpret_cast<A*>(backward_shared + k);
+  load_token_pairs(pairs, t, buffer_rows, weight, w_stride, rows, weights);
   const T* dy = grad_y + t * gy_stride;
-  for (std::size_t j = 0; j < k; ++j) {
-    const std::size_t r = pair_row(pairs, t * k + j, buffer_rows);
-    if (r == no_row) {
-      if (grad_weight && threadIdx.x == 0) grad_weight[t * gw_stride + j] = W(0);
-      continue;
+  constexpr std::size_t per = word_elements<T>;
+  const std::size_t count = words ? d / per : d;  // words, or elements
+  for (std::size_t j0 = 0; j0 < k; j0 += backward_group) {
+    A dot[backward_group];
+    bool kept[backward_group];
+#pragma unroll
+    for (std::size_t j = 0; j < backward_group; ++j) {
+      dot[j] = A(0);
+      kept[j] = j0 + j < k && rows[j0 + j] != no_row;
     }
-    const T* row = buffer + r * b_stride;
-    const A w = static_cast<A>(weight[t * w_stride + j]);
-    A sum = A(0);
-    for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) {
-      const A g = static_cast<A>(to_accumulate(dy[c]));
-      if (grad_buffer) grad_buffer[r * gb_stride + c] = from_accumulate<T>(mul_rn(w, g));
-      sum = add_rn(sum, mul_rn(g, static_cast<A>(to_accumulate(row[c]))));
+    for (std::size_t i = threadIdx.x; i < count; i += blockDim.x) {
+      T g[per], r[backward_group][per];  // element path: [0] only
+      if (words) {
+        unpack(__ldg(reinterpret_cast<const word*>(dy) + i), g);
+      } else {
+        g[0] = dy[i];
+      }
+      if (grad_weight) {
+#pragma unroll
+        for (std::size_t j = 0; j < backward_group; ++j) {  // the rows' loads before the adds
+          if (!kept[j]) continue;
+          const T* row = buffer + rows[j0 + j] * b_stride;
+          if (words) {
+            unpack(__ldg(reinterpret_cast<const word*>(row) + i), r[j]);
+          } else {
+            r[j][0] = row[i];
+          }
+        }
+      }
+      const std::size_t elements = words ? per : 1;
+#pragma unroll
+      for (std::size_t j = 0; j < backward_group; ++j) {
+        if (!kept[j]) continue;
+        if (grad_buffer) {
+          T out[per];
+          for (std::size_t e = 0; e < elements; ++e) out[e] = from_accumulate<T>(mul_rn(weights[j0 + j], to_accumulate(g[e])));
+          T* to = grad_buffer + rows[j0 + j] * gb_stride;
+          if (words) {
+            word packed;
+            memcpy(&packed, out, sizeof(word));
+            reinterpret_cast<word*>(to)[i] = packed;
+          } else {
+            to[i] = out[0];
+          }
+        }
+        if (grad_weight) {
+          for (std::size_t e = 0; e < elements; ++e) {
+            dot[j] = add_rn(dot[j], mul_rn(static_cast<A>(to_accumulate(g[e])), static_cast<A>(to_accumulate(r[j][e]))));
+          }
+        }
+      }
     }
     if (!grad_weight) continue;
-    partial[threadIdx.x] = sum;
+#pragma unroll
+    for (std::size_t j = 0; j < backward_group; ++j) partial[j][threadIdx.x] = dot[j];
     __syncthreads();
     for (unsigned width = blockDim.x / 2; width > 0; width /= 2) {
-      if (threadIdx.x < width) partial[threadIdx.x] = add_rn(partial[threadIdx.x], partial[threadIdx.x + width]);
+      if (threadIdx.x < width) {
+#pragma unroll
+        for (std::size_t j = 0; j < backward_group; ++j) {
+          partial[j][threadIdx.x] = add_rn(partial[j][threadIdx.x], partial[j][threadIdx.x + width]);
+        }
+      }
       __syncthreads();
     }
-    if (threadIdx.x == 0) grad_weight[t * gw_stride + j] = static_cast<W>(partial[0]);
-    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (std::size_t j = 0; j < backward_group && j0 + j < k; ++j) {
+        grad_weight[t * gw_stride + j0 + j] = kept[j] ? static_cast<W>(partial[j][0]) : W(0);
+      }
+    }
+    __syncthreads();  // partial is rewritten by the next group
   }
 }
 
