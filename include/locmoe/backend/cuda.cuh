@@ -44,7 +44,8 @@
 // stream each passes, in the order the calls are made (give each thread its own stream to overlap them).
 // Errors of the launches are thrown as locmoe::cuda_error at the next call that checks (cudaGetLastError).
 // The header (and backend/cuda/) holds templates and inline functions only: any number of .cu files of one
-// program may include it.
+// program may include it. Launches go through cuda_detail::launch, so that the tests can run these kernels on the
+// host (LOCMOE_CUDA_EMULATION names tests/cuda_emulation/emulation.hpp; never define it in a program).
 #pragma once
 
 #if !defined(__CUDACC__) && !defined(LOCMOE_CUDA_EMULATION)
