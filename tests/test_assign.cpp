@@ -116,7 +116,7 @@ TEST_CASE("capacity_assigner: both drop policies against the per-expert referenc
     CHECK(got.stats.routed == routed);
     CHECK(got.stats.kept == kept);
     CHECK(got.stats.dropped == routed - kept);
-    CHECK(got.stats.drop_rate == doctest::Approx(routed ? double(routed - kept) / double(routed) : 0.0));
+    CHECK(got.stats.drop_rate == doctest::Approx(routed ? double(routed - kept) / double(routed) : 0.0).epsilon(1e-15));
   }
 }
 
@@ -200,17 +200,17 @@ TEST_CASE("capacity_assigner: renormalize_kept, padding and locality statistics"
   const topology topo({0, 0}, {0, 1, 1, 1});  // one node; token 0 on rank 0, token 1 on rank 1
   const result r = assign(indices, weights, 2, 4, o, {&topo, token_ranks::contiguous_blocks(), {}});
   CHECK(r.expert == std::vector<expert_index>{0, 1, no_expert, 2});
-  CHECK(r.weight[0] == doctest::Approx(0.75));
-  CHECK(r.weight[1] == doctest::Approx(0.25));
+  CHECK(r.weight[0] == doctest::Approx(0.75).epsilon(2.4e-7));  // float: 2 ulps
+  CHECK(r.weight[1] == doctest::Approx(0.25).epsilon(2.4e-7));
   CHECK(r.weight[2] == 0.0f);
   CHECK(r.weight[3] == 1.0f);  // DeepSpeed topkgating: a lone survivor gets 1
   CHECK(r.stats.padded_slots == 4 * 1 - 3);
   CHECK(r.stats.node_local_fraction == 1.0);
-  CHECK(r.stats.rank_local_fraction == doctest::Approx(2.0 / 3.0));  // token 0's expert 1 lives on rank 1
+  CHECK(r.stats.rank_local_fraction == doctest::Approx(2.0 / 3.0).epsilon(1e-15));  // token 0's expert 1 lives on rank 1
   const topology sparse({0, 1}, {0, 0, 0, 0});
   const result s = assign(indices, weights, 2, 4, o, {&sparse, token_ranks::contiguous_blocks(), {}});
   CHECK(s.stats.tokens_without_local_expert == 1);
-  CHECK(s.stats.node_local_fraction == doctest::Approx(2.0 / 3.0));
+  CHECK(s.stats.node_local_fraction == doctest::Approx(2.0 / 3.0).epsilon(1e-15));
 }
 
 TEST_CASE("capacity_assigner: probs policy ranks a NaN weight below every number, -inf included") {

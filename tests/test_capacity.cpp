@@ -34,6 +34,12 @@ TEST_CASE("p_delta matches the closed forms for d = 2, 3, 4") {
     const long double d4 = 2.0L / acosl(-1.0L) * (acosl(dl) - dl * sqrtl((1.0L - dl) * (1.0L + dl)));
     CHECK(relative_error(locmoe::p_delta(4, delta), static_cast<double>(d4)) < 1e-12);
     CHECK(relative_error(locmoe::log_p_delta(3, delta), std::log1p(-delta)) < 1e-12);
+    // ec_min from its closed form at d = 3 (1 / (n (1 - delta))), not from p_delta as capacity.hpp computes it.
+    for (const std::int64_t n : {1, 16, 4096}) {
+      const double nd = static_cast<double>(n);
+      CHECK(relative_error(locmoe::ec_min(3, n, delta), 1.0 / (nd * (1.0 - delta))) < 1e-12);
+      CHECK(relative_error(locmoe::log_ec_min(3, n, delta), -std::log(nd) - std::log1p(-delta)) < 1e-12);
+    }
   }
 }
 
