@@ -49,11 +49,11 @@ struct pair_layout {
   const std::int64_t* expert_offset = nullptr;
 
   bool kept(std::size_t pair) const noexcept { return expert[pair] != no_expert; }
-  /// The first row of expert e, and the end of its rows.
-  std::size_t begin_of(std::size_t e) const noexcept {
+  /// The first row of expert e, and the end of its rows (host and device code: the CUDA kernels use them too).
+  LOCMOE_HOST_DEVICE std::size_t begin_of(std::size_t e) const noexcept {
     return expert_offset ? static_cast<std::size_t>(expert_offset[e]) : e * capacity;
   }
-  std::size_t end_of(std::size_t e) const noexcept {
+  LOCMOE_HOST_DEVICE std::size_t end_of(std::size_t e) const noexcept {
     return expert_offset ? static_cast<std::size_t>(expert_offset[e + 1]) : (e + 1) * capacity;
   }
   /// The expert-buffer row of the kept pair.

@@ -19,9 +19,7 @@ __device__ __forceinline__ std::size_t pair_row(const pair_layout& pairs, std::s
   const expert_index e = pairs.expert[p];
   const slot_index s = pairs.slot[p];
   if (e < 0 || s < 0 || (pairs.experts != 0 && static_cast<std::size_t>(e) >= pairs.experts)) return no_row;
-  const std::size_t begin = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e])
-                                                : static_cast<std::size_t>(e) * pairs.capacity;
-  const std::size_t row = begin + static_cast<std::size_t>(s);
+  const std::size_t row = pairs.begin_of(static_cast<std::size_t>(e)) + static_cast<std::size_t>(s);
   return row < buffer_rows ? row : no_row;
 }
 
@@ -231,9 +229,7 @@ template <class T>
 __global__ void zero_padding_kernel(T* buffer, std::size_t stride, std::size_t buffer_rows, std::size_t d,
                                     pair_layout pairs) {
   const std::size_t e = blockIdx.x;
-  const std::size_t begin = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e]) : e * pairs.capacity;
-  std::size_t end = pairs.expert_offset ? static_cast<std::size_t>(pairs.expert_offset[e + 1]) : begin + pairs.capacity;
-  if (end > buffer_rows) end = buffer_rows;
+  const std::size_t begin = pairs.begin_of(e), end = min(pairs.end_of(e), buffer_rows);
   const std::int64_t kept = pairs.kept_per_expert[e];
   for (std::size_t r = begin + static_cast<std::size_t>(kept > 0 ? kept : 0) + blockIdx.y; r < end; r += gridDim.y) {
     for (std::size_t c = threadIdx.x; c < d; c += blockDim.x) buffer[r * stride + c] = from_accumulate<T>(0.0f);
